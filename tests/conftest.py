@@ -1,0 +1,21 @@
+"""Tests run offline on the embedded model and the real data in ../shared/data (or $LPFT_DATA)."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+SHARED = ROOT.parent / "shared" / "data"
+os.environ.setdefault("LPFT_DATA", str(SHARED if SHARED.exists() else ROOT / "data"))
+DATA = Path(os.environ["LPFT_DATA"])
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    return DATA
