@@ -1,0 +1,146 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+# paper Table 7 (train / val / test); train/val = official train split 9:1 without shuffling
+SIZES = {"cb": (225, 25, 56), "rte": (2241, 249, 277), "sst2": (60614, 6735, 872), "wic": (4885, 543, 638),
+         "wsc": (498, 56, 104), "cola": (7695, 856, 1043), "mrpc": (3301, 367, 408)}
+
+
+@pytest.mark.parametrize("task", sorted(SIZES))
+def test_split_sizes(task, data_dir):
+    d = data.load_task(task, data_dir)
+    assert (len(d["train"]), len(d["val"]), len(d["test"])) == SIZES[task]
+    assert d["train"].labels.dtype == np.int64
+    assert set(np.unique(d["train"].labels)) <= set(range(len(data.TASKS[task].labels)))
+
+
+def test_val_is_last_tenth_unshuffled(data_dir):
+    rows = data.read_jsonl(data_dir / "superglue/RTE/train.jsonl")
+    d = data.load_task("rte", data_dir)
+    assert d["train"].texts[0] == (rows[0]["premise"], rows[0]["hypothesis"])
+    assert d["val"].texts[0] == (rows[2241]["premise"], rows[2241]["hypothesis"])
+    assert d["val"].texts[-1] == (rows[-1]["premise"], rows[-1]["hypothesis"])
+
+
+def test_wic_and_wsc_inputs(data_dir):
+    r = data.read_jsonl(data_dir / "superglue/WiC/train.jsonl")[0]
+    a, b = data.load_task("wic", data_dir)["train"].texts[0]
+    assert a == f"{r['sentence1']} {r['sentence2']} Does {r['word']} have the same meaning in both sentences?"
+    assert b is None
+    r = data.read_jsonl(data_dir / "superglue/WSC/train.jsonl")[0]
+    assert data.load_task("wsc", data_dir)["train"].texts[0] == (
+        r["target"]["span2_text"] + ": " + r["text"], r["target"]["span1_text"])
+
+
+def test_glue_quote_none_keeps_rows(data_dir):
+    # default csv quoting loses MRPC rows and eats RTE quotes
+    d = data.load_task("mrpc", data_dir)
+    assert len(d["train"]) + len(d["val"]) == 3668 and len(d["test"]) == 408
+    assert any(t[0].startswith('"') for t in d["train"].texts + d["test"].texts)
+
+
+def test_unknown_task_lists_valid_ones():
+    with pytest.raises(SystemExit, match="unknown task 'nope'.*rte.*pubmed"):
+        data.get_task("nope")
+
+
+def test_missing_file_names_path_and_both_fixes(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        data.load_task("rte", tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path / "superglue/RTE/train.jsonl") in msg and "LPFT_DATA" in msg and "hub" in msg
+    assert "\n" not in msg
+
+
+def test_boolq_official_format(tmp_path, data_dir):
+    (tmp_path / "superglue/BoolQ").mkdir(parents=True)
+    shutil.copy(data_dir / "superglue/BoolQ/val.jsonl", tmp_path / "superglue/BoolQ/val.jsonl")
+    rows = [{"question": f"q{i}", "passage": f"p{i}", "idx": i, "label": i % 3 == 0} for i in range(20)]
+    (tmp_path / "superglue/BoolQ/train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    d = data.load_task("boolq", tmp_path)
+    assert (len(d["train"]), len(d["val"]), len(d["test"])) == (18, 2, 3270)
+    assert d["train"].texts[3] == ("q3", "p3") and d["train"].labels[3] == 1 and d["train"].labels[1] == 0
+
+
+def test_pubmed_official_format(tmp_path):
+    text = "###24293578\nOBJECTIVE\tTo investigate @ Things.\nMETHODS\tA total of @ patients.\n\n" \
+           "###24854809\nRESULTS\tIt Worked.\nCONCLUSIONS\tDone.\nBACKGROUND\tOld.\n\n"
+    (tmp_path / "pubmed").mkdir()
+    for f in ("train.txt", "dev.txt", "test.txt"):
+        (tmp_path / "pubmed" / f).write_text(text)
+    d = data.load_task("pubmed", tmp_path)
+    assert len(d["train"]) == len(d["val"]) == len(d["test"]) == 5
+    assert d["train"].texts[0] == ("to investigate @ things.", None)
+    assert d["train"].labels.tolist() == [1, 2, 3, 4, 0]
+
+
+def test_boss_official_format_with_ood_sets(tmp_path):
+    for name, n in [("amazon", 30), ("dynasent", 4), ("semeval", 5), ("sst5", 6)]:
+        (tmp_path / "boss" / name).mkdir(parents=True)
+        rows = "".join(f"text {name} {i}\t{i % 3}\n" for i in range(n))
+        for split in ("train", "test") if name == "amazon" else ("test",):
+            (tmp_path / "boss" / name / f"{split}.tsv").write_text("Text\tLabel\n" + rows)
+    d = data.load_task("amazon", tmp_path)
+    assert {k: len(v) for k, v in d.items()} == {"train": 27, "val": 3, "test": 30, "dynasent": 4,
+                                                 "semeval": 5, "sst5": 6}
+    assert d["semeval"].texts[2] == ("text semeval 2", None) and d["semeval"].labels[2] == 2
+
+
+def test_bad_label_is_one_line_error(tmp_path):
+    (tmp_path / "boss/amazon").mkdir(parents=True)
+    (tmp_path / "boss/amazon/train.tsv").write_text("Text\tLabel\nhello\t7\n")
+    with pytest.raises(SystemExit, match="label 7 out of range"):
+        data.load_task("amazon", tmp_path)
+
+
+def test_k_shot_is_seeded_and_balanced(data_dir):
+    y = data.load_task("cb", data_dir)["train"].labels
+    idx = data.k_shot(y, 4, seed=1)
+    assert idx == data.k_shot(y, 4, seed=1) and idx != data.k_shot(y, 4, seed=2)
+    assert np.bincount(y[idx]).tolist() == [4, 4, 4]
+
+
+def test_batches_cover_everything_and_group_lengths():
+    enc = [{"input_ids": [1] * n} for n in np.random.default_rng(0).integers(3, 100, 1000)]
+    ev = data.batches(enc, 32)
+    assert sorted(sum(ev, [])) == list(range(1000))
+    lens = [len(enc[i]["input_ids"]) for i in sum(ev, [])]
+    assert lens == sorted(lens, reverse=True)
+    tr = data.batches(enc, 32, shuffle=True, seed=3, bucket=4)
+    assert sorted(sum(tr, [])) == list(range(1000)) and tr == data.batches(enc, 32, shuffle=True, seed=3, bucket=4)
+    assert tr != data.batches(enc, 32, shuffle=True, seed=4, bucket=4)
+    # length grouping: far fewer padded tokens than batches of random order
+    padded = lambda bs: sum(max(len(enc[i]["input_ids"]) for i in b) * len(b) for b in bs)  # noqa: E731
+    perm = np.random.default_rng(0).permutation(1000).tolist()
+    assert padded(tr) < 0.7 * padded([perm[i:i + 32] for i in range(0, 1000, 32)])
+
+
+def test_collate_pads_dynamically():
+    enc = [{"input_ids": [5, 6, 7], "token_type_ids": [0, 0, 1]}, {"input_ids": [5], "token_type_ids": [0]}]
+    b = data.collate(enc, [0, 1], pad_id=9)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [5, 9, 9]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["token_type_ids"].tolist() == [[0, 0, 1], [0, 0, 0]]
+    assert data.collate(enc, [1, 0], 9, multiple_of=16)["input_ids"].shape == (2, 16)
+
+
+def test_metrics_per_task():
+    logits = np.array([[1.0, 0], [0, 1], [0, 1], [1, 0]])
+    y = np.array([0, 1, 0, 0])
+    m = data.metrics("cola", logits, y)
+    assert m["accuracy"] == 0.75 and -1 <= m["mcc"] <= 1 and data.TASKS["cola"].select_metric == "mcc"
+    assert set(data.metrics("mrpc", logits, y)) == {"accuracy", "f1"}
+    assert set(data.metrics("cb", np.eye(3), np.arange(3))) == {"accuracy", "macro_f1"}
+
+
+def test_pooling():
+    h = torch.arange(12.0).reshape(1, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0]])
+    assert data.pool(h, mask, "cls").tolist() == [[0, 1, 2]]
+    assert data.pool(h, mask, "mean").tolist() == [[1.5, 2.5, 3.5]]

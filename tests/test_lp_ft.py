@@ -1,0 +1,149 @@
+"""lp.py and ft.py end to end on real data with the embedded model (small slices)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import ft
+import lp
+
+FAST = ["--max_train_samples", "48", "--max_eval_samples", "24", "--eval_batch_size", "32"]
+
+
+@pytest.fixture(scope="module")
+def cb_lp(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("cb_lp")
+    res = lp.main(["--task", "cb", "--output_dir", str(out), "--cache_dir", str(out / "cache"), *FAST])
+    return out, res
+
+
+@pytest.fixture(scope="module")
+def sst2_small(tmp_path_factory, data_dir):
+    """Real SST-2: the first 2,700 training sentences (train 2,430 / val 270) and the full dev set as test."""
+    d = tmp_path_factory.mktemp("sst2") / "glue/SST-2"
+    d.mkdir(parents=True)
+    lines = (data_dir / "glue/SST-2/train.tsv").read_text().splitlines(keepends=True)
+    (d / "train.tsv").write_text("".join(lines[:2701]))
+    shutil.copy(data_dir / "glue/SST-2/dev.tsv", d / "dev.tsv")
+    return d.parents[1]
+
+
+@pytest.mark.parametrize("pooling,floor", [("cls", 0.70), ("mean", 0.75)])
+def test_lp_sst2_accuracy(sst2_small, tmp_path, pooling, floor):
+    res = lp.main(["--task", "sst2", "--data_dir", str(sst2_small), "--max_train_samples", "2000",
+                   "--pooling", pooling, "--output_dir", str(tmp_path), "--cache_dir", str(tmp_path / "c")])
+    assert res["metrics"]["test"]["accuracy"] >= floor
+    assert res["max_prob_gap_vs_sklearn"] < 1e-5
+
+
+def test_lp_head_file_and_torch_head_matches_sklearn(cb_lp):
+    out, res = cb_lp
+    h = torch.load(out / "lp_head.pt", weights_only=True)
+    assert h["weight"].shape == (3, 384) and h["bias"].shape == (3,) and h["task"] == "cb"
+    assert h["labels"] == ["entailment", "contradiction", "neutral"] and h["C"] == res["C"]
+    assert abs(float(h["weight"].norm()) - res["head_norm"]) < 1e-5
+    assert res["max_prob_gap_vs_sklearn"] < 1e-5
+    z = np.load(out / "logits.npz")
+    assert z["test_logits"].shape == (24, 3) and z["test_labels"].dtype == np.int64
+
+
+def test_lp_rerun_skips_and_other_task_refuses(cb_lp, capsys):
+    out, res = cb_lp
+    again = lp.main(["--task", "cb", "--output_dir", str(out), "--cache_dir", str(out / "cache"), *FAST])
+    assert again == res and "already fit" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="holds a head for another setting"):
+        lp.main(["--task", "rte", "--output_dir", str(out), "--cache_dir", str(out / "cache")])
+
+
+def test_lp_ft_starts_exactly_at_lp(cb_lp, tmp_path):
+    out, res = cb_lp
+    r = ft.main(["--init", str(out / "lp_head.pt"), "--max_steps", "1", "--output_dir", str(tmp_path), *FAST])
+    assert r["config"]["method"] == "lp_ft" and r["config"]["task"] == "cb"
+    for s in ("val", "test"):
+        assert r["history"][0][s]["accuracy"] == res["metrics"][s]["accuracy"]
+    assert r["history"][0]["head_norm"] == pytest.approx(res["head_norm"], rel=1e-6)
+    assert r["history"][0]["diff_f"] == 0
+
+
+def _bad_head(cb_lp, tmp_path, **change):
+    h = torch.load(cb_lp[0] / "lp_head.pt", weights_only=True) | change
+    p = tmp_path / "head.pt"
+    torch.save(h, p)
+    return str(p)
+
+
+@pytest.mark.parametrize("change,msg", [
+    ({"task": "rte"}, "fit on task 'rte'"),
+    ({"model": "roberta-base"}, "fit on model 'roberta-base'"),
+    ({"weight": torch.zeros(2, 384), "bias": torch.zeros(2), "labels": ["a", "b"]}, "has 2 labels but cb has 3"),
+    ({"weight": torch.zeros(3, 768)}, "feature width 768"),
+    ({"bias": torch.zeros(2)}, "do not match"),
+])
+def test_bad_heads_one_line_error(cb_lp, tmp_path, change, msg):
+    p = _bad_head(cb_lp, tmp_path, **change)
+    argv = ["--init", p, "--output_dir", str(tmp_path / "o"), *FAST]
+    if change.get("task") == "rte":
+        argv += ["--task", "cb"]
+    if change.get("model"):
+        argv += ["--model", "all-MiniLM-L6-v2"]
+    with pytest.raises(SystemExit, match=msg) as e:
+        ft.main(argv)
+    assert "\n" not in str(e.value)
+
+
+def test_corrupt_head_and_checkpoint(tmp_path):
+    p = tmp_path / "lp_head.pt"
+    p.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="corrupt"):
+        ft.main(["--init", str(p)])
+    o = tmp_path / "run"
+    o.mkdir()
+    (o / "ckpt.pt").write_bytes(b"\x00" * 10)
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        ft.main(["--task", "cb", "--output_dir", str(o), *FAST])
+
+
+def test_ft_rte_lowers_loss_and_is_deterministic(tmp_path):
+    argv = ["--task", "rte", "--max_train_samples", "64", "--max_eval_samples", "16", "--epochs", "3",
+            "--lr", "1e-4", "--batch_size", "16"]
+    a = ft.main(argv + ["--output_dir", str(tmp_path / "a")])
+    losses = [h["loss"] for h in a["history"][1:]]
+    assert losses[-1] < losses[0]
+    assert a["history"][1]["diff_f"] > 0
+    b = ft.main(argv + ["--output_dir", str(tmp_path / "b")])
+    assert [h["loss"] for h in b["history"][1:]] == losses and b["metrics"] == a["metrics"]
+    files = {f.name for f in (tmp_path / "a").iterdir()}
+    assert {"results.json", "logits.npz", "model.safetensors", "meta.json"} <= files and "ckpt.pt" not in files
+
+
+def test_resume_after_interrupt_matches_uninterrupted(tmp_path, monkeypatch, capsys):
+    argv = ["--task", "cb", "--epochs", "2", "--lr", "1e-4", "--batch_size", "16", *FAST]
+    full = ft.main(argv + ["--output_dir", str(tmp_path / "full")])
+    save = ft.save_torch
+
+    def crash(path, obj):
+        save(path, obj)
+        raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(ft, "save_torch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ft.main(argv + ["--output_dir", str(tmp_path / "cut")])
+    monkeypatch.setattr(ft, "save_torch", save)
+    assert not (tmp_path / "cut/results.json").exists()
+    resumed = ft.main(argv + ["--output_dir", str(tmp_path / "cut")])
+    assert "resuming after epoch 1" in capsys.readouterr().out
+    strip = lambda r: [{k: v for k, v in h.items() if k != "seconds"} for h in r["history"]]  # noqa: E731
+    assert strip(resumed) == strip(full) and resumed["metrics"] == full["metrics"]
+    again = ft.main(argv + ["--output_dir", str(tmp_path / "cut")])
+    assert "already finished" in capsys.readouterr().out and again == json.loads(
+        (tmp_path / "cut/results.json").read_text())
+
+
+def test_nan_loss_stops_with_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(ft.F, "cross_entropy", lambda x, y: (x.sum() * float("nan")))
+    with pytest.raises(SystemExit, match="loss became nan.*lower --lr") as e:
+        ft.main(["--task", "cb", "--max_steps", "2", "--output_dir", str(tmp_path), *FAST])
+    assert "\n" not in str(e.value)
