@@ -103,7 +103,7 @@ def atomic(path, write):
     """write(tmp_path) then rename, so a crash never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique: parallel jobs may write the same file
     write(tmp)
     os.replace(tmp, path)
 

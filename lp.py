@@ -46,7 +46,7 @@ def parse(argv=None):
 def atomic(path, write):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique: parallel jobs may write the same file
     write(tmp)
     os.replace(tmp, path)
 
