@@ -207,7 +207,8 @@ def resolve(args, method, table):
     args.max_len, args.pooling = args.max_len or 128, args.pooling or "cls"
     args.model = data.model_id(args.model)
     bs, lr = table[args.task][method]
-    args.batch_size, args.lr = args.batch_size or bs, args.lr or lr
+    args.batch_size = args.batch_size or bs
+    args.lr = lr if args.lr is None else args.lr
     args.output_dir = args.output_dir or f"runs/{args.task}/{method}-seed{args.seed}"
     return head
 
@@ -237,6 +238,8 @@ def run(args, method, table=TABLE6, setup=None, extra_meta=None):
             (out / f).unlink(missing_ok=True)
     if res_path.exists():
         res = json.loads(res_path.read_text())
+        if res.get("failed"):
+            die(f"{out} failed earlier ({res['failed']}); --overwrite to retry")
         if res.get("finished"):
             print(f"{out}: already finished (best epoch {res['best_epoch']}, test {res['metrics']['test']}); "
                   f"--overwrite to redo")
@@ -309,11 +312,14 @@ def run(args, method, table=TABLE6, setup=None, extra_meta=None):
               f"|V| {hist[0]['head_norm']:.3f}")
 
     # train
+    peak = 0.0
     since_best = hist[-1]["epoch"] - best["epoch"] if best["epoch"] else 0
     for epoch in range(hist[-1]["epoch"] + 1, args.epochs + 1):
         if step >= total or (args.patience and since_best >= args.patience):
             break
         model.train()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
         loss_sum, n_seen = torch.zeros((), device=dev), 0
         order = data.batches(train_enc, args.batch_size, shuffle=True, seed=args.seed * 1000 + epoch)
@@ -334,11 +340,15 @@ def run(args, method, table=TABLE6, setup=None, extra_meta=None):
             if (i + 1) % 50 == 0 or step >= total or i + 1 == len(order):
                 avg = (loss_sum / n_seen).item()  # one host sync per 50 steps
                 if not math.isfinite(avg):
-                    die(f"loss became {avg} at epoch {epoch}, step {step} (lr {args.lr} too high?); "
-                        f"the last good checkpoint in {out} is kept — lower --lr and rerun")
+                    msg = f"loss became {avg} at epoch {epoch}, step {step}"
+                    save_json(res_path, {"config": cfg, "history": hist, "finished": False, "failed": msg})
+                    die(f"{msg} (lr {args.lr} too high?); the last good checkpoint in {out} is kept — "
+                        f"lower --lr and rerun with --overwrite")
                 bar.set_postfix(loss=f"{avg:.4f}")
             if step >= total:
                 break
+        if dev.type == "cuda":  # the peak of the training steps, not of evaluation
+            peak = max(peak, torch.cuda.max_memory_allocated() / 2**30)
         ev = evaluate(fwd, enc, pad, args.eval_batch_size, mult)
         rec = {"epoch": epoch, "loss": avg, "seconds": round(time.time() - t0, 2)}
         rec |= epoch_record(args.task, ev, labels, phi0, model.head)
@@ -361,6 +371,8 @@ def run(args, method, table=TABLE6, setup=None, extra_meta=None):
     be = next(h for h in hist if h["epoch"] == best["epoch"])
     res = {"config": cfg, "history": hist, "best_epoch": best["epoch"], "finished": True,
            "metrics": {s: be[s] for s in enc}, "head_norm": be["head_norm"], "diff_f": be["diff_f"]}
+    if dev.type == "cuda":
+        res["peak_train_memory_gb"] = peak
     save_json(res_path, res)
     ckpt_path.unlink(missing_ok=True)
     print_summary(res, sel)

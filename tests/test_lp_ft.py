@@ -147,3 +147,15 @@ def test_nan_loss_stops_with_clear_message(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="loss became nan.*lower --lr") as e:
         ft.main(["--task", "cb", "--max_steps", "2", "--output_dir", str(tmp_path), *FAST])
     assert "\n" not in str(e.value)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["finished"] is False and "nan" in res["failed"]
+    with pytest.raises(SystemExit, match="failed earlier"):  # a rerun says so instead of diverging again
+        ft.main(["--task", "cb", "--max_steps", "2", "--output_dir", str(tmp_path), *FAST])
+
+
+def test_patience_stops_and_keeps_best_epoch(tmp_path):
+    # lr 0: the val metric never improves after epoch 1, so --patience 1 stops after epoch 2
+    r = ft.main(["--task", "cb", "--epochs", "5", "--lr", "0", "--patience", "1", "--output_dir", str(tmp_path),
+                 *FAST])
+    assert [h["epoch"] for h in r["history"]] == [0, 1, 2] and r["best_epoch"] == 1
+    assert r["metrics"]["test"] == r["history"][1]["test"]

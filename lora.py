@@ -1,0 +1,228 @@
+"""LoRA (from a fresh head) and LP-LoRA (from the linear-probing head), with a hand-written LoRA layer.
+
+    python lora.py --task rte                                   # LoRA
+    python lp.py --task rte && python lora.py --init lp_head.pt --merge_to runs/rte/merged   # LP-LoRA
+
+LoRA (Hu et al. 2021) in the spirit of microsoft/LoRA's loralib `Linear`: each attention block's
+query and value projections W0 become W0 x + (B A x) * alpha/r with A [r,in] kaiming-uniform, B [out,r]
+zero, so training starts exactly at the pretrained function; only A, B and the classification head
+train. Training is ft.py's one loop (ft.run), so the outputs are the same: runs/<task>/<method>-seed<seed>/
+results.json, logits.npz, model.safetensors (LoRA + head tensors only) + meta.json (with the LoRA config);
+results.json records trainable_params / total_params and, on CUDA, peak_memory_gb, as for FT.
+
+Unlike loralib, model.eval() never merges: merge() / unmerge() are explicit, so gradients through the
+LoRA path (ntk.py's kernels) never vanish. load_adapter(run_dir) rebuilds a trained model.
+
+--merge_to DIR exports a plain model that loads without this kit:
+    DIR/config.json, model.safetensors, tokenizer files  the encoder with B A * alpha/r merged into W0
+                                                        (transformers.AutoModel.from_pretrained(DIR))
+    DIR/head.safetensors                                `weight` [C,d], `bias` [C]; its metadata holds
+                                                        task, labels (JSON), pooling, max_len
+    logits = last_hidden_state[:, 0] @ weight.T + bias  (pooling cls; mean: the mean over real tokens)
+"""
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import ft
+from data import die
+
+# Paper Table 6 (LoRA / LP-LoRA rows, r = alpha = 8): task -> method -> (batch size, learning rate)
+TABLE6 = {
+    "cb": {"lora": (16, 1e-3), "lp_lora": (8, 1e-4)},
+    "rte": {"lora": (16, 1e-3), "lp_lora": (8, 5e-4)},
+    "boolq": {"lora": (32, 5e-4), "lp_lora": (8, 5e-4)},
+    "wic": {"lora": (16, 1e-3), "lp_lora": (8, 1e-3)},
+    "wsc": {"lora": (16, 1e-4), "lp_lora": (8, 1e-4)},
+    "cola": {"lora": (16, 1e-3), "lp_lora": (8, 1e-3)},
+    "sst2": {"lora": (32, 5e-4), "lp_lora": (8, 1e-3)},
+    "mrpc": {"lora": (32, 5e-4), "lp_lora": (8, 1e-3)},
+    "amazon": {"lora": (16, 1e-3), "lp_lora": (8, 5e-4)},
+    "pubmed": {"lora": (8, 5e-4), "lp_lora": (8, 1e-3)},
+}
+
+
+def make_parser():
+    p = ft.make_parser(__doc__)
+    a = p.add_argument
+    a("--r", type=int, default=8, help="LoRA rank")
+    a("--alpha", type=float, default=8, help="LoRA scaling is alpha / r")
+    a("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA path's input")
+    a("--targets", nargs="+", default=["query", "value"], help="attention.self.<name> linears to adapt")
+    a("--merge_to", help="also export a merged plain model (encoder via save_pretrained + head.safetensors)")
+    return p
+
+
+# ---------------------------------------------------------------- the layer
+class LoRALinear(nn.Module):
+    """base(x) + dropout(x) @ A.T @ B.T * alpha/r around a frozen nn.Linear `base`."""
+
+    def __init__(self, base, r=8, alpha=8, dropout=0.0):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            die(f"LoRA wraps nn.Linear layers, not {type(base).__name__}")
+        if r < 1 or alpha <= 0 or not 0 <= dropout < 1:
+            die(f"LoRA needs r >= 1, alpha > 0 and 0 <= dropout < 1 (got r={r}, alpha={alpha}, dropout={dropout})")
+        self.base, self.r, self.alpha, self.scaling = base, r, alpha, alpha / r
+        for p in base.parameters():
+            p.requires_grad_(False)
+        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and loralib
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self._w0 = None  # W0, kept while merged so unmerge restores it exactly
+
+    def delta(self):
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):
+        """W0 -> W0 + B A * scaling (inference only: the LoRA path is then skipped); a no-op if merged."""
+        if not self.merged:
+            self._w0 = self.base.weight.detach().clone()
+            self.base.weight.add_(self.delta().to(self.base.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Restore W0 bit for bit (copied, not subtracted, so cycles never drift); a no-op if unmerged."""
+        if self.merged:
+            self.base.weight.copy_(self._w0)
+            self._w0, self.merged = None, False
+
+    def forward(self, x):
+        if self.merged:
+            return self.base(x)
+        return self.base(x) + (self.drop(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def inject_lora(model, targets=("query", "value"), r=8, alpha=8, dropout=0.0):
+    """Wrap every `...attention.self.<target>` linear in LoRALinear, freeze all but LoRA and `model.head`;
+    -> the number of trainable parameters."""
+    if lora_layers(model):
+        die("this model already has LoRA layers; inject_lora once per model")
+    found = {t: 0 for t in targets}
+    for name, mod in list(model.named_modules()):
+        parts = name.split(".")
+        if len(parts) >= 3 and parts[-3:-1] == ["attention", "self"] and parts[-1] in found:
+            if not isinstance(mod, nn.Linear):
+                die(f"{name} is a {type(mod).__name__}, not nn.Linear; LoRA cannot wrap it")
+            parent = model.get_submodule(".".join(parts[:-1]))
+            setattr(parent, parts[-1], LoRALinear(mod, r, alpha, dropout))
+            found[parts[-1]] += 1
+    missing = [t for t, n in found.items() if n == 0]
+    if missing:
+        die(f"no attention.self.{missing[0]} linear in this model (BERT/RoBERTa naming); "
+            f"pick --targets from query, key, value")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in lora_layers(model):
+        m.lora_A.requires_grad_(True)
+        m.lora_B.requires_grad_(True)
+    if hasattr(model, "head"):
+        model.head.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def merge(model):
+    for m in lora_layers(model):
+        m.merge()
+
+
+def unmerge(model):
+    for m in lora_layers(model):
+        m.unmerge()
+
+
+def unwrap(model):
+    """Merge and replace every LoRALinear by its plain nn.Linear (for export; not reversible)."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LoRALinear):
+            mod.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, mod.base)
+    return model
+
+
+# ---------------------------------------------------------------- adapters on disk
+def lora_config(args):
+    return {"r": args.r, "alpha": args.alpha, "dropout": args.lora_dropout, "targets": list(args.targets)}
+
+
+def load_adapter(run_dir, with_tokenizer=False):
+    """A trained LoRA / LP-LoRA run dir -> its model (base rebuilt from meta.json, LoRA injected, adapter
+    and head loaded; eval mode, unmerged); (model, tokenizer) with with_tokenizer=True."""
+    run_dir = Path(run_dir)
+    try:
+        meta = json.loads((run_dir / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        die(f"cannot read {run_dir / 'meta.json'} ({type(e).__name__}); is {run_dir} a finished lora.py run?")
+    if "lora" not in meta:
+        die(f"{run_dir} holds no LoRA adapter (method {meta.get('method')}); load it with ft.py's tools")
+    model, tok = ft.build_model(meta["model"], len(meta["labels"]), meta["pooling"])
+    c = meta["lora"]
+    inject_lora(model, c["targets"], c["r"], c["alpha"], c["dropout"])
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    need = {n for n, p in model.named_parameters() if p.requires_grad}
+    if need - keys:
+        die(f"{run_dir}/model.safetensors lacks {sorted(need - keys)[:3]}...; wrong LoRA config in meta.json?")
+    ft.load_weights(run_dir, model)
+    model.eval()
+    return (model, tok) if with_tokenizer else model
+
+
+def export_merged(run_dir, dest):
+    """Write a plain merged model to dest (see the module docstring for the layout)."""
+    from safetensors.torch import save_file
+
+    model, tok = load_adapter(run_dir, with_tokenizer=True)
+    meta = json.loads((Path(run_dir) / "meta.json").read_text())
+    unwrap(model)
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.encoder.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    head = {"weight": model.head.weight.detach().contiguous(), "bias": model.head.bias.detach().contiguous()}
+    info = {"task": meta["task"], "labels": json.dumps(meta["labels"]), "pooling": meta["pooling"],
+            "max_len": str(meta["max_len"]), "model": meta["model"]}
+    save_file(head, str(tmp / "head.safetensors"), metadata=info)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    print(f"wrote merged model to {dest} (AutoModel.from_pretrained + head.safetensors)")
+
+
+# ---------------------------------------------------------------- main
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    if args.r < 1 or args.alpha <= 0 or not 0 <= args.lora_dropout < 1:
+        die(f"need --r >= 1, --alpha > 0 and 0 <= --lora_dropout < 1 (got {args.r}, {args.alpha}, "
+            f"{args.lora_dropout})")
+    res = ft.run(args, "lp_lora" if args.init else "lora", TABLE6,
+                 setup=lambda m: inject_lora(m, args.targets, args.r, args.alpha, args.lora_dropout),
+                 extra_meta={"lora": lora_config(args)})
+    if args.merge_to:
+        export_merged(args.output_dir, args.merge_to)
+    return res
+
+
+if __name__ == "__main__":
+    main()

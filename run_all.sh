@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# The whole study in one command: LP, FT, LP-FT, LoRA, LP-LoRA; calibration; NTK; norm scaling; report.
+#
+#   bash run_all.sh                                  # default study: embedded model, CB/RTE/SST-2, 2-core CPU
+#   bash run_all.sh --paper --model roberta-base     # the paper's full study (13 datasets, 5 seeds; a GPU)
+#   bash run_all.sh --lr_grid "1e-5 5e-5 1e-4"       # every method and seed at every learning rate
+#   bash run_all.sh --print_jobs > jobs.txt          # independent jobs, one per line (GNU parallel / Slurm array)
+#
+# Resumable: every script skips finished work and resumes interrupted training; --force redoes everything.
+# Options: --tasks "cb rte" --methods "lp ft lp_ft lora lp_lora" --seeds "1001 2002" --model NAME
+#          --data_dir DIR --out DIR (runs) --epochs N --max_steps N --max_train_samples N --max_eval_samples N
+#          --ntk_tasks "cb" --ntk_n N --scale_tasks "cb" --scales "0.1 10" --no_ntk --no_scale
+#          --lr_grid "..." and per method --lr_grid_ft --lr_grid_lpft --lr_grid_lora --lr_grid_lplora
+#          --patience N --force --print_jobs
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python}
+
+paper=0 force=0 print_jobs=0 no_ntk=0 no_scale=0
+tasks="" methods="lp ft lp_ft lora lp_lora" seeds="" model="" data_dir="" out=runs
+epochs="" max_steps="" max_train="" max_eval="" ntk_tasks="" ntk_n="" scale_tasks="" scales="" patience=""
+lr_grid=""
+declare -A grid=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --paper) paper=1 ;;
+    --force) force=1 ;;
+    --print_jobs) print_jobs=1 ;;
+    --no_ntk) no_ntk=1 ;;
+    --no_scale) no_scale=1 ;;
+    --tasks) tasks=$2; shift ;;
+    --methods) methods=$2; shift ;;
+    --seeds) seeds=$2; shift ;;
+    --model) model=$2; shift ;;
+    --data_dir) data_dir=$2; shift ;;
+    --out|--output_root) out=$2; shift ;;
+    --epochs) epochs=$2; shift ;;
+    --max_steps) max_steps=$2; shift ;;
+    --max_train_samples) max_train=$2; shift ;;
+    --max_eval_samples) max_eval=$2; shift ;;
+    --ntk_tasks) ntk_tasks=$2; shift ;;
+    --ntk_n) ntk_n=$2; shift ;;
+    --scale_tasks) scale_tasks=$2; shift ;;
+    --scales) scales=$2; shift ;;
+    --patience) patience=$2; shift ;;
+    --lr_grid) lr_grid=$2; shift ;;
+    --lr_grid_ft) grid[ft]=$2; shift ;;
+    --lr_grid_lpft|--lr_grid_lp_ft) grid[lp_ft]=$2; shift ;;
+    --lr_grid_lora) grid[lora]=$2; shift ;;
+    --lr_grid_lplora|--lr_grid_lp_lora) grid[lp_lora]=$2; shift ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "error: unknown option $1 (see bash run_all.sh --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if [ $paper = 1 ]; then
+  tasks=${tasks:-"boolq cb rte wic wsc cola sst2 mrpc amazon pubmed"}
+  seeds=${seeds:-"1001 2002 3003 4004 5005"}
+  epochs=${epochs:-10}
+  ntk_tasks=${ntk_tasks:-"cb rte boolq wic"} ntk_n=${ntk_n:-250}
+  scale_tasks=${scale_tasks:-"cb rte amazon"} scales=${scales:-"0.1 0.5 2 5 10 50 100"}
+else  # default study, sized for ~25 minutes on a 2-core CPU
+  tasks=${tasks:-"cb rte sst2"}
+  seeds=${seeds:-"1001 2002"}
+  epochs=${epochs:-3}
+  max_eval=${max_eval:-300}
+  ntk_tasks=${ntk_tasks:-"cb"} ntk_n=${ntk_n:-48}
+  scale_tasks=${scale_tasks:-"cb"} scales=${scales:-"0.1 10"}
+fi
+first_seed=${seeds%% *}
+
+train_cap() {  # default study: training subsets per task (the paper: all of it)
+  if [ -n "$max_train" ]; then echo "$max_train"; elif [ $paper = 1 ]; then echo ""
+  else case $1 in rte) echo 256 ;; sst2) echo 512 ;; *) echo "" ;; esac; fi
+}
+
+base() {  # flags every script shares: task, seed, model, data
+  local c="--task $1 --seed $2"
+  [ -n "$model" ] && c+=" --model $model"
+  [ -n "$data_dir" ] && c+=" --data_dir $data_dir"
+  echo "$c"
+}
+
+common() {  # ... plus the train/eval subsets
+  local t=$1 s=$2 c
+  c=$(base "$t" "$s")
+  [ -n "$(train_cap "$t")" ] && c+=" --max_train_samples $(train_cap "$t")"
+  [ -n "$max_eval" ] && c+=" --max_eval_samples $max_eval"
+  echo "$c"
+}
+
+train_flags() {
+  local c="--epochs $epochs"
+  [ -n "$max_steps" ] && c+=" --max_steps $max_steps"
+  [ -n "$patience" ] && c+=" --patience $patience"
+  [ $force = 1 ] && c+=" --overwrite"
+  echo "$c"
+}
+
+lp_cmd() {  # LP for (task, seed): its head feeds LP-FT, LP-LoRA and the LP NTK
+  local d="$out/$1/lp-seed$2" f=""
+  [ $force = 1 ] && f=" --overwrite"
+  echo "$PY lp.py $(common "$1" "$2") --output_dir $d --cache_dir $out/cache --norm_curve 100$f"
+}
+
+method_cmd() {  # method task seed lr(optional) scale(optional)
+  local m=$1 t=$2 s=$3 lr=${4:-} sc=${5:-} script=ft.py name=$1 c
+  case $m in lora|lp_lora) script=lora.py ;; esac
+  [ -n "$lr" ] && name+="-lr$lr"
+  [ -n "$sc" ] && name+="-scale$sc"
+  c="$PY $script $(common "$t" "$s") $(train_flags) --output_dir $out/$t/$name-seed$s"
+  [ -n "$lr" ] && c+=" --lr $lr"
+  [ -n "$sc" ] && c+=" --head_scale $sc"
+  case $m in lp_ft|lp_lora) c="$(lp_cmd "$t" "$s") && $c --init $out/$t/lp-seed$s/lp_head.pt" ;; esac
+  echo "$c"
+}
+
+ntk_cmd() {
+  local m=$1 t=$2 s=$3 c
+  c="$PY ntk.py $(base "$t" "$s") --n $ntk_n --output_dir $out/$t/ntk-$m-seed$s"
+  [ $force = 1 ] && c+=" --overwrite"
+  case $m in lora|lp_lora) c+=" --lora" ;; esac
+  case $m in lp_ft|lp_lora) c="$(lp_cmd "$t" "$s") && $c --init $out/$t/lp-seed$s/lp_head.pt" ;; esac
+  echo "$c"
+}
+
+jobs=() names=()
+add() { names+=("$1"); jobs+=("$2"); }
+for t in $tasks; do
+  for s in $seeds; do
+    for m in $methods; do
+      if [ "$m" = lp ]; then add "lp $t seed $s" "$(lp_cmd "$t" "$s")"; continue; fi
+      lrs=${grid[$m]:-$lr_grid}
+      if [ -z "$lrs" ]; then add "$m $t seed $s" "$(method_cmd "$m" "$t" "$s")"
+      else for lr in $lrs; do add "$m $t seed $s lr $lr" "$(method_cmd "$m" "$t" "$s" "$lr")"; done; fi
+    done
+  done
+done
+if [ $no_scale = 0 ]; then
+  for t in $scale_tasks; do
+    ms="ft lp_ft"; case $t in cb|rte) ms="ft lp_ft lora lp_lora" ;; esac
+    [ $paper = 0 ] && ms="ft lp_ft"
+    for m in $ms; do
+      for sc in $scales; do add "norm scaling $m $t x$sc" "$(method_cmd "$m" "$t" "$first_seed" "" "$sc")"; done
+    done
+  done
+fi
+if [ $no_ntk = 0 ]; then
+  for t in $ntk_tasks; do
+    for m in ft lp_ft lora lp_lora; do add "ntk $m $t" "$(ntk_cmd "$m" "$t" "$first_seed")"; done
+  done
+fi
+
+if [ $print_jobs = 1 ]; then
+  printf '%s\n' "${jobs[@]}"
+  exit 0
+fi
+
+n=${#jobs[@]}
+echo "run_all: ${n} jobs (tasks: $tasks; methods: $methods; seeds: $seeds; epochs: $epochs) -> $out/"
+[ $paper = 0 ] && echo "estimate: about 25 minutes on a 2-core CPU for the default study (finished jobs are skipped)"
+start=$SECONDS
+failed=()
+for i in "${!jobs[@]}"; do
+  echo "[$((i + 1))/$n $(( (SECONDS - start) / 60 ))m] ${names[$i]}"
+  # a failed job (say, a diverged learning rate) is reported, and the study goes on
+  eval "${jobs[$i]}" || { echo "warning: job failed: ${names[$i]}" >&2; failed+=("${jobs[$i]}"); }
+done
+echo "[calibration $(( (SECONDS - start) / 60 ))m]"
+mapfile -t dirs < <(find "$out" -name logits.npz -not -path "*/cache/*" -printf '%h\n' | sort)
+[ ${#dirs[@]} -gt 0 ] && $PY calibrate.py "${dirs[@]}"
+echo "[report $(( (SECONDS - start) / 60 ))m]"
+$PY report.py --root "$out"
+echo "done in $(( (SECONDS - start) / 60 )) min: $out/report.md"
+if [ ${#failed[@]} -gt 0 ]; then
+  printf 'failed jobs (%d), shown as failed in the report:\n' "${#failed[@]}" >&2
+  printf '  %s\n' "${failed[@]}" >&2
+  exit 1
+fi
