@@ -221,6 +221,19 @@ def evaluate(model, enc, pad_id, bs, mult=1):
     return {s: data.extract(fn, e, pad_id, bs, multiple_of=mult) for s, e in enc.items()}
 
 
+def train_step(fwd, opt, sched, params, batch, y):
+    """One optimizer step: bf16 autocast on CUDA, fp32 loss, clip 1.0. Returns the loss (no host sync)."""
+    dev = y.device
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        loss = F.cross_entropy(fwd(**batch).float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+    opt.step()
+    sched.step()
+    return loss
+
+
 def epoch_record(task, ev, labels, phi0, head):
     rec = {s: data.metrics(task, lg, labels[s]) for s, (lg, _) in ev.items()}
     rec["head_norm"] = float(head.weight.detach().float().norm())
@@ -327,13 +340,7 @@ def run(args, method, table=TABLE6, setup=None, extra_meta=None):
         for i, idx in enumerate(bar):
             b = data.to_device(data.collate(train_enc, idx, pad, mult), dev)
             y = torch.as_tensor(splits["train"].labels[idx]).to(dev, non_blocking=True)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                loss = F.cross_entropy(fwd(**b).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
+            loss = train_step(fwd, opt, sched, params, b, y)
             loss_sum += loss.detach() * len(idx)
             n_seen += len(idx)
             step += 1
