@@ -1,0 +1,167 @@
+"""Speed of ntk.py's eNTK next to the paper code's approach, on a randomly initialised model.
+
+    python bench_ntk.py                                                  # roberta-base shape, 250 x 250, length 128
+    python bench_ntk.py --model_config embedded --n 8 --max_len 64      # CPU-sized smoke run (well under a minute)
+
+ours:  ntk.kernels (--method func): the Jacobian of g(x) = V phi(x), C outputs per example, over all
+       parameters, for the whole n x n train kernel (P and F, every pair), timed end to end.
+paper: the approach of the paper's code (Malladi et al.'s kernel trainer): a reverse-mode Jacobian of the
+       d-dimensional feature phi(x) (d outputs instead of C) over all parameters (dense, the full word-embedding
+       matrix included), contracted with V afterwards; timed on --paper_n examples (the d backward passes
+       vmapped --paper_chunk at a time; on CPU only --paper_dims of them, scaled to d) and scaled per example;
+       its J J^T product is not counted.
+Writes a JSON (--out) and prints a table; peak GPU memory on CUDA only.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+import ft
+import ntk
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model_config", choices=["tiny", "embedded", "roberta-base"], default="roberta-base",
+      help="tiny: 2-layer width-32 RoBERTa; embedded: all-MiniLM-L6-v2; roberta-base: RobertaConfig() (random)")
+    a("--n", type=int, default=250, help="examples in the train kernel")
+    a("--max_len", type=int, default=128, help="tokens per example (every example this long)")
+    a("--C", type=int, default=3, help="classes")
+    a("--batch_size", type=int, default=8)
+    a("--max_memory_gb", type=float, help="ntk.py's Jacobian budget (default as ntk.py)")
+    a("--paper_n", type=int, default=2, help="examples timed for the paper's approach (0: skip it)")
+    a("--paper_chunk", type=int, default=8, help="feature dimensions per vmapped backward in the paper's approach")
+    a("--paper_dims", type=int, help="time only this many of the d backward passes and scale by d / it "
+      "(every pass is the same work; default: all d on CUDA, 64 on CPU)")
+    a("--seed", type=int, default=0)
+    a("--out", default="runs/bench_ntk.json")
+    return p.parse_args(argv)
+
+
+def build(name, C, seed):
+    from transformers import RobertaConfig, RobertaModel
+
+    torch.manual_seed(seed)
+    if name == "embedded":
+        enc, _ = data.load_encoder(None)
+    else:
+        cfg = RobertaConfig() if name == "roberta-base" else RobertaConfig(
+            vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+        enc = RobertaModel(cfg, add_pooling_layer=False)
+    return ft.Classifier(enc, C).to(data.device()).eval()
+
+
+def inputs(model, n, max_len, seed):
+    cfg = model.encoder.config
+    if max_len > cfg.max_position_embeddings - 2:
+        data.die(f"--max_len {max_len} exceeds this model's {cfg.max_position_embeddings - 2} positions")
+    rng = np.random.default_rng(seed)
+    first = cfg.bos_token_id if cfg.bos_token_id is not None else 101
+    return [{"input_ids": [first] + rng.integers(5, cfg.vocab_size, max_len - 1).tolist()} for _ in range(n)]
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_reset():
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak():
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
+
+def paper_jacobian(model, x, pad_id, chunk, dims=None):
+    """V (d phi / d theta) for one example the paper's way: d reverse-mode passes over all parameters
+    (only the first `dims` of them when given) -> (seconds of the forward, of the passes, d, passes done)."""
+    from torch.func import functional_call, vjp, vmap
+
+    enc, V = model.encoder, model.head.weight.detach()
+    params = {n: p.detach() for n, p in enc.named_parameters()}
+    b = data.to_device(data.collate([x], [0], pad_id), V.device)
+
+    def phi(p):
+        h = functional_call(enc, p, (), b).last_hidden_state
+        return data.pool(h, b["attention_mask"], model.pooling)[0]
+
+    sync()
+    t0 = time.time()
+    out, fn = vjp(phi, params)
+    sync()
+    t1 = time.time()
+    d = out.shape[0]
+    dims = min(dims or d, d)
+    eye = torch.eye(d, dtype=out.dtype, device=out.device)
+    Jg = {n: torch.zeros((V.shape[0],) + p.shape, dtype=p.dtype, device=p.device) for n, p in params.items()}
+    for s in range(0, dims, chunk):
+        e = min(s + chunk, dims)
+        (grads,) = vmap(fn)(eye[s:e])
+        for n, g in grads.items():
+            Jg[n] += torch.tensordot(V[:, s:e], g, dims=1)
+    sync()
+    return t1 - t0, time.time() - t1, d, dims
+
+
+def main(argv=None):
+    args = parse(argv)
+    model = build(args.model_config, args.C, args.seed)
+    pad = model.encoder.config.pad_token_id or 0
+    xs = inputs(model, args.n, args.max_len, args.seed)
+    dev = data.device()
+    mem = args.max_memory_gb or ntk.default_memory_gb()
+    n_par = sum(p.numel() for p in model.parameters())
+    print(f"bench: {args.model_config} ({n_par:,} parameters), C={args.C}, length {args.max_len}, "
+          f"{args.n} x {args.n} train kernel, {dev}")
+
+    peak_reset()
+    sync()
+    t0 = time.time()
+    P, F = ntk.kernels(model, xs, pad_id=pad, batch_size=args.batch_size, max_memory_gb=mem, progress=True)
+    sync()
+    ours_s = time.time() - t0
+    res = {"device": str(dev) + (f" ({torch.cuda.get_device_name()})" if dev.type == "cuda" else ""),
+           "model_config": args.model_config, "params": n_par, "n": args.n, "max_len": args.max_len, "C": args.C,
+           "ours": {"seconds": round(ours_s, 3), "per_example_s": ours_s / args.n, "peak_gpu_bytes": peak(),
+                    "max_memory_gb": mem, "kernel_fro": float(np.linalg.norm(P + F))}}
+    if args.paper_n > 0:
+        k = min(args.paper_n, args.n)
+        dims = args.paper_dims or (None if dev.type == "cuda" else 64)
+        peak_reset()
+        per = 0.0
+        with ntk.eager_attention(model.encoder):  # as ours (and the paper's era): no fused-SDPA vmap fallback
+            for x in xs[:k]:
+                fwd, bwd, d, done = paper_jacobian(model, x, pad, args.paper_chunk, dims)
+                per += (fwd + bwd * d / done) / k
+        res["paper"] = {"examples_timed": k, "per_example_s": per, "projected_seconds": per * args.n,
+                        "peak_gpu_bytes": peak(), "outputs_per_example": d, "backward_passes_timed": done}
+        res["speedup_per_example"] = per / res["ours"]["per_example_s"]
+    ft.save_json(Path(args.out), res)
+
+    gib = lambda b: f"{b / 2**30:.2f}" if b is not None else "n/a (CPU)"
+    print(f"  {'approach':<34}{'seconds':>10}{'s/example':>11}{'peak GiB':>11}")
+    print(f"  {'ntk.py func (C outputs, all pairs)':<34}{ours_s:>10.2f}{res['ours']['per_example_s']:>11.3f}"
+          f"{gib(res['ours']['peak_gpu_bytes']):>11}")
+    if "paper" in res:
+        p = res["paper"]
+        label = f"paper (d={p['outputs_per_example']} outputs), x{args.n}"
+        if p["backward_passes_timed"] < p["outputs_per_example"]:
+            print(f"  (paper: {p['backward_passes_timed']} of its {p['outputs_per_example']} backward passes timed "
+                  f"on {p['examples_timed']} example(s), scaled to all)")
+        print(f"  {label:<34}"
+              f"{p['projected_seconds']:>10.2f}{p['per_example_s']:>11.3f}{gib(p['peak_gpu_bytes']):>11}")
+        print(f"  speedup per example: {res['speedup_per_example']:.1f}x   (wrote {args.out})")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""ntk.py: P + F is the eNTK over all parameters, engines agree, kernel laws, LoRA, padding, end to end."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+
+import data
+import ft
+import ntk
+
+C = 3
+
+
+def tiny(kind, pooling="cls", seed=0):
+    """A random 2-layer, width-32 BERT or RoBERTa in a Classifier, float64, eval mode."""
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+              max_position_embeddings=40)
+    enc = (BertModel(BertConfig(**kw), add_pooling_layer=False) if kind == "bert"
+           else RobertaModel(RobertaConfig(**kw), add_pooling_layer=False))
+    model = ft.Classifier(enc, C, pooling).double().eval()
+    with torch.no_grad():  # a non-trivial head: bias and a larger V
+        model.head.weight.normal_(0, 0.5)
+        model.head.bias.normal_(0, 0.5)
+    return model
+
+
+def examples(kind, lengths=(6, 11, 3, 8, 6), seed=0):
+    """Encoded examples of different lengths from a small vocabulary (so tokens repeat across examples)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in lengths:
+        x = {"input_ids": [0 if kind == "roberta" else 2] + rng.integers(4, 40, n).tolist()}
+        if kind == "bert":
+            x["token_type_ids"] = [0] * (n // 2 + 1) + [1] * (n - n // 2)
+        out.append(x)
+    return out
+
+
+PAD = {"bert": 0, "roberta": 1}
+
+
+def brute_force(model, xs, pad_id, params):
+    """Full per-example gradients of each logit by autograd (each example alone), flattened, dot products."""
+    rows = []
+    for i in range(len(xs)):
+        out = model(**data.collate(xs, [i], pad_id))[0]
+        for c in range(C):
+            g = torch.autograd.grad(out[c], params, retain_graph=True, allow_unused=True)
+            g = [x if x is not None else torch.zeros_like(p) for x, p in zip(g, params)]
+            rows.append(torch.cat([x.reshape(-1) for x in g]))
+    J = torch.stack(rows).double()
+    return (J @ J.T).numpy().reshape(len(xs), C, len(xs), C), J
+
+
+def close(a, b, tol=1e-8):
+    scale = max(np.abs(b).max(), 1.0)
+    assert np.abs(a - b).max() <= tol * scale, np.abs(a - b).max() / scale
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_p_plus_f_is_the_full_entk_and_engines_agree(kind):
+    model, xs = tiny(kind), examples(kind)
+    P, F = ntk.kernels(model, xs, pad_id=PAD[kind], batch_size=4)
+    K, _ = brute_force(model, xs, PAD[kind], list(model.parameters()))
+    close(P + F, K)
+    _, Fn = ntk.kernels(model, xs, pad_id=PAD[kind], method="naive")
+    close(F, Fn)
+    # the head alone gives P: the split is exact, not just the sum
+    Kh, _ = brute_force(model, xs, PAD[kind], list(model.head.parameters()))
+    close(P, Kh)
+    # a x b equals the matching block of the symmetric kernel
+    Pab, Fab = ntk.kernels(model, xs[:2], xs[2:], pad_id=PAD[kind])
+    close(Pab, P[:2, :, 2:])
+    close(Fab, F[:2, :, 2:])
+
+
+def test_kernels_symmetric_psd_and_word_embeddings_count():
+    model, xs = tiny("bert"), examples("bert")
+    P, F = ntk.kernels(model, xs, pad_id=0)
+    for K in (P, F, P + F):
+        M = ntk.flat(K)
+        close(M, M.T, 1e-12)
+        ev = np.linalg.eigvalsh((M + M.T) / 2)
+        assert ev.min() >= -1e-10 * ev.max()
+    # word embeddings are included exactly: freezing them changes F by exactly their brute-force share
+    emb = model.encoder.embeddings.word_embeddings.weight
+    Kw, Jw = brute_force(model, xs, 0, [emb])
+    assert np.abs(Kw).max() > 1e-3 * np.abs(F).max()
+    emb.requires_grad_(False)
+    _, F_no_emb = ntk.kernels(model, xs, pad_id=0)
+    close(F - F_no_emb, Kw)
+
+
+def test_head_scale_law():
+    model, xs = tiny("roberta"), examples("roberta")
+    P, F = ntk.kernels(model, xs, pad_id=1)
+    s = 3.0
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        scaled.head.weight.mul_(s)
+    Ps, Fs = ntk.kernels(scaled, xs, pad_id=1)
+    close(Ps, P, 1e-12)
+    close(Fs, s ** 2 * F, 1e-10)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_padding_is_irrelevant(pooling):
+    model, xs = tiny("bert", pooling), examples("bert", lengths=(2, 12, 5, 9))
+    P1, F1 = ntk.kernels(model, xs, pad_id=0, batch_size=1)  # each example alone: no padding
+    P4, F4 = ntk.kernels(model, xs, pad_id=0, batch_size=4)  # one batch padded to the longest
+    P7, F7 = ntk.kernels(model, xs, pad_id=7, batch_size=4)  # padded with a real token id instead
+    for a, b in ((P4, P1), (F4, F1), (P7, P1), (F7, F1)):
+        close(a, b, 1e-10)
+
+
+def test_parameter_chunks_and_row_slices():
+    shapes = [("a", (5, 4)), ("b", (7,)), ("c", (3, 2, 2))]
+    chunks = ntk.plan_chunks(shapes, 9)
+    seen = {n: np.zeros(s[0], int) for n, s in shapes}
+    per = {"a": 4, "b": 1, "c": 4}
+    for ch in chunks:
+        assert sum((hi - lo) * per[n] for n, lo, hi in ch) <= 9
+        for n, lo, hi in ch:
+            seen[n][lo:hi] += 1
+    assert all((v == 1).all() for v in seen.values())
+    model, xs = tiny("bert"), examples("bert", lengths=(4, 7, 5))
+    _, F = ntk.kernels(model, xs, pad_id=0)
+    _, Fc = ntk.kernels(model, xs, pad_id=0, batch_size=2, max_memory_gb=3e-5)  # ~100 columns per chunk
+    close(Fc, F, 1e-10)
+
+
+def test_lora_at_b_zero_only_b_gradients_count():
+    from lora import LoRALinear, inject_lora
+
+    model, xs = tiny("bert"), examples("bert")
+    inject_lora(model, r=2, alpha=4)
+    model.double().eval()
+    lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert lora and all((m.lora_B == 0).all() for m in lora)
+    A = [m.lora_A for m in lora]
+    B = [m.lora_B for m in lora]
+    K_ab, J_ab = brute_force(model, xs, 0, A + B)
+    n_a = sum(p.numel() for p in A)
+    assert (J_ab[:, :n_a] == 0).all()  # at B = 0 the A-gradients vanish
+    K_b, _ = brute_force(model, xs, 0, B)
+    P, F = ntk.kernels(model, xs, pad_id=0, batch_size=3)
+    assert np.abs(F).max() > 0
+    close(F, K_ab)
+    close(F, K_b)
+    _, Fn = ntk.kernels(model, xs, pad_id=0, method="naive")
+    close(F, Fn)
+    K_all, _ = brute_force(model, xs, 0, [p for p in model.parameters() if p.requires_grad])
+    close(P + F, K_all)  # trainable = LoRA + head
+
+
+def test_solvers_and_ft_ratio():
+    rng = np.random.default_rng(0)
+    n, m = 12, 6
+    X = rng.normal(size=(n + m, 20))
+    y = rng.integers(0, C, n + m)
+    K = np.einsum("ij,ck->icjk", X @ X[:n].T, np.eye(C))
+    kr = ntk.kernel_regression(K[:n], K[n:], y[:n], y[n:], ridge=1e-12)
+    assert kr["train"] == 1.0  # full-rank kernel, vanishing ridge: interpolates the train labels
+    lr = ntk.pair_logreg(K[:n], K[n:], y[:n], y[n:])
+    assert 0 <= lr["test"] <= 1 and 0 <= lr["test_class"] <= 1
+    logits = rng.normal(size=(n, C))
+    assert ntk.ft_ratio(0 * K[:n], K[:n], logits, y[:n]) == 0
+    assert ntk.ft_ratio(K[:n], K[:n], logits, y[:n]) == pytest.approx(1.0)
+    st = ntk.spectrum(K[:n])
+    assert st["rank"] == n * C and st["sv_normalised"][0] == 1.0
+
+
+def test_end_to_end_cb(tmp_path, data_dir, capsys):
+    out = tmp_path / "ntk"
+    argv = ["--task", "cb", "--n", "8", "--n_test", "6", "--max_len", "64", "--output_dir", str(out),
+            "--data_dir", str(data_dir), "--max_memory_gb", "1"]
+    res = ntk.main(argv)
+    z = np.load(out / "kernels.npz")
+    assert z["P_train"].shape == (8, C, 8, C) and z["F_test"].shape == (6, C, 8, C)
+    assert z["P_train"].dtype == np.float64 and len(set(z["train_idx"])) == 8
+    r = json.loads((out / "ntk_results.json").read_text())
+    assert set(r["kernels"]) == {"P", "F", "P+F"} and 0 < r["ft_ratio"] < 1
+    assert (out / "spectrum.png").stat().st_size > 1000
+    # the saved train logits are the model's, and P is their features' Gram matrix (+1) per class
+    splits = data.load_task("cb", data_dir)
+    assert (z["train_labels"] == splits["train"].labels[z["train_idx"]]).all()
+    assert res["kernels"]["F"]["fro"] > 0
+    capsys.readouterr()
+    again = ntk.main(argv)
+    assert "skipping" in capsys.readouterr().out and again["seconds"] == r["seconds"]
+    with pytest.raises(SystemExit, match="another config"):
+        ntk.main(argv[:-2] + ["--max_memory_gb", "1", "--head_scale", "2"])
+
+
+def test_end_to_end_lp_lora_k_shot(tmp_path, data_dir):
+    """--init (an lp_head.pt as lp.py writes it) + --lora + --k_shot: V and b come from the head, F over LoRA only."""
+    torch.manual_seed(0)
+    head = {"weight": torch.randn(C, 384) * 0.1, "bias": torch.randn(C), "task": "cb", "model": data.EMBEDDED,
+            "max_len": 32, "pooling": "cls", "labels": data.TASKS["cb"].labels, "C": C}
+    torch.save(head, tmp_path / "lp_head.pt")
+    out = tmp_path / "ntk"
+    res = ntk.main(["--task", "cb", "--init", str(tmp_path / "lp_head.pt"), "--lora", "--k_shot", "2", "--n_test", "3",
+                    "--head_scale", "2", "--output_dir", str(out), "--data_dir", str(data_dir)])
+    assert res["config"]["ntk_method"] == "lp_lora" and res["config"]["max_len"] == 32
+    assert res["config"]["backbone_params"] == 6 * 2 * 8 * 384 * 2  # 6 layers x (query, value) x (A, B), r = 8
+    assert res["head_norm"] == pytest.approx(2 * float(head["weight"].double().norm()))
+    z = np.load(out / "kernels.npz")
+    assert np.bincount(z["train_labels"]).tolist() == [2, 2, 2]
+    phi_gram = z["P_train"][:, 0, :, 0] - 1
+    assert np.allclose(phi_gram, phi_gram.T) and np.abs(z["F_train"]).max() > 0
