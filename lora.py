@@ -8,7 +8,7 @@ query and value projections W0 become W0 x + (B A x) * alpha/r with A [r,in] kai
 zero, so training starts exactly at the pretrained function; only A, B and the classification head
 train. Training is ft.py's one loop (ft.run), so the outputs are the same: runs/<task>/<method>-seed<seed>/
 results.json, logits.npz, model.safetensors (LoRA + head tensors only) + meta.json (with the LoRA config);
-results.json records trainable_params / total_params and, on CUDA, peak_memory_gb, as for FT.
+results.json records trainable_params / total_params and, on CUDA, peak_train_memory_gb (training steps only).
 
 Unlike loralib, model.eval() never merges: merge() / unmerge() are explicit, so gradients through the
 LoRA path (ntk.py's kernels) never vanish. load_adapter(run_dir) rebuilds a trained model.
