@@ -462,7 +462,7 @@ def main(argv=None):
         st["pair_logreg"] = pair_logreg(K_tr, K_te, tr.labels, te.labels)
         stats[name] = st
     res = {"config": vars(args) | {"ntk_method": method, "device": str(data.device()), "C": C, "n_train": n,
-                                   "n_test": len(te), "backbone_params": n_par},
+                                   "n_test_used": len(te), "backbone_params": n_par},
            "seconds": round(secs, 2), "kernels": stats,
            "ft_ratio": ft_ratio(F_tr, P_tr + F_tr, logits, tr.labels),
            "fro_ratio": stats["F"]["fro"] / max(stats["P+F"]["fro"], 1e-300),

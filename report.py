@@ -212,8 +212,9 @@ def build(rows, root):
             body.append(ntk_row(f.parent.name, k))
     if body:
         emit("eNTK at the start of fine-tuning (Table 2)",
-             ["run", "rank P+F", "||P||_F", "||F||_F", "FT ratio", "train acc", "test acc"], body,
-             "Kernel regression on P+F (class accuracy); FT ratio = mean ||F delta|| / ||(P+F) delta||.")
+             ["run", "N", "rank P+F", "||P||_F", "||F||_F", "FT ratio", "||V||", "kernel reg.", "pair logreg"],
+             body, "Test accuracy of kernel regression on P+F (classes) and of the paper's pair-level logistic "
+             "regression (pairs); FT ratio = mean ||F delta|| / ||(P+F) delta||.")
 
     # norm scaling (Figure 3)
     body = [[f"{r['task']} {NAMES[r['method']]}", r["scale"], f"{r['head_norm0']:.3f}", f"{r['diff_f']:.4f}",
@@ -268,11 +269,14 @@ def c_split(cal, key, split="test"):
 
 
 def ntk_row(name, k):
-    kr = lambda kern, key: (k.get("stats", {}).get(kern) or {}).get(key)  # noqa: E731
-    sol = (k.get("solvers", {}).get("P+F") or {}).get("kernel_regression") or {}
+    """One row of Table 2 from ntk_results.json: kernels.{P,F,P+F}.{rank, fro, kernel_regression, ...}."""
+    kern = lambda K: k.get("kernels", {}).get(K) or {}  # noqa: E731
+    kr, pl = kern("P+F").get("kernel_regression") or {}, kern("P+F").get("pair_logreg") or {}
     f = lambda x, p=3: DASH if x is None else (f"{x:.{p}g}" if isinstance(x, float) else str(x))  # noqa: E731
-    return [name, f(kr("P+F", "rank")), f(kr("P", "fro")), f(kr("F", "fro")), f(k.get("ft_ratio")),
-            f(sol.get("train_acc")), f(sol.get("test_acc"))]
+    cfg = k.get("config", {})
+    return [f"{cfg.get('task', '?')} {name}", f(cfg.get("n_train")), f(kern("P+F").get("rank")),
+            f(kern("P").get("fro")), f(kern("F").get("fro")), f(k.get("ft_ratio")), f(k.get("head_norm")),
+            f(kr.get("test")), f(pl.get("test"))]
 
 
 def claims(rows, chosen, root):
@@ -299,8 +303,9 @@ def claims(rows, chosen, root):
                            f"{np.mean(ea):.2f}): {'yes' if np.mean(ea) < np.mean(eb) else 'no'}")
     ntk = {p.parent.name: read(p) for p in Path(root).rglob("ntk_results.json")}
     for t in sorted({r["task"] for r in rows}):
-        a = [v.get("ft_ratio") for n, v in ntk.items() if v and n.startswith("ntk-ft-") and v.get("task") == t]
-        b = [v.get("ft_ratio") for n, v in ntk.items() if v and n.startswith("ntk-lp_ft-") and v.get("task") == t]
+        a, b = ([v.get("ft_ratio") for n, v in ntk.items()
+                 if v and n.startswith(pre) and v.get("config", {}).get("task") == t]
+                for pre in ("ntk-ft-", "ntk-lp_ft-"))
         if a and b and None not in a + b:
             out.append(f"- {t}: the FT ratio is larger after LP ({np.mean(b):.3f} vs {np.mean(a):.3f}): "
                        f"{'yes' if np.mean(b) > np.mean(a) else 'no'}")

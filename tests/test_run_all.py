@@ -1,0 +1,80 @@
+"""run_all.sh end to end in a tiny configuration: every stage, resume, the report, a learning-rate grid."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--tasks", "cb", "--seeds", "1001", "--epochs", "1", "--max_steps", "2", "--max_train_samples", "32",
+        "--max_eval_samples", "16"]
+
+
+def run_all(*args):
+    env = dict(os.environ, PYTHON=sys.executable)
+    p = subprocess.run(["bash", str(ROOT / "run_all.sh"), *args], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout + p.stderr
+
+
+def mtimes(out):
+    return {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    log = run_all(*TINY, "--methods", "lp ft lp_ft", "--ntk_n", "4", "--scales", "10", "--out", str(out))
+    return out, log
+
+
+def test_tiny_study_writes_every_table(study):
+    out, log = study
+    md = (out / "report.md").read_text()
+    for title in ("Test performance", "Head norm", "Feature change", "Calibration on test", "eNTK at the start",
+                  "Norm scaling", "Learning rates", "Paired differences", "The paper's claims"):
+        assert f"## {title}" in md, title
+    assert "| cb |" in md and (out / "report.csv").exists() and (out / "head_norm.png").exists()
+    for d in ("lp-seed1001", "ft-seed1001", "lp_ft-seed1001", "ft-scale10-seed1001", "ntk-lp_lora-seed1001"):
+        assert (out / "cb" / d).is_dir(), d
+    assert (out / "cb/lp_ft-seed1001/calibration.json").exists()
+    assert "[1/" in log and "estimate" in log
+
+
+def test_second_run_does_no_work(study):
+    out, _ = study
+    before = mtimes(out)
+    log = run_all(*TINY, "--methods", "lp ft lp_ft", "--ntk_n", "4", "--scales", "10", "--out", str(out))
+    assert mtimes(out) == before
+    assert log.count("already finished") >= 4 and "already fit" in log
+
+
+def test_print_jobs_respects_dependencies(tmp_path):
+    jobs = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--print_jobs", "--out", str(tmp_path)],
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+    assert jobs and not any(tmp_path.iterdir())  # printing runs nothing
+    for j in jobs:
+        if "--init" in j:  # LP-FT / LP-LoRA / LP NTK jobs fit their LP head first, on the same line
+            assert j.startswith("python lp.py") and " && " in j
+    paper = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--paper", "--print_jobs"], capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    assert sum("--seed 5005" in j and "ft.py" in j for j in paper) > 0
+    assert {t for j in paper for t in ["boolq", "pubmed", "amazon"] if f"--task {t} " in j} == {
+        "boolq", "pubmed", "amazon"}
+
+
+def test_lr_grid_end_to_end(tmp_path):
+    run_all(*TINY, "--methods", "ft lp_ft", "--no_ntk", "--no_scale", "--lr_grid", "1e-5 1e-4",
+            "--out", str(tmp_path))
+    dirs = sorted(p.name for p in (tmp_path / "cb").iterdir())
+    assert {"ft-lr1e-5-seed1001", "ft-lr1e-4-seed1001", "lp_ft-lr1e-5-seed1001", "lp_ft-lr1e-4-seed1001"} <= set(dirs)
+    lrs = {json.loads((tmp_path / "cb" / d / "results.json").read_text())["config"]["lr"] for d in dirs
+           if d.startswith("ft-")}
+    assert lrs == {1e-5, 1e-4}
+    md = (tmp_path / "report.md").read_text()
+    grid = md.split("## Learning rates")[1].split("##")[0]
+    assert grid.count("| cb FT |") == 2 and grid.count("| cb LP-FT |") == 2 and grid.count("**chosen**") == 2
