@@ -6,7 +6,7 @@
 Suites (--suite, comma-separated, or all):
   synthetic  random token ids at a fixed --max_len, the same batches for every contender, warm-up excluded,
              CUDA-synchronised timing. Training: the HF baseline (AutoModelForSequenceClassification, torch AdamW,
-             fused on CUDA, `model(**batch, labels=y).loss`) in fp32 and in bf16 autocast; ft.py's step
+             fused, `model(**batch, labels=y).loss`) in fp32 and in bf16 autocast; ft.py's step
              (ft.train_step: bf16 autocast with fp32 weights on CUDA, sdpa, fused AdamW, TF32, no host sync;
              --compile adds torch.compile rows); lora.py's step (r = alpha = 8 on query, value). Inference:
              lp.py's feature extraction (data.extract) against HF fp32 inference (no_grad, eval).
@@ -196,10 +196,10 @@ def synthetic_batches(n, bs, L, vocab, C, seed, pin):
 
 
 def hf_trainer(name, cfg, args, dev, bf16):
-    """The issue's baseline: a plain loop over the HF model with torch AdamW (fused on CUDA)."""
+    """The issue's baseline: a plain loop over the HF model with torch AdamW (fused)."""
     tf32(False)
     model = hf_model(name, cfg, 2, args.seed, args.hf_attn).to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=dev.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=dev.type in ("cuda", "cpu"))
 
     def step(b, y):
         b, y = {k: v.to(dev) for k, v in b.items()}, y.to(dev)
@@ -222,7 +222,7 @@ def kit_trainer(name, cfg, args, dev, use_lora=False, compile=False):
     model.to(dev).train()
     fwd = torch.compile(model) if compile else model
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=dev.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=dev.type in ("cuda", "cpu"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
     def step(b, y):
@@ -364,7 +364,7 @@ def kit_epoch(name, cfg, task_labels, encoded, labels, pad, args, dev, pad_to=No
     fwd = torch.compile(model) if args.compile else model
     mult = pad_to or (16 if args.compile else 1)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=dev.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=dev.type in ("cuda", "cpu"))
     total = -(-len(encoded) // args.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (total - s) / total))
     warm = compile_warmup(fwd, opt, sched, params, encoded, labels, pad, mult, args, dev) if args.compile else 0.0

@@ -178,7 +178,7 @@ def make_parser(description=__doc__):
     a("--seed", type=int, default=1001)
     a("--output_dir", help="default runs/<task>/<method>-seed<seed>")
     a("--overwrite", action="store_true", help="start afresh, discarding earlier results and checkpoints")
-    a("--init", help="lp_head.pt from lp.py: LP-FT instead of FT")
+    a("--init", help="lp_head.pt from lp.py: start from the LP head (LP-FT, LP-LoRA) instead of a fresh one")
     a("--lr", type=float, help="default: paper Table 6 for the task and method")
     a("--batch_size", type=int, help="default: paper Table 6 for the task and method")
     a("--epochs", type=int, default=10)
@@ -286,7 +286,8 @@ def run(args, method, table=TABLE6, setup=None, extra_meta=None):
 
     params = [p for p in model.parameters() if p.requires_grad]
     n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=dev.type == "cuda")
+    # fused AdamW on CPU too: its step is ~10x faster than foreach there (0.03 s vs 0.3 s for 22.6M parameters)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=dev.type in ("cuda", "cpu"))
     per_epoch = math.ceil(len(train_enc) / args.batch_size)
     total = min(args.epochs * per_epoch, args.max_steps or 1 << 62)
     warm = int(args.warmup_ratio * total)
