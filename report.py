@@ -201,8 +201,11 @@ def build(rows, root):
                                                              ("before", "mce"), ("after", "mce"))]
             if cals:
                 body.append([f"{t} {NAMES[m]}"] + [f"{np.mean(v):.2f}" if None not in v else DASH for v in vals]
-                            + [f"{np.mean([c.get('temperature', np.nan) for c in cals]):.3f}"])
-    emit("Calibration on test, percent (Table 3)", ["run", "ECE", "ECE (TS)", "MCE", "MCE (TS)", "T"], body)
+                            + [f"{np.mean([c.get('temperature', np.nan) for c in cals]):.3f}"
+                               + ("" if all(c.get("converged", True) for c in cals) else "*")])
+    emit("Calibration on test, percent (Table 3)", ["run", "ECE", "ECE (TS)", "MCE", "MCE (TS)", "T"], body,
+         "T: mean fitted temperature over seeds; * a fit did not converge (T not identified, e.g. chance-level "
+         "logits on val, whose NLL keeps falling as T grows; see calibration.json).")
 
     # Table 2: kernel statistics
     body = []
