@@ -213,3 +213,124 @@ def test_end_to_end_lp_lora_k_shot(tmp_path, data_dir):
     assert np.bincount(z["train_labels"]).tolist() == [2, 2, 2]
     phi_gram = z["P_train"][:, 0, :, 0] - 1
     assert np.allclose(phi_gram, phi_gram.T) and np.abs(z["F_train"]).max() > 0
+
+
+# ---------------------------------------------------------------- the structured engine
+@pytest.mark.parametrize("kind,pooling", [("bert", "cls"), ("roberta", "mean"), ("roberta", "cls")])
+def test_structured_equals_func(kind, pooling):
+    """Full FT, padded batches (examples of different lengths), train x train and a x b, one block and many."""
+    model, xs = tiny(kind, pooling), examples(kind)
+    F = ntk.f_func(model, xs, None, PAD[kind], batch_size=5)
+    for bs in (1, 3, 5):
+        close(ntk.f_structured(model, xs, None, PAD[kind], batch_size=bs), F)
+    close(ntk.f_structured(model, xs[:2], xs[2:], PAD[kind], batch_size=2), F[:2, :, 2:])
+    close(ntk.f_structured(model, xs[3:], xs, PAD[kind], batch_size=2), F[3:])
+    # a budget of a few tokens per block: every block pair recorded apart, off-diagonal blocks mirrored
+    close(ntk.f_structured(model, xs, None, PAD[kind], batch_size=2, max_memory_gb=2e-5), F)
+    close(ntk.f_structured(model, xs[:2], xs[2:], PAD[kind], batch_size=2, max_memory_gb=2e-5), F[:2, :, 2:])
+
+
+def test_structured_padding_and_frozen_parts():
+    """Padded with a real token id, each example alone or batched; frozen word embeddings and LayerNorms."""
+    model, xs = tiny("bert", "mean"), examples("bert", lengths=(2, 12, 5, 9))
+    F1 = ntk.f_structured(model, xs, None, 0, batch_size=1)
+    close(ntk.f_structured(model, xs, None, 7, batch_size=4), F1, 1e-10)
+    close(F1, ntk.f_func(model, xs, None, 0))
+    model.encoder.embeddings.word_embeddings.weight.requires_grad_(False)
+    for m in model.encoder.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.bias.requires_grad_(False)
+    close(ntk.f_structured(model, xs, None, 0, batch_size=4), ntk.f_func(model, xs, None, 0))
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_structured_lora(kind):
+    """LoRA at B = 0 (only B's gradients count) and with B != 0 (A's count too, as factors (g B) and x)."""
+    from lora import LoRALinear, inject_lora
+
+    model, xs = tiny(kind), examples(kind)
+    inject_lora(model, ("query", "value"), r=2, alpha=4)
+    model.double().eval()
+    F0 = ntk.f_func(model, xs, None, PAD[kind])
+    close(ntk.f_structured(model, xs, None, PAD[kind], batch_size=3), F0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(0, 0.3)
+    F1 = ntk.f_func(model, xs, None, PAD[kind])
+    assert np.abs(F1 - F0).max() > 1e-3 * np.abs(F0).max()
+    close(ntk.f_structured(model, xs, None, PAD[kind], batch_size=3), F1)
+    close(ntk.f_structured(model, xs[:2], xs[2:], PAD[kind], batch_size=2), F1[:2, :, 2:])
+    K, _ = brute_force(model, xs, PAD[kind], [p for p in model.encoder.parameters() if p.requires_grad])
+    close(F1, K)
+
+
+def test_structured_contractions_agree():
+    """Both linear-layer contractions (gram, explicit in out-row chunks) and both embedding ones (pairs of
+    equal ids, GEMM over shared ids) give the same kernel on the same recordings."""
+    model, xs = tiny("bert"), examples("bert", lengths=(6, 11, 3, 8, 6, 9))
+    mods = ntk.structured_modules(model.encoder)
+    ra = ntk.record(model, mods, xs, [1, 5, 3, 0], 0, 3)
+    rb = ntk.record(model, mods, xs, [4, 2], 0, 1)
+    for r2, same, nb in ((ra, True, 4), (rb, False, 2)):
+        shape = (4, C, nb, C)
+        for key, la in ra.lin.items():
+            K1, K2, K3 = (torch.zeros(shape, dtype=torch.float64) for _ in range(3))
+            ntk.lin_gram(K1, la, r2.lin[key], same, 2**30)
+            ntk.lin_explicit(K2, la, r2.lin[key], same, 2**30)
+            ntk.lin_explicit(K3, la, r2.lin[key], same, 500)  # a few out rows at a time
+            assert K1.abs().max() > 0
+            close(K2.numpy(), K1.numpy())
+            close(K3.numpy(), K1.numpy())
+        for name, ea in ra.emb.items():
+            K1, K2 = (torch.zeros(shape, dtype=torch.float64) for _ in range(2))
+            ntk.emb_pairs(K1, ea, r2.emb[name], 100)  # a few pairs at a time
+            ntk.emb_dense(K2, ea, r2.emb[name], torch.unique(torch.cat([ea[1], r2.emb[name][1]])))
+            assert K1.abs().max() > 0
+            close(K2.numpy(), K1.numpy())
+
+
+def test_structured_dies_on_unknown_parameters():
+    model = tiny("bert")
+    model.encoder.extra = torch.nn.Conv1d(2, 2, 1).double()
+    with pytest.raises(SystemExit, match="no rule"):
+        ntk.f_structured(model, examples("bert"), None, 0)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_end_to_end_structured_matches_func(tmp_path, data_dir, lora):
+    """ntk.py --method structured writes the same kernels and statistics as --method func (float32: ~1e-6)."""
+    base = ["--task", "cb", "--n", "6", "--n_test", "4", "--max_len", "48", "--data_dir", str(data_dir)]
+    base += ["--lora"] * lora
+    rf = ntk.main(base + ["--output_dir", str(tmp_path / "func")])
+    rs = ntk.main(base + ["--method", "structured", "--output_dir", str(tmp_path / "structured")])
+    zf, zs = np.load(tmp_path / "func" / "kernels.npz"), np.load(tmp_path / "structured" / "kernels.npz")
+    assert set(zf.files) == set(zs.files)
+    for k in zf.files:
+        if k.startswith("F_"):
+            assert np.abs(zf[k]).max() > 0
+            close(zs[k], zf[k], 1e-5)
+        else:
+            assert np.array_equal(zs[k], zf[k]), k
+    assert rs["config"]["method"] == "structured" and rs["config"]["ntk_method"] == rf["config"]["ntk_method"]
+    assert rs["kernels"]["F"]["fro"] == pytest.approx(rf["kernels"]["F"]["fro"], rel=1e-5)
+    assert rs["ft_ratio"] == pytest.approx(rf["ft_ratio"], rel=1e-4)
+
+
+def test_bench_ntk_methods(tmp_path, data_dir):
+    import bench_ntk
+
+    res = bench_ntk.main(["--model_config", "tiny", "--n", "5", "--max_len", "12", "--paper_n", "1",
+                          "--out", str(tmp_path / "b.json")])
+    assert set(res["methods"]) == {"func", "structured"} and res["reference"] == "func"
+    assert res["methods"]["func"]["rel_error"] == 0 and res["methods"]["structured"]["rel_error"] < 1e-5
+    assert res["methods"]["structured"]["speedup"] > 0 and set(res["speedup_per_example"]) == set(res["methods"])
+    res = bench_ntk.main(["--task", "cb", "--model_config", "embedded", "--n", "3", "--max_len", "24",
+                          "--methods", "structured,func", "--paper_n", "0", "--data_dir", str(data_dir),
+                          "--out", str(tmp_path / "cb.json")])
+    # float32: func's own error is larger here (~4e-5 against float64; structured's ~3e-7)
+    assert res["n"] == 3 and res["reference"] == "structured" and res["methods"]["func"]["rel_error"] < 1e-4
+    assert json.loads((tmp_path / "cb.json").read_text())["task"] == "cb"
+    with pytest.raises(SystemExit, match="embedded"):
+        bench_ntk.main(["--task", "cb", "--model_config", "tiny"])
