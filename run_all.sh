@@ -60,7 +60,7 @@ if [ $paper = 1 ]; then
   epochs=${epochs:-10}
   ntk_tasks=${ntk_tasks:-"cb rte boolq wic"} ntk_n=${ntk_n:-250}
   scale_tasks=${scale_tasks:-"cb rte amazon"} scales=${scales:-"0.1 0.5 2 5 10 50 100"}
-else  # default study, sized for under 30 minutes on a 2-core CPU (measured: 30.4 on a quiet machine)
+else  # default study, sized for ~30 minutes on a 2-core CPU (measured: 30.4 on a quiet machine)
   tasks=${tasks:-"cb rte sst2"}
   seeds=${seeds:-"1001 2002"}
   epochs=${epochs:-3}
