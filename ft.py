@@ -167,14 +167,20 @@ def feature_stats(phi, phi0, labels):
 
 
 # ---------------------------------------------------------------- args
-def make_parser(description=__doc__):
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def common_flags(p):
+    """The flags every script that can start from an LP head shares (ft.py, lora.py, ntk.py)."""
     a = p.add_argument
     a("--task", help=f"one of {', '.join(data.TASKS)} (default: the --init head's task)")
     a("--model", help="hub name or directory (default: the head's model, else the embedded all-MiniLM-L6-v2)")
     a("--data_dir", help="folder with the official files (default: $LPFT_DATA, else ./data)")
     a("--max_len", type=int, help="max tokens (default: the head's, else 128)")
     a("--pooling", choices=["cls", "mean"], help="phi(x) (default: the head's, else cls)")
+    return a
+
+
+def make_parser(description=__doc__):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = common_flags(p)
     a("--seed", type=int, default=1001)
     a("--output_dir", help="default runs/<task>/<method>-seed<seed>")
     a("--overwrite", action="store_true", help="start afresh, discarding earlier results and checkpoints")

@@ -54,12 +54,7 @@ HOW = ("method", "batch_size", "max_memory_gb", "output_dir", "overwrite", "data
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--task", help=f"one of {', '.join(data.TASKS)} (default: the --init head's task)")
-    a("--model", help="hub name or directory (default: the head's model, else the embedded all-MiniLM-L6-v2)")
-    a("--data_dir", help="folder with the official files (default: $LPFT_DATA, else ./data)")
-    a("--max_len", type=int, help="max tokens (default: the head's, else 128)")
-    a("--pooling", choices=["cls", "mean"], help="phi(x) (default: the head's, else cls)")
+    a = ft.common_flags(p)
     a("--seed", type=int, default=1001, help="seeds the fresh head and the example subsets")
     a("--output_dir", help="default runs/<task>/ntk-<method>-seed<seed>")
     a("--overwrite", action="store_true", help="recompute even if ntk_results.json exists for this config")
