@@ -43,6 +43,9 @@ def test_tiny_study_writes_every_table(study):
         assert (out / "cb" / d).is_dir(), d
     assert (out / "cb/lp_ft-seed1001/calibration.json").exists()
     assert "[1/" in log and "estimate" in log
+    assert "already fit" not in log  # LP-FT reuses the LP job's head without starting lp.py again
+    ntk = json.loads((out / "cb/ntk-ft-seed1001/ntk_results.json").read_text())
+    assert ntk["config"]["method"] == "structured"  # the default study's engine
 
 
 def test_second_run_does_no_work(study):
