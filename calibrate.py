@@ -7,7 +7,8 @@ Reads logits.npz (lp.py, ft.py, lora.py: `<split>_logits` [N,C], `<split>_labels
 on val by minimising NLL, and reports every split but train (val, test, OOD sets) before and after dividing the
 logits by T (paper Tables 3, 14, 15). ECE/MCE: `--bins` equal-width bins over the top-class confidence, a bin holds
 lower < conf <= upper, empty bins are skipped. ECE and MCE are in percent; accuracy is a fraction as in results.json;
-Brier is the multi-class score, mean over examples of sum_c (p_c - [y = c])^2.
+Brier is the multi-class score, mean over examples of sum_c (p_c - [y = c])^2. A rerun skips a run whose
+calibration.json is newer than its logits.npz and has the same settings; --overwrite refits.
 """
 
 import argparse
@@ -32,6 +33,8 @@ def parse(argv=None):
                    help="lbfgs on log T (default); adam: the paper's (lr 1e-3, <= 1e5 steps, patience 10, from T=1)")
     p.add_argument("--bins", type=int, default=15, help="equal-width confidence bins for ECE, MCE and the diagrams")
     p.add_argument("--no_plots", action="store_true", help="do not write reliability_<split>.png")
+    p.add_argument("--overwrite", action="store_true",
+                   help="refit runs whose calibration.json is newer than their logits.npz (default: skip them)")
     args = p.parse_args(argv)
     if args.bins < 1:
         data.die(f"--bins {args.bins}: need at least 1 bin")
@@ -249,9 +252,30 @@ def print_table(results):
         print("* the temperature fit did not converge (see the warning above)")
 
 
+def done(run_dir, optimizer, bins, plots):
+    """-> the saved result if calibration.json is up to date with logits.npz and these settings, else None."""
+    f, logits = Path(run_dir) / "calibration.json", Path(run_dir) / "logits.npz"
+    if not f.exists() or not logits.exists() or f.stat().st_mtime_ns < logits.stat().st_mtime_ns:
+        return None
+    try:
+        res = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    if res.get("optimizer") != optimizer or res.get("bins") != bins:
+        return None
+    if plots and any(not (Path(run_dir) / f"reliability_{s}.png").exists() for s in res["splits"] if s != "val"):
+        return None
+    return res
+
+
 def main(argv=None):
     args = parse(argv)
-    results = {d: calibrate_run(d, args.optimizer, args.bins, not args.no_plots) for d in args.run_dirs}
+    results = {}
+    for d in args.run_dirs:
+        old = None if args.overwrite else done(d, args.optimizer, args.bins, not args.no_plots)
+        if old is not None:
+            print(f"{d}: calibration.json is up to date (T={old['temperature']:.3f}); --overwrite to refit")
+        results[d] = old or calibrate_run(d, args.optimizer, args.bins, not args.no_plots)
     print_table(results)
     return results
 

@@ -181,7 +181,9 @@ for i in "${!jobs[@]}"; do
 done
 echo "[calibration $(( (SECONDS - start) / 60 ))m]"
 mapfile -t dirs < <(find "$out" -name logits.npz -not -path "*/cache/*" -printf '%h\n' | sort)
-[ ${#dirs[@]} -gt 0 ] && $PY calibrate.py "${dirs[@]}"
+cal=""
+[ $force = 1 ] && cal="--overwrite"
+[ ${#dirs[@]} -gt 0 ] && $PY calibrate.py $cal "${dirs[@]}"
 echo "[report $(( (SECONDS - start) / 60 ))m]"
 $PY report.py --root "$out"
 echo "done in $(( (SECONDS - start) / 60 )) min: $out/report.md"

@@ -156,6 +156,22 @@ def test_main_adam_no_plots_and_warning(tmp_path, capsys):
     assert "did not converge" in out and "*" in out
 
 
+def test_rerun_skips_up_to_date_runs_and_refits_new_logits(tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    run = synthetic_run(tmp_path / "run", rng, n=500, T_star=2.0, ood=())
+    first = cal.main([str(run), "--no_plots"])[str(run)]
+    stamp = (run / "calibration.json").stat().st_mtime_ns
+    assert cal.main([str(run), "--no_plots"])[str(run)] == json.loads(json.dumps(first))
+    assert (run / "calibration.json").stat().st_mtime_ns == stamp and "up to date" in capsys.readouterr().out
+    assert cal.main([str(run), "--no_plots", "--bins", "10"])[str(run)]["bins"] == 10  # other settings: refit
+    synthetic_run(run, rng, n=500, T_star=0.5, ood=())  # retrained run: new logits.npz
+    assert cal.main([str(run), "--no_plots", "--bins", "10"])[str(run)]["temperature"] == pytest.approx(0.5, rel=0.2)
+    stamp = (run / "calibration.json").stat().st_mtime_ns
+    cal.main([str(run), "--no_plots", "--bins", "10", "--overwrite"])
+    assert (run / "calibration.json").stat().st_mtime_ns > stamp
+    assert "up to date" not in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- bad input
 def bad_runs(rng):
     z, y = rng.normal(0, 1, (20, 3)).astype(np.float32), rng.integers(0, 3, 20)
