@@ -7,7 +7,7 @@ import pytest
 import report
 
 
-def write_run(root, task, method, seed, lr, val, test, failed=None, scale=1.0, diff=0.5, norm=1.0):
+def write_run(root, task, method, seed, lr, val, test, failed=None, scale=1.0, diff=0.5, norm=1.0, extra=None):
     d = root / task / f"{method}-lr{lr}-scale{scale}-seed{seed}"
     d.mkdir(parents=True)
     cfg = {"task": task, "method": method, "seed": seed, "lr": lr, "head_scale": scale}
@@ -19,6 +19,7 @@ def write_run(root, task, method, seed, lr, val, test, failed=None, scale=1.0, d
               "val": {"accuracy": val}, "test": {"accuracy": test}}
         res = {"config": cfg, "history": [h0, h1], "best_epoch": 1, "finished": True, "head_norm": norm,
                "metrics": {"val": {"accuracy": val, "mcc": val}, "test": {"accuracy": test, "mcc": test}}}
+        res["metrics"] |= {s: {"accuracy": a} for s, a in (extra or {}).items()}  # OOD test sets
     (d / "results.json").write_text(json.dumps(res))
     return d
 
@@ -65,3 +66,15 @@ def test_report_tables_and_missing_runs(tmp_path):
     assert "Norm scaling" in md and (tmp_path / "feature_change_vs_norm.png").exists()
     assert (tmp_path / "report.csv").read_text().startswith("table,row,column,value")
     assert "| cola | LP-LoRA − LoRA" not in md
+
+
+def test_amazon_id_and_ood_table(tmp_path):
+    for seed, (idt, dyn) in {1: (0.8, 0.4), 2: (0.9, 0.6)}.items():
+        write_run(tmp_path, "amazon", "lp_ft", seed, 1e-5, val=0.8, test=idt,
+                  extra={"dynasent": dyn, "semeval": 0.7, "sst5": 0.3})
+        write_run(tmp_path, "amazon", "ft", seed, 1e-5, val=0.8, test=0.7, extra={"dynasent": 0.5})
+    md = report.main(["--root", str(tmp_path)])
+    table = md.split("## Amazon: ID and OOD accuracy (Table 10)")[1].split("##")[0]
+    assert "| method | Amazon (ID) | dynasent | semeval | sst5 |" in table
+    assert "| LP-FT | 85.0 ± 7.1 | 50.0 ± 14.1 | 70.0 ± 0.0 | 30.0 ± 0.0 |" in table
+    assert "| FT | 70.0 ± 0.0 | 50.0 ± 0.0 | – | – |" in table  # a missing OOD set is shown as missing
