@@ -222,7 +222,7 @@ def kit_trainer(name, cfg, args, dev, use_lora=False, compile=False):
     model.to(dev).train()
     fwd = torch.compile(model) if compile else model
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=dev.type in ("cuda", "cpu"))
+    opt = ft.adamw(params, args.lr, dev)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
     def step(b, y):
@@ -364,7 +364,7 @@ def kit_epoch(name, cfg, task_labels, encoded, labels, pad, args, dev, pad_to=No
     fwd = torch.compile(model) if args.compile else model
     mult = pad_to or (16 if args.compile else 1)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=dev.type in ("cuda", "cpu"))
+    opt = ft.adamw(params, args.lr, dev)
     total = -(-len(encoded) // args.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (total - s) / total))
     warm = compile_warmup(fwd, opt, sched, params, encoded, labels, pad, mult, args, dev) if args.compile else 0.0

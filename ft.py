@@ -227,6 +227,12 @@ def evaluate(model, enc, pad_id, bs, mult=1):
     return {s: data.extract(fn, e, pad_id, bs, multiple_of=mult) for s, e in enc.items()}
 
 
+def adamw(params, lr, dev):
+    """The kit's optimizer: AdamW without weight decay, fused on CPU too (its step is ~10x faster than foreach
+    there: 0.03 s vs 0.3 s for 22.6M parameters)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=dev.type in ("cuda", "cpu"))
+
+
 def train_step(fwd, opt, sched, params, batch, y):
     """One optimizer step: bf16 autocast on CUDA, fp32 loss, clip 1.0. Returns the loss (no host sync)."""
     dev = y.device
@@ -292,8 +298,7 @@ def run(args, method, table=TABLE6, setup=None, extra_meta=None):
 
     params = [p for p in model.parameters() if p.requires_grad]
     n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
-    # fused AdamW on CPU too: its step is ~10x faster than foreach there (0.03 s vs 0.3 s for 22.6M parameters)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=dev.type in ("cuda", "cpu"))
+    opt = adamw(params, args.lr, dev)
     per_epoch = math.ceil(len(train_enc) / args.batch_size)
     total = min(args.epochs * per_epoch, args.max_steps or 1 << 62)
     warm = int(args.warmup_ratio * total)
