@@ -347,9 +347,8 @@ def record(model, mods, xs, idx, pad_id, batch_size):
         if isinstance(m, nn.Embedding) and out.shape[0] == 1 < B:
             # one lookup broadcast over the batch (BERT's positions): expanded, so its gradient is per example
             x, out = x.expand(B, *x.shape[1:]), out.expand(B, *out.shape[1:])
-            store[name] = (x, out)
-            return out
         store[name] = (x, out)
+        return out  # the module's output, or its per-example expansion
 
     handles = [m.register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name)) for name, m, _ in mods]
     rec, embs, exps = Recording(), {}, []
@@ -518,11 +517,12 @@ def emb_kernel(K4, ea, eb, budget):
     ca = torch.bincount(inv[:len(ida)], minlength=len(u))
     cb = torch.bincount(inv[len(ida):], minlength=len(u))
     both = ca * cb
-    dense = u[8 * both >= na * nb]  # a GEMM costs na nb per id, pairs cost `both` (with more overhead each)
+    by_gemm = 8 * both >= na * nb  # a GEMM costs na nb per id, pairs cost `both` (with more overhead each)
+    dense = u[by_gemm]
     step = max(1, int(budget // ((na + nb) * C * Sa.shape[2] * Sa.element_size())))
     for s in range(0, len(dense), step):
         emb_dense(K4, ea, eb, dense[s:s + step])
-    if int(both.sum()) > int(both[8 * both >= na * nb].sum()):
+    if int(both[~by_gemm].sum()) > 0:
         sub = lambda e, ids: tuple(t[~torch.isin(ids, dense)] for t in e)
         emb_pairs(K4, sub(ea, ida), sub(eb, idb), budget)
 
@@ -627,6 +627,7 @@ def f_structured(model, xs_a, xs_b, pad_id, batch_size=8, max_memory_gb=4.0, pro
     K = np.empty(K4.shape)
     K[np.ix_(np.concatenate(blocks_a), np.arange(C), np.concatenate(blocks_b), np.arange(C))] = K4.cpu().numpy()
     return K
+
 
 ENGINES = {"func": f_func, "naive": f_naive, "structured": f_structured}
 
