@@ -72,6 +72,9 @@ else  # default study, sized for <= 30 minutes on a 2-core CPU (measured: 23 min
   scale_tasks=${scale_tasks:-"cb"} scales=${scales:-"0.1 10"}
 fi
 first_seed=${seeds%% *}
+case $ntk_method in func|structured|naive) ;;
+  *) echo "error: --ntk_method $ntk_method: use func, structured or naive (see python ntk.py --help)" >&2; exit 2 ;;
+esac
 
 train_cap() {  # default study: training subsets per task (the paper: all of it)
   if [ -n "$max_train" ]; then echo "$max_train"; elif [ $paper = 1 ]; then echo ""

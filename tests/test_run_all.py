@@ -82,3 +82,10 @@ def test_lr_grid_end_to_end(tmp_path):
     md = (tmp_path / "report.md").read_text()
     grid = md.split("## Learning rates")[1].split("##")[0]
     assert grid.count("| cb FT |") == 2 and grid.count("| cb LP-FT |") == 2 and grid.count("**chosen**") == 2
+
+
+def test_bad_ntk_method_is_a_one_line_error(tmp_path):
+    p = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--ntk_method", "bogus", "--out", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "use func, structured or naive" in p.stderr
+    assert not any(tmp_path.iterdir())  # nothing ran
