@@ -447,6 +447,34 @@ def model_id(name):
     return EMBEDDED if name in (None, "", EMBEDDED, "embedded") else str(name)
 
 
+def max_positions(name):
+    """The longest input the model takes, from its config alone (no weights loaded). RoBERTa-style models
+    offset positions by padding_idx + 1, so roberta-base takes 514 - 2 = 512 tokens."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(resolve_model(name))
+    except (OSError, ValueError) as e:
+        die(f"cannot load model '{name}': {str(e).splitlines()[0]} (a hub name needs internet; or pass a local "
+            f"directory)")
+    n = getattr(cfg, "max_position_embeddings", None) or 1 << 30
+    if cfg.model_type in ("roberta", "xlm-roberta", "camembert", "longformer"):
+        n -= (cfg.pad_token_id or 0) + 1
+    return n
+
+
+def check_max_len(name, max_len):
+    """--max_len must leave room for text after the special tokens and fit the model's positions."""
+    if max_len is None:
+        return
+    if max_len < 8:
+        die(f"--max_len {max_len}: too short to hold the special tokens and any text; use at least 8 (default "
+            f"{MAX_LEN})")
+    n = max_positions(name)
+    if max_len > n:
+        die(f"--max_len {max_len} exceeds the {n} positions of model '{model_id(name)}'; use at most {n}")
+
+
 def load_encoder(name):
     """-> (AutoModel without pooler, tokenizer), fp32, sdpa attention."""
     import transformers
