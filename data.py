@@ -199,22 +199,33 @@ def to_label(task, value):
     return i
 
 
+def labels_of(task, values, path):
+    """Class ids of a file's label column; a bad label names the file and the row."""
+    out = []
+    for i, v in enumerate(values, 1):
+        try:
+            out.append(to_label(task, v))
+        except KitError as e:
+            die(f"{path}, example {i}: {e}")
+    return out
+
+
 def parse_rows(task, rows, path):
     t = TASKS[task]
     try:
         if t.format == "superglue":
             texts = [superglue_example(task, r) for r in rows]
-            labels = [to_label(task, r["label"]) for r in rows]
+            labels = labels_of(task, [r["label"] for r in rows], path)
         elif t.format == "glue":
             a, b, y = GLUE_FIELDS[task]
             texts = [(r[a], r[b] if b is not None else None) for r in rows]
-            labels = [to_label(task, r[y]) for r in rows]
+            labels = labels_of(task, [r[y] for r in rows], path)
         elif t.format == "boss":
             texts = [(r["Text"], None) for r in rows]
-            labels = [to_label(task, r["Label"]) for r in rows]
+            labels = labels_of(task, [r["Label"] for r in rows], path)
         else:
             texts = [(r["text"], None) for r in rows]
-            labels = [to_label(task, r["label"]) for r in rows]
+            labels = labels_of(task, [r["label"] for r in rows], path)
     except (KeyError, IndexError, TypeError) as e:
         die(f"{path}: missing or malformed field {e} — is this the official {t.format} format for {task}?")
     if not labels:
@@ -655,7 +666,8 @@ class RunLock:
 def config_diff(saved, now):
     """The keys whose values differ between two recorded configurations -> 'key: saved -> now' strings."""
     keys = sorted(set(saved) | set(now))
-    return [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in keys if saved.get(k) != now.get(k)]
+    return [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in keys
+            if saved.get(k) != now.get(k)]
 
 
 def check_positive(args, names, allow_zero=(), integer=True):

@@ -46,12 +46,12 @@ def test_glue_quote_none_keeps_rows(data_dir):
 
 
 def test_unknown_task_lists_valid_ones():
-    with pytest.raises(SystemExit, match="unknown task 'nope'.*rte.*pubmed"):
+    with pytest.raises(data.KitError, match="unknown task 'nope'.*rte.*pubmed"):
         data.get_task("nope")
 
 
 def test_missing_file_names_path_and_both_fixes(tmp_path):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(data.KitError) as e:
         data.load_task("rte", tmp_path)
     msg = str(e.value)
     assert str(tmp_path / "superglue/RTE/train.jsonl") in msg and "LPFT_DATA" in msg and "hub" in msg
@@ -95,7 +95,7 @@ def test_boss_official_format_with_ood_sets(tmp_path):
 def test_bad_label_is_one_line_error(tmp_path):
     (tmp_path / "boss/amazon").mkdir(parents=True)
     (tmp_path / "boss/amazon/train.tsv").write_text("Text\tLabel\nhello\t7\n")
-    with pytest.raises(SystemExit, match="label 7 out of range"):
+    with pytest.raises(data.KitError, match="label 7 out of range"):
         data.load_task("amazon", tmp_path)
 
 
@@ -144,3 +144,134 @@ def test_pooling():
     mask = torch.tensor([[1, 1, 0, 0]])
     assert data.pool(h, mask, "cls").tolist() == [[0, 1, 2]]
     assert data.pool(h, mask, "mean").tolist() == [[1.5, 2.5, 3.5]]
+
+
+# ---------------------------------------------------------------- bad data files: one line each, never a guess
+def cb_copy(tmp_path, data_dir, train_text=None, train_bytes=None):
+    d = tmp_path / "superglue/CB"
+    d.mkdir(parents=True)
+    shutil.copy(data_dir / "superglue/CB/val.jsonl", d / "val.jsonl")
+    if train_bytes is not None:
+        (d / "train.jsonl").write_bytes(train_bytes)
+    else:
+        (d / "train.jsonl").write_text(train_text)
+    return tmp_path
+
+
+ROW = {"premise": "p", "hypothesis": "h", "label": "neutral", "idx": 0}
+
+
+@pytest.mark.parametrize("text, msg", [
+    (json.dumps(ROW) + "\n{not json\n", "line 2: not valid JSON"),
+    ("", "no examples"),
+    ("\n\n", "no examples"),
+    (json.dumps([ROW]) + "\n", "line 1: a list, not a JSON object"),
+    (json.dumps(ROW | {"label": 1.7}) + "\n", "label 1.7 is not one of"),
+    (json.dumps(ROW | {"label": "1.7"}) + "\n", "label '1.7' is not one of"),
+    (json.dumps(ROW | {"label": None}) + "\n", "label None"),
+    (json.dumps({"premise": "p", "label": 0}) + "\n", "missing or malformed field 'hypothesis'"),
+    (json.dumps(ROW | {"premise": 5}) + "\n", "text is (5, 'h'), not a string"),
+])
+def test_bad_data_file_is_one_line_error(tmp_path, data_dir, text, msg):
+    root = cb_copy(tmp_path, data_dir, text)
+    with pytest.raises(data.KitError, match=msg.replace("(", r"\(").replace(")", r"\)")) as e:
+        data.load_task("cb", root)
+    assert "\n" not in str(e.value) and "train.jsonl" in str(e.value)
+
+
+def test_non_utf8_data_file(tmp_path, data_dir):
+    root = cb_copy(tmp_path, data_dir, train_bytes=b'{"premise": "\xff\xfe", "hypothesis": "h", "label": 0}\n')
+    with pytest.raises(data.KitError, match="not UTF-8"):
+        data.load_task("cb", root)
+
+
+def test_integer_labels_still_accepted(tmp_path, data_dir):
+    rows = [ROW | {"label": 2.0}, ROW | {"label": "1"}, ROW | {"label": "entailment"}]
+    root = cb_copy(tmp_path, data_dir, "\n".join(json.dumps(r) for r in rows))
+    assert data.load_task("cb", root)["train"].labels.tolist() + data.load_task("cb", root)["val"].labels.tolist() \
+        == [2, 1, 0]
+
+
+def test_subsets_and_fingerprint(tmp_path, data_dir):
+    sp = data.load_task("cb", data_dir)["train"]
+    a = data.random_subset(sp, 10, 3)
+    assert len(a) == 10 and a.texts == data.random_subset(sp, 10, 3).texts
+    assert data.random_subset(sp, 10 ** 6, 3) is sp and data.subset_indices(5, None) == [0, 1, 2, 3, 4]
+    for n in (0, -1):
+        with pytest.raises(data.KitError, match="subset of"):
+            data.random_subset(sp, n, 0)
+    # the same files elsewhere fingerprint the same; one changed byte does not
+    root = cb_copy(tmp_path, data_dir, (data_dir / "superglue/CB/train.jsonl").read_text())
+    fp = data.data_fingerprint("cb", data_dir)
+    assert data.data_fingerprint("cb", root) == fp and set(fp) == {"train", "test"}
+    (root / "superglue/CB/train.jsonl").write_text((root / "superglue/CB/train.jsonl").read_text()[:-2] + "\n")
+    assert data.data_fingerprint("cb", root)["train"] != fp["train"]
+
+
+# ---------------------------------------------------------------- run directories
+def test_atomic_write_leaves_no_temp_on_failure(tmp_path):
+    data.save_json(tmp_path / "a.json", {"x": 1})
+
+    def boom(t):
+        t.write_text("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        data.atomic(tmp_path / "a.json", boom)
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1} and sorted(p.name for p in tmp_path.iterdir()) \
+        == ["a.json"]
+
+
+def test_run_lock_one_writer_and_orphans(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f".ckpt.pt.{int(dead.stdout)}.tmp"
+    orphan.write_text("half a checkpoint")
+    with data.RunLock(tmp_path):
+        assert not orphan.exists() and (tmp_path / ".lock").read_text().strip() == str(__import__("os").getpid())
+        # another process (flock is per open file, so a second lock in this process is a second writer too)
+        with pytest.raises(data.KitError, match="being written by process"):
+            with data.RunLock(tmp_path):
+                pass
+        holder = "import data, sys; data.RunLock(sys.argv[1]).__enter__()"
+        r = subprocess.run([sys.executable, "-c", holder, str(tmp_path)], capture_output=True, text=True,
+                           cwd=data.ROOT)
+        assert r.returncode == 1 and "KitError" in r.stderr and "being written by process" in r.stderr
+    # released: a killed owner's lock is free (the kernel drops a flock with its process)
+    r = subprocess.run([sys.executable, "-c", "import data, sys, os; data.RunLock(sys.argv[1]).__enter__(); "
+                        "os.kill(os.getpid(), 9)", str(tmp_path)], cwd=data.ROOT)
+    assert r.returncode == -9
+    with data.RunLock(tmp_path):
+        pass
+
+
+def test_output_dir_and_json_checks(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    for p, msg in ((f, "is a file"), (f / "sub", "lies under the file")):
+        with pytest.raises(data.KitError, match=msg):
+            data.check_output_dir(p)
+    assert data.check_output_dir(tmp_path / "new/deeper") == tmp_path / "new/deeper"
+    assert data.read_json(tmp_path / "absent.json") is None
+    (tmp_path / "bad.json").write_text('{"config": ')
+    (tmp_path / "list.json").write_text("[]")
+    for name in ("bad.json", "list.json"):
+        with pytest.raises(data.KitError, match="--overwrite"):
+            data.read_json(tmp_path / name, "results.json")
+
+
+def test_max_len_checked_from_config():
+    assert data.max_positions(None) == 512
+    data.check_max_len(None, 128)
+    for n, msg in ((2, "too short"), (600, "exceeds the 512 positions")):
+        with pytest.raises(data.KitError, match=msg):
+            data.check_max_len(None, n)
+
+
+def test_cli_turns_kit_errors_into_one_line():
+    @data.cli
+    def main(argv=None):
+        data.die("something is wrong; do this")
+    with pytest.raises(SystemExit, match="^error: something is wrong; do this$"):
+        main([])
