@@ -4,15 +4,17 @@
     python lp.py --task rte && python ft.py --init lp_head.pt   # LP-FT
 
 Holds the kit's model (encoder + one linear head on phi(x)) and its one training loop; lora.py
-and ntk.py import them. Outputs go to runs/<task>/<method>-seed<seed>/: results.json,
-logits.npz, model.safetensors + meta.json, and ckpt.pt (resume state, removed when done).
+and ntk.py import them. Outputs go to runs/<task>/<method>-seed<seed>/: run.json (what determines the
+result, written first), results.json, logits.npz, model.safetensors + meta.json, and ckpt.pt (resume state,
+removed when done). A directory is skipped or resumed only when its run.json equals this run's.
 """
 
 import argparse
 import json
 import math
-import os
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,16 +61,26 @@ class Classifier(nn.Module):
         return self.head(self.drop(self.features(input_ids, attention_mask, token_type_ids)))
 
 
-def build_model(model_name, num_labels, pooling="cls", seed=0):
+def build_model(model_name, num_labels, pooling=data.POOLING, seed=0):
     """-> (Classifier with a fresh normal(0, 0.02) head, tokenizer)."""
-    enc, tok = data.load_encoder(model_name)
+    encoder, tok = data.load_encoder(model_name)
     torch.manual_seed(seed)
-    return Classifier(enc, num_labels, pooling), tok
+    return Classifier(encoder, num_labels, pooling), tok
+
+
+def model_width(model_name):
+    """The width of phi(x), from the model's config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(data.resolve_model(model_name)).hidden_size
+    except (OSError, ValueError, AttributeError) as e:
+        die(f"cannot read the config of model '{model_name}' ({type(e).__name__}); pass a BERT/RoBERTa-style model")
 
 
 def load_head(path):
-    """An lp_head.pt, loaded safely (tensors and plain values only), checked for its fields."""
-    if not Path(path).exists():
+    """An lp_head.pt, loaded safely (tensors and plain values only), checked for its fields and values."""
+    if not Path(path).is_file():
         die(f"head file {path} not found; make it with: python lp.py --task <task>")
     try:
         h = torch.load(path, map_location="cpu", weights_only=True)
@@ -78,6 +90,13 @@ def load_head(path):
     if not isinstance(h, dict) or not need <= set(h):
         die(f"head file {path} lacks {sorted(need - set(h) if isinstance(h, dict) else need)}; rerun lp.py")
     w, b = h["weight"], h["bias"]
+    for name, t in (("weight", w), ("bias", b)):
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            die(f"head file {path}: its {name} is a {type(t).__name__}, not a float tensor; rerun lp.py")
+        if not torch.isfinite(t).all():
+            die(f"head file {path}: its {name} has NaN or infinite values; refit it with lp.py")
+    if not isinstance(h["labels"], (list, tuple)):
+        die(f"head file {path}: its labels are a {type(h['labels']).__name__}, not a list; rerun lp.py")
     if w.ndim != 2 or b.shape != (w.shape[0],) or w.shape[0] != len(h["labels"]):
         die(f"head file {path}: weight {tuple(w.shape)} / bias {tuple(b.shape)} do not match its "
             f"{len(h['labels'])} labels; rerun lp.py")
@@ -118,31 +137,7 @@ def init_head(model, head, args):
             f"{args.head_scale}); refit it with lp.py or pass a finite --head_scale")
 
 
-# ---------------------------------------------------------------- files (atomic)
-def atomic(path, write):
-    """write(tmp_path) then rename, so a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique: parallel jobs may write the same file
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def save_json(path, obj):
-    atomic(path, lambda t: Path(t).write_text(json.dumps(obj, indent=2)))
-
-
-def save_npz(path, **arrays):
-    def w(t):
-        with open(t, "wb") as f:
-            np.savez(f, **arrays)
-    atomic(path, w)
-
-
-def save_torch(path, obj):
-    atomic(path, lambda t: torch.save(obj, t))
-
-
+# ---------------------------------------------------------------- weights on disk
 def trainable_state(model):
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -150,8 +145,8 @@ def trainable_state(model):
 def save_weights(out, model, meta):
     from safetensors.torch import save_file
 
-    atomic(out / "model.safetensors", lambda t: save_file(trainable_state(model), str(t)))
-    save_json(out / "meta.json", meta)
+    data.atomic(Path(out) / "model.safetensors", lambda t: save_file(trainable_state(model), str(t)))
+    data.save_json(Path(out) / "meta.json", meta)
 
 
 def load_weights(out, model):
@@ -193,17 +188,17 @@ def common_flags(p):
     a("--task", help=f"one of {', '.join(data.TASKS)} (default: the --init head's task)")
     a("--model", help="hub name or directory (default: the head's model, else the embedded all-MiniLM-L6-v2)")
     a("--data_dir", help="folder with the official files (default: $LPFT_DATA, else ./data)")
-    a("--max_len", type=int, help="max tokens (default: the head's, else 128)")
-    a("--pooling", choices=["cls", "mean"], help="phi(x) (default: the head's, else cls)")
+    a("--max_len", type=int, help=f"max tokens (default: the head's, else {data.MAX_LEN})")
+    a("--pooling", choices=["cls", "mean"], help=f"phi(x) (default: the head's, else {data.POOLING})")
     return a
 
 
 def make_parser(description=__doc__):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = common_flags(p)
-    a("--seed", type=int, default=1001)
+    a("--seed", type=int, default=data.SEED)
     a("--output_dir", help="default runs/<task>/<method>-seed<seed>")
-    a("--overwrite", action="store_true", help="start afresh, discarding earlier results and checkpoints")
+    a("--overwrite", action="store_true", help="start afresh, replacing this directory's results and checkpoint")
     a("--init", help="lp_head.pt from lp.py: start from the LP head (LP-FT, LP-LoRA) instead of a fresh one")
     a("--lr", type=float, help="default: paper Table 6 for the task and method")
     a("--batch_size", type=int, help="default: paper Table 6 for the task and method")
@@ -212,39 +207,125 @@ def make_parser(description=__doc__):
     a("--max_train_samples", type=int, help="seeded random subset of the train split")
     a("--max_eval_samples", type=int, help="seeded random subset of val/test (and OOD) splits")
     a("--head_scale", type=float, default=1.0, help="multiply the initial head (norm-scaling experiment)")
-    a("--warmup_ratio", type=float, default=0.0)
+    a("--warmup_ratio", type=float, default=0.0, help="share of the steps with a linear warm-up, in [0, 1)")
     a("--patience", type=int, default=0, help="stop after N epochs without a better val metric (0: off)")
     a("--eval_batch_size", type=int, default=64)
     a("--compile", action="store_true", help="torch.compile the model (pays on CUDA)")
     return p
 
 
+def check_flags(args):
+    """The training flags' ranges (None: not given, a default follows)."""
+    data.check_positive(args, ["lr", "batch_size", "epochs", "max_steps", "max_train_samples", "max_eval_samples",
+                               "eval_batch_size", "head_scale", "patience"], allow_zero=["patience"])
+    if not 0 <= args.warmup_ratio < 1:
+        die(f"--warmup_ratio {args.warmup_ratio}: must be in [0, 1) (a share of the training steps)")
+
+
 def resolve(args, method, table):
-    """Fill task/model/max_len/pooling from the head, lr/batch from the table; validate."""
+    """Fill task/model/max_len/pooling from the head (only those not given), lr/batch from the table; validate
+    every flag, the head and the model's config (no weights loaded). -> the head or None."""
+    check_flags(args)
     head = load_head(args.init) if args.init else None
     if head is not None:
         args.task = args.task or head["task"]
         args.model = args.model or head["model"]
-        args.max_len = args.max_len or head.get("max_len", 128)
-        args.pooling = args.pooling or head.get("pooling", "cls")
+        args.max_len = head.get("max_len", data.MAX_LEN) if args.max_len is None else args.max_len
+        args.pooling = args.pooling or head.get("pooling", data.POOLING)
     if not args.task:
         die("no task: pass --task (e.g. --task rte) or --init lp_head.pt")
     data.get_task(args.task)
-    args.max_len, args.pooling = args.max_len or 128, args.pooling or "cls"
+    args.max_len = data.MAX_LEN if args.max_len is None else args.max_len
+    args.pooling = args.pooling or data.POOLING
     args.model = data.model_id(args.model)
+    data.check_max_len(args.model, args.max_len)
+    if head is not None:
+        check_head(head, args.init, args.task, args.model, model_width(args.model), args.max_len, args.pooling)
+    if head is not None and not torch.isfinite(head["weight"] * args.head_scale).all():
+        die(f"--head_scale {args.head_scale} makes the head {args.init} overflow; pass a smaller one")
     bs, lr = table[args.task][method]
-    args.batch_size = args.batch_size or bs
+    args.batch_size = bs if args.batch_size is None else args.batch_size
     args.lr = lr if args.lr is None else args.lr
     args.output_dir = args.output_dir or f"runs/{args.task}/{method}-seed{args.seed}"
     return head
 
 
+# ---------------------------------------------------------------- the run's record
+HOW = ("output_dir", "overwrite", "merge_to", "data_dir", "init")  # where and how, never what: not recorded
+RESULT_FILES = ("results.json", "logits.npz", "model.safetensors", "meta.json", "ckpt.pt")
+CKPT_KEYS = {"model", "opt", "sched", "rng", "phi0", "history", "best", "step"}
+
+
+def fingerprint(args, method):
+    """What determines a run's numbers: every flag but HOW, the method, the data files' content hashes (not their
+    folder) and the --init head's hash (not its path). JSON-normalised, so it equals its own run.json."""
+    fp = {k: v for k, v in sorted(vars(args).items()) if k not in HOW}
+    fp |= {"method": method, "data_sha256": data.data_fingerprint(args.task, args.data_dir),
+           "init_sha256": data.file_sha256(args.init) if args.init else None}
+    return json.loads(json.dumps(fp))
+
+
+def describe_diff(saved, now, most=3):
+    """'key: old -> new' for the first few differences, hashes cut to 12 digits (one readable line)."""
+    def flat(d):
+        out = {}
+        for k, v in d.items():
+            for k2, v2 in (v.items() if isinstance(v, dict) else [(None, v)]):
+                short = isinstance(v2, str) and re.fullmatch(r"[0-9a-f]{64}", v2)
+                out[f"{k}.{k2}" if k2 else k] = v2[:12] + "..." if short else v2
+        return out
+
+    diff = data.config_diff(flat(saved), flat(now))
+    return "; ".join(diff[:most]) + (f" (and {len(diff) - most} more)" if len(diff) > most else "")
+
+
+def open_run_dir(out, fp, overwrite):
+    """Under the run's lock: -> (this configuration's finished results or None, the resume state or None).
+    Refuses a directory holding results of another configuration or of an unrecorded one; records fp first."""
+    if overwrite:  # only now, after every check: the files this run rewrites
+        for f in (*RESULT_FILES, "run.json"):
+            (out / f).unlink(missing_ok=True)
+    held = [f for f in RESULT_FILES if (out / f).exists()]
+    saved = data.read_json(out / "run.json", "run record")
+    if held and saved is None:
+        die(f"{out} holds {', '.join(held)} but no run.json recording their configuration (an older kit or "
+            f"another script made them); pass --overwrite to replace them, or another --output_dir")
+    if held and saved != fp:
+        die(f"{out} holds a run of another configuration ({describe_diff(saved, fp)}); pass --overwrite to "
+            f"replace it, or another --output_dir")
+    if saved != fp:
+        data.save_json(out / "run.json", fp)
+    res = data.read_json(out / "results.json", "results file")
+    if res is not None and res.get("failed"):
+        die(f"{out} failed earlier ({res['failed']}); change the flags and pass --overwrite to retry")
+    if res is not None and res.get("finished"):
+        return res, None
+    return None, load_checkpoint(out / "ckpt.pt")
+
+
+def load_checkpoint(path):
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        die(f"cannot read checkpoint {path} ({type(e).__name__}); delete it or pass --overwrite")
+    missing = CKPT_KEYS - set(state) if isinstance(state, dict) else CKPT_KEYS
+    if missing:
+        die(f"checkpoint {path} lacks {sorted(missing)}; delete it or pass --overwrite")
+    return state
+
+
 # ---------------------------------------------------------------- train / evaluate
-def evaluate(model, enc, pad_id, bs, mult=1):
+def evaluate(model, tokens, pad_id, bs, mult=1):
     """-> {split: (logits [N,C], phi [N,d])} in eval mode."""
     model.eval()
-    fn = lambda b: (lambda f: (model.head(f), f))(model.features(**b))  # noqa: E731
-    return {s: data.extract(fn, e, pad_id, bs, multiple_of=mult) for s, e in enc.items()}
+
+    def logits_and_phi(batch):
+        phi = model.features(**batch)
+        return model.head(phi), phi
+
+    return {s: data.extract(logits_and_phi, e, pad_id, bs, multiple_of=mult) for s, e in tokens.items()}
 
 
 def adamw(params, lr, dev):
@@ -273,149 +354,183 @@ def epoch_record(task, ev, labels, phi0, head):
     return rec
 
 
-def run(args, method, table=TABLE6, setup=None, extra_meta=None):
-    """The kit's one training loop (FT, LP-FT; LoRA and LP-LoRA through `setup`)."""
-    head = resolve(args, method, table)
-    out = Path(args.output_dir)
-    res_path, ckpt_path = out / "results.json", out / "ckpt.pt"
-    if args.overwrite:
-        for f in ("results.json", "ckpt.pt", "logits.npz", "model.safetensors", "meta.json"):
-            (out / f).unlink(missing_ok=True)
-    if res_path.exists():
-        res = json.loads(res_path.read_text())
-        if res.get("failed"):
-            die(f"{out} failed earlier ({res['failed']}); --overwrite to retry")
-        if res.get("finished"):
-            print(f"{out}: already finished (best epoch {res['best_epoch']}, test {res['metrics']['test']}); "
-                  f"--overwrite to redo")
-            return res
-    task = data.get_task(args.task)
-    dev = data.device()
-    torch.manual_seed(args.seed)
+@dataclass
+class Setup:
+    """Everything the loop uses that does not change during training."""
+    out: Path
+    task: str
+    model: nn.Module
+    fwd: nn.Module  # the model, or its torch.compile wrapper
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    params: list
+    train_tokens: list
+    train_labels: np.ndarray
+    tokens: dict  # evaluation splits
+    labels: dict
+    pad: int
+    mult: int
+    total: int  # optimizer steps in all
+    cfg: dict  # results.json's config
+    meta: dict  # meta.json
+    sel: str  # the val metric that picks the best epoch
+    dev: torch.device
 
-    # data
-    splits = data.load_task(args.task, args.data_dir)
-    splits["train"] = data.first_n(splits["train"], args.max_train_samples, args.seed)
-    for s in [k for k in splits if k != "train"]:
-        splits[s] = data.first_n(splits[s], args.max_eval_samples, 0)
+
+def build(args, method, head, splits, fp, setup=None, extra_meta=None):
+    """Model (with its initial head and `setup`'s changes, e.g. LoRA), optimizer, schedule, tokenised splits."""
+    task, dev = data.get_task(args.task), data.device()
+    torch.manual_seed(args.seed)
     model, tok = build_model(args.model, len(task.labels), args.pooling, args.seed)
-    if head is not None:
-        check_head(head, args.init, args.task, args.model, model.head.in_features)
-        with torch.no_grad():
-            model.head.weight.copy_(head["weight"])
-            model.head.bias.copy_(head["bias"])
-    with torch.no_grad():
-        model.head.weight.mul_(args.head_scale)
+    init_head(model, head, args)
     if setup is not None:
         setup(model)
     model.to(dev)
-    enc = {s: data.tokenize(tok, sp, args.max_len) for s, sp in splits.items()}
-    labels = {s: sp.labels for s, sp in splits.items()}
-    train_enc = enc.pop("train")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    mult = 16 if args.compile else 1
-    fwd = torch.compile(model) if args.compile else model
-
+    tokens = {s: data.tokenize(tok, sp, args.max_len) for s, sp in splits.items()}
+    train_tokens = tokens.pop("train")
     params = [p for p in model.parameters() if p.requires_grad]
-    n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     opt = adamw(params, args.lr, dev)
-    per_epoch = math.ceil(len(train_enc) / args.batch_size)
-    total = min(args.epochs * per_epoch, args.max_steps or 1 << 62)
+    total = min(args.epochs * math.ceil(len(train_tokens) / args.batch_size), args.max_steps or 1 << 62)
     warm = int(args.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: s / max(warm, 1) if s < warm else max(0.0, (total - s) / max(total - warm, 1)))
-    cfg = {k: v for k, v in vars(args).items()} | {"method": method, "trainable_params": n_train,
-                                                  "total_params": n_total, "device": str(dev)}
+    counts = {"trainable_params": sum(p.numel() for p in params),
+              "total_params": sum(p.numel() for p in model.parameters()), "device": str(dev)}
     meta = {"task": args.task, "model": args.model, "max_len": args.max_len, "pooling": args.pooling,
             "labels": task.labels, "method": method} | (extra_meta or {})
-    sel = task.select_metric
+    return Setup(Path(args.output_dir), args.task, model, torch.compile(model) if args.compile else model, opt,
+                 sched, params, train_tokens, splits["train"].labels, tokens,
+                 {s: sp.labels for s, sp in splits.items() if s != "train"},
+                 tok.pad_token_id if tok.pad_token_id is not None else 0, 16 if args.compile else 1, total,
+                 vars(args) | fp | counts, meta, task.select_metric, dev)
 
-    # resume or start
-    state = None
-    if ckpt_path.exists():
-        try:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            die(f"cannot read checkpoint {ckpt_path} ({type(e).__name__}); delete it or pass --overwrite")
-    if state is not None:
-        model.load_state_dict(state["model"], strict=False)
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
+
+def start(s, args):
+    """Epoch 0: the untrained model's record (recorded, never chosen as best). -> (history, best, step, phi0)"""
+    ev = evaluate(s.fwd, s.tokens, s.pad, args.eval_batch_size, s.mult)
+    phi0 = ev["test"][1]
+    hist = [{"epoch": 0, "loss": None} | epoch_record(s.task, ev, s.labels, phi0, s.model.head)]
+    c = s.cfg
+    print(f"{s.out}: {c['method']} on {s.task}, {len(s.train_tokens)} train examples, {s.total} steps, "
+          f"lr {args.lr}, batch {args.batch_size}, {c['trainable_params']:,} of {c['total_params']:,} params "
+          f"trainable, {s.dev}")
+    print(f"  epoch 0 (init): val {hist[0]['val'][s.sel]:.4f} test {hist[0]['test'][s.sel]:.4f} "
+          f"|V| {hist[0]['head_norm']:.3f}")
+    return hist, {"epoch": 0, "score": -math.inf}, 0, phi0
+
+
+def resume(s, state):
+    """ckpt.pt -> the model, optimizer, schedule and RNG as they were after its epoch (bit for bit)."""
+    try:
+        s.model.load_state_dict(state["model"], strict=False)
+        s.opt.load_state_dict(state["opt"])
+        s.sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["rng"])
-        if dev.type == "cuda" and "cuda_rng" in state:
+        if s.dev.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"])
-        phi0, hist, best, step = state["phi0"].numpy(), json.loads(state["history"]), state["best"], state["step"]
-        print(f"{out}: resuming after epoch {hist[-1]['epoch']} (step {step})")
-    else:
-        ev = evaluate(fwd, enc, pad, args.eval_batch_size, mult)
-        phi0 = ev["test"][1]
-        hist = [{"epoch": 0, "loss": None} | epoch_record(args.task, ev, labels, phi0, model.head)]
-        best, step = {"epoch": 0, "score": -math.inf}, 0
-        print(f"{out}: {method} on {args.task}, {len(train_enc)} train examples, {per_epoch} steps/epoch, "
-              f"lr {args.lr}, batch {args.batch_size}, {n_train:,} of {n_total:,} params trainable, {dev}")
-        print(f"  epoch 0 (init): val {hist[0]['val'][sel]:.4f} test {hist[0]['test'][sel]:.4f} "
-              f"|V| {hist[0]['head_norm']:.3f}")
+        hist = json.loads(state["history"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        die(f"checkpoint {s.out / 'ckpt.pt'} does not fit this model ({type(e).__name__}); pass --overwrite")
+    print(f"{s.out}: resuming after epoch {hist[-1]['epoch']} (step {state['step']})")
+    return hist, state["best"], state["step"], state["phi0"].numpy()
 
-    # train
-    peak = 0.0
+
+def save_best(s, ev):
+    save_weights(s.out, s.model, s.meta)
+    data.save_npz(s.out / "logits.npz", **{f"{sp}_{k}": v for sp, (lg, _) in ev.items()
+                                           for k, v in (("logits", lg), ("labels", s.labels[sp]))})
+
+
+def save_checkpoint(s, hist, best, step, phi0):
+    cuda = {"cuda_rng": torch.cuda.get_rng_state()} if s.dev.type == "cuda" else {}
+    data.save_torch(s.out / "ckpt.pt", {"model": trainable_state(s.model), "opt": s.opt.state_dict(),
+                                        "sched": s.sched.state_dict(), "rng": torch.get_rng_state(), **cuda,
+                                        "phi0": torch.from_numpy(phi0), "history": json.dumps(hist),
+                                        "best": best, "step": step})
+
+
+def diverged(s, hist, msg):
+    """A non-finite loss: results.json records the run as failed; the message says what the directory keeps."""
+    data.save_json(s.out / "results.json", {"config": s.cfg, "history": hist, "finished": False, "failed": msg})
+    kept = (f"the checkpoint after epoch {hist[-1]['epoch']} is kept in {s.out}" if (s.out / "ckpt.pt").exists()
+            else "no checkpoint was written")
+    die(f"{msg} (lr {s.cfg['lr']} too high?); {kept}; lower --lr and rerun with --overwrite")
+
+
+def finish(s, hist, best, peak):
+    be = next(h for h in hist if h["epoch"] == best["epoch"])
+    res = {"config": s.cfg, "history": hist, "best_epoch": best["epoch"], "finished": True,
+           "metrics": {sp: be[sp] for sp in s.tokens}, "head_norm": be["head_norm"], "diff_f": be["diff_f"]}
+    if s.dev.type == "cuda":
+        res["peak_train_memory_gb"] = peak
+    data.save_json(s.out / "results.json", res)
+    (s.out / "ckpt.pt").unlink(missing_ok=True)
+    print_summary(res, s.sel)
+    return res
+
+
+def train(args, s, state):
+    """The loop: epochs of shuffled length-grouped batches, an evaluation and a checkpoint after each."""
+    hist, best, step, phi0 = resume(s, state) if state else start(s, args)
     since_best = hist[-1]["epoch"] - best["epoch"] if best["epoch"] else 0
+    peak = 0.0
     for epoch in range(hist[-1]["epoch"] + 1, args.epochs + 1):
-        if step >= total or (args.patience and since_best >= args.patience):
+        if step >= s.total or (args.patience and since_best >= args.patience):
             break
-        model.train()
-        if dev.type == "cuda":
+        s.model.train()
+        if s.dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
-        loss_sum, n_seen = torch.zeros((), device=dev), 0
-        order = data.batches(train_enc, args.batch_size, shuffle=True, seed=args.seed * 1000 + epoch)
+        loss_sum, n_seen = torch.zeros((), device=s.dev), 0
+        order = data.batches(s.train_tokens, args.batch_size, shuffle=True, seed=args.seed * 1000 + epoch)
         bar = tqdm(order, desc=f"epoch {epoch}", leave=False)
         for i, idx in enumerate(bar):
-            b = data.to_device(data.collate(train_enc, idx, pad, mult), dev)
-            y = torch.as_tensor(splits["train"].labels[idx]).to(dev, non_blocking=True)
-            loss = train_step(fwd, opt, sched, params, b, y)
-            loss_sum += loss.detach() * len(idx)
+            b = data.to_device(data.collate(s.train_tokens, idx, s.pad, s.mult), s.dev)
+            y = torch.as_tensor(s.train_labels[idx]).to(s.dev, non_blocking=True)
+            loss_sum += train_step(s.fwd, s.opt, s.sched, s.params, b, y).detach() * len(idx)
             n_seen += len(idx)
             step += 1
-            if (i + 1) % 50 == 0 or step >= total or i + 1 == len(order):
+            if (i + 1) % 50 == 0 or step >= s.total or i + 1 == len(order):
                 avg = (loss_sum / n_seen).item()  # one host sync per 50 steps
                 if not math.isfinite(avg):
-                    msg = f"loss became {avg} at epoch {epoch}, step {step}"
-                    save_json(res_path, {"config": cfg, "history": hist, "finished": False, "failed": msg})
-                    die(f"{msg} (lr {args.lr} too high?); the last good checkpoint in {out} is kept — "
-                        f"lower --lr and rerun with --overwrite")
+                    diverged(s, hist, f"loss became {avg} at epoch {epoch}, step {step}")
                 bar.set_postfix(loss=f"{avg:.4f}")
-            if step >= total:
+            if step >= s.total:
                 break
-        if dev.type == "cuda":  # the peak of the training steps, not of evaluation
+        if s.dev.type == "cuda":  # the peak of the training steps, not of evaluation
             peak = max(peak, torch.cuda.max_memory_allocated() / 2**30)
-        ev = evaluate(fwd, enc, pad, args.eval_batch_size, mult)
+        ev = evaluate(s.fwd, s.tokens, s.pad, args.eval_batch_size, s.mult)
         rec = {"epoch": epoch, "loss": avg, "seconds": round(time.time() - t0, 2)}
-        rec |= epoch_record(args.task, ev, labels, phi0, model.head)
-        hist.append(rec)
-        if rec["val"][sel] > best["score"]:
-            best, since_best = {"epoch": epoch, "score": rec["val"][sel]}, 0
-            save_weights(out, model, meta)
-            save_npz(out / "logits.npz", **{f"{s}_{k}": v for s, (lg, _) in ev.items()
-                                           for k, v in (("logits", lg), ("labels", labels[s]))})
+        hist.append(rec | epoch_record(s.task, ev, s.labels, phi0, s.model.head))
+        if hist[-1]["val"][s.sel] > best["score"]:
+            best, since_best = {"epoch": epoch, "score": hist[-1]["val"][s.sel]}, 0
+            save_best(s, ev)
         else:
             since_best += 1
-        print(f"  epoch {epoch}: loss {avg:.4f} val {rec['val'][sel]:.4f} test {rec['test'][sel]:.4f} "
-              f"|V| {rec['head_norm']:.3f} Diff(F) {rec['diff_f']:.4f} ({rec['seconds']:.0f}s)")
-        save_torch(ckpt_path, {"model": trainable_state(model), "opt": opt.state_dict(),
-                               "sched": sched.state_dict(), "rng": torch.get_rng_state(),
-                               **({"cuda_rng": torch.cuda.get_rng_state()} if dev.type == "cuda" else {}),
-                               "phi0": torch.from_numpy(phi0), "history": json.dumps(hist), "best": best,
-                               "step": step})
+        r = hist[-1]
+        print(f"  epoch {epoch}: loss {avg:.4f} val {r['val'][s.sel]:.4f} test {r['test'][s.sel]:.4f} "
+              f"|V| {r['head_norm']:.3f} Diff(F) {r['diff_f']:.4f} ({r['seconds']:.0f}s)")
+        save_checkpoint(s, hist, best, step, phi0)
+    return finish(s, hist, best, peak)
 
-    be = next(h for h in hist if h["epoch"] == best["epoch"])
-    res = {"config": cfg, "history": hist, "best_epoch": best["epoch"], "finished": True,
-           "metrics": {s: be[s] for s in enc}, "head_norm": be["head_norm"], "diff_f": be["diff_f"]}
-    if dev.type == "cuda":
-        res["peak_train_memory_gb"] = peak
-    save_json(res_path, res)
-    ckpt_path.unlink(missing_ok=True)
-    print_summary(res, sel)
-    return res
+
+def run(args, method, table=TABLE6, setup=None, extra_meta=None, check=None):
+    """The kit's one training loop (FT, LP-FT; LoRA and LP-LoRA through `setup`, which changes the built model,
+    and `check`, which validates their own flags). Every flag, the head, the data and the output directory are
+    checked before the model is built or any file is touched; one process at a time writes the directory."""
+    head = resolve(args, method, table)
+    if check is not None:
+        check(args)
+    splits = data.study_splits(args.task, args.data_dir, args.max_train_samples, args.max_eval_samples, args.seed)
+    fp = fingerprint(args, method)
+    out = data.check_output_dir(Path(args.output_dir))
+    with data.RunLock(out):
+        res, state = open_run_dir(out, fp, args.overwrite)
+        if res is not None:
+            print(f"{out}: already finished (best epoch {res['best_epoch']}, test {res['metrics']['test']}); "
+                  f"--overwrite to redo")
+            return res
+        return train(args, build(args, method, head, splits, fp, setup, extra_meta), state)
 
 
 def print_summary(res, sel):
@@ -426,6 +541,7 @@ def print_summary(res, sel):
         print(f"  {s:<10}{m[sel]:>10.4f}")
 
 
+@data.cli
 def main(argv=None):
     args = make_parser().parse_args(argv)
     return run(args, "lp_ft" if args.init else "ft")

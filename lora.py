@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import data
 import ft
 from data import die
 
@@ -62,6 +63,24 @@ def make_parser():
     a("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA path's input")
     a("--merge_to", help="also export a merged plain model (encoder via save_pretrained + head.safetensors)")
     return p
+
+
+def check_lora_args(args):
+    """lora.py's own flags, before ft.run builds the model or touches a file: the LoRA config and --merge_to, a
+    folder that is new or an earlier export (it is replaced whole, so it must not hold anything else)."""
+    data.check_positive(args, ["r", "alpha"])
+    if not 0 <= args.lora_dropout < 1:
+        die(f"--lora_dropout {args.lora_dropout}: must be in [0, 1)")
+    if set(args.targets) - {"query", "key", "value"}:
+        die(f"--targets {' '.join(args.targets)}: pick from query, key, value (the attention.self linears)")
+    if getattr(args, "merge_to", None):
+        dest = data.check_output_dir(Path(args.merge_to), "--merge_to").resolve()
+        run_dir = Path(args.output_dir).resolve()
+        if dest == run_dir or dest in run_dir.parents:
+            die(f"--merge_to {args.merge_to} holds the run directory {args.output_dir}; pass a folder of its own")
+        if dest.is_dir() and any(dest.iterdir()) and not (dest / "head.safetensors").exists():
+            die(f"--merge_to {args.merge_to} is a folder with other files (no head.safetensors of an earlier "
+                f"export); pass a new folder")
 
 
 # ---------------------------------------------------------------- the layer
@@ -173,15 +192,17 @@ def load_adapter(run_dir, with_tokenizer=False):
     """A trained LoRA / LP-LoRA run dir -> its model (base rebuilt from meta.json, LoRA injected, adapter
     and head loaded; eval mode, unmerged); (model, tokenizer) with with_tokenizer=True."""
     run_dir = Path(run_dir)
-    try:
-        meta = json.loads((run_dir / "meta.json").read_text())
-    except (OSError, ValueError) as e:
-        die(f"cannot read {run_dir / 'meta.json'} ({type(e).__name__}); is {run_dir} a finished lora.py run?")
+    meta = data.read_json(run_dir / "meta.json", "meta.json")
+    if meta is None:
+        die(f"no {run_dir / 'meta.json'}; is {run_dir} a finished lora.py run?")
     if "lora" not in meta:
         die(f"{run_dir} holds no LoRA adapter (method {meta.get('method')}); load it with ft.py's tools")
-    model, tok = ft.build_model(meta["model"], len(meta["labels"]), meta["pooling"])
-    c = meta["lora"]
-    inject_lora(model, c["targets"], c["r"], c["alpha"], c["dropout"])
+    try:
+        model, tok = ft.build_model(meta["model"], len(meta["labels"]), meta["pooling"])
+        c = meta["lora"]
+        inject_lora(model, c["targets"], c["r"], c["alpha"], c["dropout"])
+    except (KeyError, TypeError) as e:
+        die(f"{run_dir / 'meta.json'} lacks or garbles field {e}; rerun lora.py with --overwrite")
     from safetensors import safe_open
 
     with safe_open(str(run_dir / "model.safetensors"), "pt") as f:
@@ -199,31 +220,39 @@ def export_merged(run_dir, dest):
     from safetensors.torch import save_file
 
     model, tok = load_adapter(run_dir, with_tokenizer=True)
-    meta = json.loads((Path(run_dir) / "meta.json").read_text())
+    meta = data.read_json(Path(run_dir) / "meta.json", "meta.json")
     unwrap(model)
     dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.encoder.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    head = {"weight": model.head.weight.detach().contiguous(), "bias": model.head.bias.detach().contiguous()}
-    info = {"task": meta["task"], "labels": json.dumps(meta["labels"]), "pooling": meta["pooling"],
-            "max_len": str(meta["max_len"]), "model": meta["model"]}
-    save_file(head, str(tmp / "head.safetensors"), metadata=info)
-    shutil.rmtree(dest, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # written whole under a pid-tagged name, then swapped in: a crash leaves the earlier export or none, never half
+    tmp, old = (dest.with_name(f".{dest.name}.{os.getpid()}.{x}") for x in ("partial", "old"))
+    try:
+        model.encoder.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        head = {"weight": model.head.weight.detach().contiguous(), "bias": model.head.bias.detach().contiguous()}
+        info = {"task": meta["task"], "labels": json.dumps(meta["labels"]), "pooling": meta["pooling"],
+                "max_len": str(meta["max_len"]), "model": meta["model"]}
+        save_file(head, str(tmp / "head.safetensors"), metadata=info)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dest.exists():
+        os.replace(dest, old)
     os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
     print(f"wrote merged model to {dest} (AutoModel.from_pretrained + head.safetensors)")
 
 
 # ---------------------------------------------------------------- main
+@data.cli
 def main(argv=None):
     args = make_parser().parse_args(argv)
-    if args.r < 1 or args.alpha <= 0 or not 0 <= args.lora_dropout < 1:
-        die(f"need --r >= 1, --alpha > 0 and 0 <= --lora_dropout < 1 (got {args.r}, {args.alpha}, "
-            f"{args.lora_dropout})")
-    res = ft.run(args, "lp_lora" if args.init else "lora", TABLE6,
-                 setup=lambda m: inject_lora(m, args.targets, args.r, args.alpha, args.lora_dropout),
-                 extra_meta={"lora": lora_config(args)})
+
+    def add_lora(model):  # ft.run's setup hook: after the initial head, before the move to the device
+        inject_lora(model, args.targets, args.r, args.alpha, args.lora_dropout)
+
+    res = ft.run(args, "lp_lora" if args.init else "lora", TABLE6, setup=add_lora,
+                 extra_meta={"lora": lora_config(args)}, check=check_lora_args)
     if args.merge_to:
         export_merged(args.output_dir, args.merge_to)
     return res

@@ -138,19 +138,28 @@ def test_trainable_count_roberta_base_shape():
     assert n == 12 * 2 * (8 * 768 + 768 * 8) + 768 * 2 + 2 == lora_count(cfg, 2) == 296_450
 
 
-def test_bad_input_stops_with_one_line():
-    with pytest.raises(SystemExit, match="no attention.self.keys"):
+def test_bad_input_stops_with_one_line(tmp_path):
+    with pytest.raises(data.KitError, match="no attention.self.keys"):  # library functions raise
         lora.inject_lora(tiny(), targets=("query", "keys"))
     model = tiny()
     lora.inject_lora(model)
-    with pytest.raises(SystemExit, match="already has LoRA"):
+    with pytest.raises(data.KitError, match="already has LoRA"):
         lora.inject_lora(model)
-    with pytest.raises(SystemExit, match="r >= 1"):
+    with pytest.raises(data.KitError, match="r >= 1"):
         lora.LoRALinear(torch.nn.Linear(3, 3), r=0)
-    with pytest.raises(SystemExit, match="--r >= 1"):
-        lora.main(["--task", "rte", "--r", "0"])
-    with pytest.raises(SystemExit, match="meta.json"):
+    with pytest.raises(data.KitError, match="meta.json"):
         lora.load_adapter("/nonexistent/run")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    for flags, msg in [(["--r", "0"], "--r 0: must be > 0"), (["--alpha", "nan"], "--alpha nan"),
+                       (["--lora_dropout", "1"], "--lora_dropout 1.0: must be in"),
+                       (["--targets", "query", "keys"], "pick from query, key, value"),
+                       (["--merge_to", str(tmp_path / "mine")], "a folder with other files"),
+                       (["--merge_to", str(tmp_path)], "holds the run directory")]:
+        with pytest.raises(SystemExit, match=msg) as e:  # main prints one line
+            lora.main(["--task", "rte", "--output_dir", str(tmp_path / "o"), *flags])
+        assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["mine", "notes.txt"]  # nothing written
 
 
 # ---------------------------------------------------------------- runs on the embedded model and real data
@@ -163,7 +172,7 @@ def rte_run(tmp_path_factory):
 
 
 def val_split(n=32):
-    return data.first_n(data.load_task("rte")["val"], n, 0)
+    return data.random_subset(data.load_task("rte")["val"], n, 0)
 
 
 def test_lora_run_lowers_training_loss(rte_run):

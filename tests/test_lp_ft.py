@@ -100,10 +100,12 @@ def test_corrupt_head_and_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="corrupt"):
         ft.main(["--init", str(p)])
     o = tmp_path / "run"
-    o.mkdir()
+    argv = ["--task", "cb", "--max_steps", "1", "--output_dir", str(o), *FAST]
+    ft.main(argv)
+    (o / "results.json").unlink()  # as if killed after a checkpoint, which is then garbled
     (o / "ckpt.pt").write_bytes(b"\x00" * 10)
     with pytest.raises(SystemExit, match="cannot read checkpoint"):
-        ft.main(["--task", "cb", "--output_dir", str(o), *FAST])
+        ft.main(argv)
 
 
 def test_ft_rte_lowers_loss_and_is_deterministic(tmp_path):
@@ -122,16 +124,16 @@ def test_ft_rte_lowers_loss_and_is_deterministic(tmp_path):
 def test_resume_after_interrupt_matches_uninterrupted(tmp_path, monkeypatch, capsys):
     argv = ["--task", "cb", "--epochs", "2", "--lr", "1e-4", "--batch_size", "16", *FAST]
     full = ft.main(argv + ["--output_dir", str(tmp_path / "full")])
-    save = ft.save_torch
+    save = ft.save_checkpoint
 
-    def crash(path, obj):
-        save(path, obj)
+    def crash(*a):
+        save(*a)
         raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
 
-    monkeypatch.setattr(ft, "save_torch", crash)
+    monkeypatch.setattr(ft, "save_checkpoint", crash)
     with pytest.raises(KeyboardInterrupt):
         ft.main(argv + ["--output_dir", str(tmp_path / "cut")])
-    monkeypatch.setattr(ft, "save_torch", save)
+    monkeypatch.setattr(ft, "save_checkpoint", save)
     assert not (tmp_path / "cut/results.json").exists()
     resumed = ft.main(argv + ["--output_dir", str(tmp_path / "cut")])
     assert "resuming after epoch 1" in capsys.readouterr().out
@@ -144,7 +146,7 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path, monkeypatch, cap
 
 def test_nan_loss_stops_with_clear_message(tmp_path, monkeypatch):
     monkeypatch.setattr(ft.F, "cross_entropy", lambda x, y: (x.sum() * float("nan")))
-    with pytest.raises(SystemExit, match="loss became nan.*lower --lr") as e:
+    with pytest.raises(SystemExit, match="loss became nan.*no checkpoint was written; lower --lr") as e:
         ft.main(["--task", "cb", "--max_steps", "2", "--output_dir", str(tmp_path), *FAST])
     assert "\n" not in str(e.value)
     res = json.loads((tmp_path / "results.json").read_text())
@@ -154,8 +156,8 @@ def test_nan_loss_stops_with_clear_message(tmp_path, monkeypatch):
 
 
 def test_patience_stops_and_keeps_best_epoch(tmp_path):
-    # lr 0: the val metric never improves after epoch 1, so --patience 1 stops after epoch 2
-    r = ft.main(["--task", "cb", "--epochs", "5", "--lr", "0", "--patience", "1", "--output_dir", str(tmp_path),
+    # lr 1e-12 (0 is refused): the val metric never improves after epoch 1, so --patience 1 stops after epoch 2
+    r = ft.main(["--task", "cb", "--epochs", "5", "--lr", "1e-12", "--patience", "1", "--output_dir", str(tmp_path),
                  *FAST])
     assert [h["epoch"] for h in r["history"]] == [0, 1, 2] and r["best_epoch"] == 1
     assert r["metrics"]["test"] == r["history"][1]["test"]
