@@ -74,6 +74,7 @@ def parse(argv=None):
     for k in ("batch_size", "max_len", "eval_batch_size", "max_train_samples"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             die(f"--{k} must be >= 1")
+    data.check_positive(args, ("lr", "peak_tflops"))
     return args
 
 
@@ -175,10 +176,12 @@ def warm_device(dev):
 
 
 def rates(seconds, examples, tokens, flops_per_token, bf16, dev, args):
+    """The rates of one timed run, unrounded (the table rounds; a rounded rate of a tiny model at a slow moment
+    would be off by percents), with the exact counts they come from."""
     tflops = flops_per_token * tokens / seconds / 1e12
-    return {"seconds": round(seconds, 4), "examples_per_s": round(examples / seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1), "tflops": round(tflops, 4),
-            "mfu": round(tflops / args.peak_tflops, 4) if dev.type == "cuda" and bf16 else None}
+    return {"seconds": seconds, "examples": examples, "tokens": tokens, "flops_per_token": flops_per_token,
+            "flops": flops_per_token * tokens, "examples_per_s": examples / seconds, "tokens_per_s": tokens / seconds,
+            "tflops": tflops, "mfu": tflops / args.peak_tflops if dev.type == "cuda" and bf16 else None}
 
 
 # ---------------------------------------------------------------- synthetic: training steps
@@ -269,7 +272,7 @@ def synthetic_train(name, cfg, args, dev):
         r = {"precision": "bf16 autocast" if bf16 else "fp32", "attn": attn_of(model),
              "non_embedding_params": n, "trainable_params": sum(p.numel() for p in model.parameters()
                                                                 if p.requires_grad),
-             "ms_per_step": round(1000 * secs / args.steps, 3), "warmup_s": round(warm, 3)}
+             "ms_per_step": 1000 * secs / args.steps, "warmup_s": warm}
         r |= rates(secs, args.steps * bs, args.steps * bs * L, 4 * n + 2 * nt, bf16, dev, args)
         r |= {"peak_mem_gb": peak_gb(dev), "loss_first": losses[0], "loss_last": losses[-1], "losses": losses}
         rows[key] = r
@@ -331,7 +334,7 @@ def synthetic_infer(name, cfg, args, dev):
 def train_split(task, args):
     sp = data.load_task(task, args.data_dir)["train"]
     n = args.max_train_samples if args.max_train_samples is not None else SUBSET.get(task)
-    return data.first_n(sp, n, args.seed)
+    return data.random_subset(sp, n, args.seed)
 
 
 def strip_types(encoded, type_vocab):
@@ -386,7 +389,7 @@ def kit_epoch(name, cfg, task_labels, encoded, labels, pad, args, dev, pad_to=No
     real = sum(len(e["input_ids"]) for e in encoded)
     r = {"steps": len(order), "examples": n_seen, "real_tokens": real, "computed_tokens": computed,
          "padded_tokens": computed - real, "loss": avg, "compile": args.compile,
-         "compile_warmup_s": round(warm, 3)}
+         "compile_warmup_s": warm}
     r |= rates(secs, n_seen, computed, 6 * non_embedding(model), dev.type == "cuda", dev, args)
     r |= {"peak_mem_gb": peak_gb(dev)}
     del model, fwd, opt
@@ -426,7 +429,7 @@ def trainer_epoch(name, cfg, task_labels, split, tok, args, dev):
     n = len(ds)
     real = int(sum(sum(m) for m in cols["attention_mask"]))
     r = {"steps": out.global_step, "examples": n, "real_tokens": real, "computed_tokens": n * args.max_len,
-         "padded_tokens": n * args.max_len - real, "loss": out.training_loss, "wall_s_with_setup": round(wall, 3),
+         "padded_tokens": n * args.max_len - real, "loss": out.training_loss, "wall_s_with_setup": wall,
          "optim": str(targs.optim), "attn": attn_of(model)}
     r |= rates(secs, n, n * args.max_len, 6 * non_embedding(model), False, dev, args)
     r |= {"peak_mem_gb": peak_gb(dev)}
@@ -446,11 +449,11 @@ def epochs(name, cfg, args, dev, tok):
         if "epoch" in args.suites:
             res["pad_to_max_len"] = kit_epoch(name, cfg, t.labels, encoded, split.labels, pad, args, dev,
                                               args.max_len)
-            res["speedup_vs_pad_to_max_len"] = round(res["pad_to_max_len"]["seconds"] / res["kit"]["seconds"], 3)
+            res["speedup_vs_pad_to_max_len"] = res["pad_to_max_len"]["seconds"] / res["kit"]["seconds"]
         if "trainer" in args.suites:
             res["trainer"] = trainer_epoch(name, cfg, t.labels, split, tok, args, dev)
             if "seconds" in res["trainer"]:
-                res["speedup_vs_trainer"] = round(res["trainer"]["seconds"] / res["kit"]["seconds"], 3)
+                res["speedup_vs_trainer"] = res["trainer"]["seconds"] / res["kit"]["seconds"]
         out[task] = res
     return out
 
@@ -506,6 +509,7 @@ def goals(res, dev):
     return g
 
 
+@data.cli
 def main(argv=None):
     import transformers
 
@@ -535,7 +539,7 @@ def main(argv=None):
         res["epoch"] = epochs(name, cfg, args, dev, tok)
     res["goals"] = goals(res, dev)
     tf32(False)
-    ft.save_json(args.output, res)
+    data.save_json(args.output, res)
     print_table(res)
     for k, g in res["goals"].items():
         print(f"goal {k}: {g['ratio']} (target {g['target']}x, met: {g['met']})")
