@@ -14,13 +14,11 @@ and --n test examples (test x train), in eval mode (no dropout). Word embeddings
 --method func (default) differentiates g(x) = V phi(x) (C outputs, not d) with torch.func
 (functional_call + vmap over examples + jacrev) over chunks of the parameters, so that at most
 --max_memory_gb of Jacobian is ever held; --method naive is a plain autograd loop for cross-checks
-(small models only). --method structured runs one forward and C backward passes per batch (func: per
-parameter chunk), recording each linear layer's inputs a_t and output gradients g_t (real tokens only); a
-layer's kernel term is sum_{t,s} (a_t . a'_s)(g_t . g'_s), contracted layer by layer as token Gram matrices
-or as per-example gradients and one GEMM, whichever is cheaper. LoRA factors are linear layers too,
-embeddings are matched by token id, biases and LayerNorms use their per-example gradients; any other
-trainable parameter stops it. The same kernels to rounding (float64 ~1e-14, float32 ~1e-6 relative), about
-twice as fast as func on a 2-core CPU (bench_ntk.py --task cb); on CUDA a float32 model contracts in TF32.
+(small models only); --method structured (ntk_structured.py) contracts each layer's recorded inputs and
+output gradients without forming J: the same kernels to rounding (float64 ~1e-14, float32 ~1e-6 relative),
+about twice as fast as func on a 2-core CPU (bench_ntk.py --task cb); on CUDA a float32 model contracts in TF32.
+A directory is reused only for the same flags (those in NOT_IN_RESULT aside), the same data file contents
+and the same --init head contents; one process at a time writes it.
 Outputs in runs/<task>/ntk-<ft|lp_ft|lora|lp_lora>-seed<seed>/:
   kernels.npz       P_train, F_train [N,C,N,C]; P_test, F_test [M,C,N,C]; train_idx, test_idx (rows of
                     the train / test split), train_labels, test_labels, train_logits (f at the start)
@@ -32,8 +30,6 @@ Outputs in runs/<task>/ntk-<ft|lp_ft|lora|lp_lora>-seed<seed>/:
 
 import argparse
 import itertools
-import json
-import random
 import time
 import warnings
 from contextlib import contextmanager
@@ -47,23 +43,25 @@ from tqdm import tqdm
 
 import data
 import ft
+import lora
 from data import die
+from ntk_structured import f_structured
 
-HOW = ("method", "batch_size", "max_memory_gb", "output_dir", "overwrite", "data_dir")  # do not change results
+# flags that do not change the kernels or statistics (engines agree to rounding); --init and --data_dir are
+# recorded by their files' content instead (init_sha256, data)
+NOT_IN_RESULT = ("method", "batch_size", "max_memory_gb", "output_dir", "overwrite", "data_dir", "init")
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ft.common_flags(p)
-    a("--seed", type=int, default=1001, help="seeds the fresh head and the example subsets")
+    a("--seed", type=int, default=data.SEED, help="seeds the fresh head and the example subsets")
     a("--output_dir", help="default runs/<task>/ntk-<method>-seed<seed>")
     a("--overwrite", action="store_true", help="recompute even if ntk_results.json exists for this config")
     a("--init", help="lp_head.pt from lp.py (LP-FT / LP-LoRA); default a fresh normal(0, 0.02) head")
     a("--head_scale", type=float, default=1.0, help="multiply V (F scales by its square, P does not change)")
     a("--lora", action="store_true", help="inject LoRA (B = 0); F is then over the LoRA parameters only")
-    a("--r", type=int, default=8, help="LoRA rank")
-    a("--alpha", type=float, default=8, help="LoRA scaling is alpha / r")
-    a("--targets", nargs="+", default=["query", "value"], help="attention.self.<name> linears to adapt")
+    lora.lora_flags(a)
     a("--n", type=int, default=250, help="at most this many train examples (seeded random subset)")
     a("--n_test", type=int, help="at most this many test examples (default: --n)")
     a("--k_shot", type=int, help="instead of --n: K train examples per class (data.k_shot)")
@@ -255,380 +253,6 @@ def f_naive(model, xs_a, xs_b, pad_id, max_memory_gb=4.0, progress=False, **_):
     return K.numpy().reshape(len(xs_a), C, -1, C)
 
 
-# ---------------------------------------------------------------- the structured engine
-# A linear layer y_t = W a_t (t: tokens) gives output c of example x the gradient sum_t g_ct a_t^T, so
-#   <dW f_c(x), dW f_c'(x')> = sum_{t,s} (a_t . a'_s) (g_ct . g'_c's),
-# a the layer's inputs and g the gradients at its outputs, recorded in one forward and C backward passes per
-# batch (the backward of output c summed over the batch: the examples are independent). Per layer and block
-# pair the cheaper of two exact contractions: "gram" (token Gram matrices; per pair L L' (in + C out)) or
-# "explicit" (the per-example gradients A^T G_c, formed a chunk of outputs at a time, then one GEMM; per pair
-# C^2 in out, plus L C in out per example to form them).
-STRUCTURED_KINDS = "nn.Linear, nn.Embedding, nn.LayerNorm and lora.LoRALinear"
-
-
-def structured_modules(enc):
-    """-> [(name, module, kind)] for every module that owns a trainable parameter; dies on any parameter this
-    engine has no exact rule for (none is ever dropped)."""
-    from lora import LoRALinear
-
-    out, seen = [], set()
-    for name, m in enc.named_modules():
-        own = [p for p in m.parameters(recurse=False) if p.requires_grad]
-        if not own:
-            continue
-        if any(id(p) in seen for p in own):
-            die(f"{name} shares a trainable parameter with another module; use --method func")
-        seen.update(id(p) for p in own)
-        if isinstance(m, LoRALinear):
-            if m.merged:
-                die(f"{name} is merged; unmerge LoRA before computing the eNTK")
-            kind = "lora"
-        elif isinstance(m, nn.Linear):
-            kind = "linear"
-        elif isinstance(m, nn.Embedding):
-            if m.max_norm is not None or m.scale_grad_by_freq:
-                die(f"{name}: an embedding with max_norm or scale_grad_by_freq; use --method func")
-            kind = "embedding"
-        elif isinstance(m, nn.LayerNorm):
-            kind = "layernorm"
-        else:
-            die(f"--method structured has no rule for the trainable parameters of {name} ({type(m).__name__}; "
-                f"it handles {STRUCTURED_KINDS}); use --method func")
-        out.append((name, m, kind))
-    if len(seen) != sum(1 for p in enc.parameters() if p.requires_grad):
-        die("--method structured: some trainable parameter has no owning module")
-    return out
-
-
-class Recording:
-    """One block of examples (rows in the block's order, batch after batch), as the contractions need it:
-    lin[key] = [(first row, A [B, L, in], (G_c [B, L, out] for each output c))] per batch, padded positions of A
-    zeroed, positions without gradient dropped; emb[name] = (S [R, C, d], ids [R], rows [R]): the output gradient
-    summed per (example, token id); exp [n, C, D]: the small per-example gradients (biases, LayerNorm)."""
-
-    def __init__(self):
-        self.lin, self.emb, self.exp = {}, {}, None
-
-
-def add_factor(lin, key, lo, A, Gs):
-    # only positions with some nonzero gradient (with cls pooling the last layer's query, output and
-    # feed-forward layers see the first token alone)
-    keep = torch.stack([(g.amax(dim=(0, 2)) != 0) | (g.amin(dim=(0, 2)) != 0) for g in Gs]).any(0)
-    if keep.any():
-        if not keep.all():
-            A, Gs = A[:, keep], [g[:, keep] for g in Gs]
-        lin.setdefault(key, []).append((lo, A.contiguous(), tuple(g.contiguous() for g in Gs)))
-
-
-def group_by_id(ids, Gs, keep, lo, vocab):
-    b, t = keep.nonzero(as_tuple=True)
-    key, inv = torch.unique(b * vocab + ids[b, t], return_inverse=True)
-    G = torch.stack([g[b, t] for g in Gs], 1)
-    S = torch.zeros(len(key), *G.shape[1:], dtype=G.dtype, device=G.device).index_add_(0, inv, G)
-    return S, key % vocab, key // vocab + lo
-
-
-def token_sum(w, g):
-    return torch.einsum("bt,bt...->b...", w, g)  # over the real tokens (w: the 0/1 mask)
-
-
-def record(model, mods, xs, idx, pad_id, batch_size):
-    """Forward + C backward passes over the examples idx (in this order) in batches -> Recording."""
-    V = model.head.weight.detach()
-    C = V.shape[0]
-    store, batch = {}, {}
-
-    def hook(m, args, out, name):
-        if name in store:
-            die(f"{name} runs more than once per forward; --method structured needs one call per module")
-        if not args or not torch.is_tensor(args[0]):
-            die(f"{name} was called without a positional input tensor")
-        x, B = args[0], batch["B"]
-        if isinstance(m, nn.Embedding) and out.shape[0] == 1 < B:
-            # one lookup broadcast over the batch (BERT's positions): expanded, so its gradient is per example
-            x, out = x.expand(B, *x.shape[1:]), out.expand(B, *out.shape[1:])
-        store[name] = (x, out)
-        return out  # the module's output, or its per-example expansion
-
-    handles = [m.register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name)) for name, m, _ in mods]
-    rec, embs, exps = Recording(), {}, []
-    try:
-        for lo in range(0, len(idx), batch_size):
-            b = data.to_device(data.collate(xs, idx[lo:lo + batch_size], pad_id), V.device)
-            B, L = b["input_ids"].shape
-            store.clear()
-            batch["B"] = B
-            with torch.enable_grad():
-                scores = model.features(**b) @ V.T
-                used = [(n, m, k) for n, m, k in mods if n in store]
-                outs = [store[n][1] for n, _, _ in used]
-                grads = [torch.autograd.grad(scores[:, c].sum(), outs, retain_graph=c < C - 1, allow_unused=True)
-                         for c in range(C)]
-            mask = b["attention_mask"].bool()
-            w = mask.to(V.dtype)
-            masked = {}  # layer inputs with padded positions zeroed, once per input tensor (query, key, value)
-            exp = []
-            for j, (name, m, kind) in enumerate(used):
-                x, y = store[name]
-                if tuple(y.shape[:2]) != (B, L):
-                    die(f"{name}'s output has shape {tuple(y.shape)}, not [batch, tokens, ...]")
-                Gs = [g[j] if g[j] is not None else torch.zeros_like(y) for g in grads]
-                key, x = id(x), x.detach()  # store holds x: its id is unique in this batch
-                if kind == "embedding":
-                    keep = mask if m.padding_idx is None else mask & (x != m.padding_idx)  # never has gradient
-                    embs.setdefault(name, []).append(group_by_id(x, Gs, keep, lo, m.num_embeddings))
-                    continue
-                if kind == "layernorm":
-                    if m.weight is not None and m.weight.requires_grad:
-                        xhat = F.layer_norm(x, m.normalized_shape, eps=m.eps)
-                        exp.append(torch.stack([token_sum(w, g * xhat).flatten(1) for g in Gs], 1))
-                    if m.bias is not None and m.bias.requires_grad:
-                        exp.append(torch.stack([token_sum(w, g).flatten(1) for g in Gs], 1))
-                    continue
-                if key not in masked:
-                    masked[key] = x * w[:, :, None]
-                x = masked[key]
-                if kind == "linear":
-                    if m.weight.requires_grad:
-                        add_factor(rec.lin, f"{name}.weight", lo, x, Gs)
-                    if m.bias is not None and m.bias.requires_grad:
-                        exp.append(torch.stack([token_sum(w, g) for g in Gs], 1))
-                else:  # LoRA: y = base(x) + (x A^T) B^T s, so A and B are linear layers of their own
-                    A, Bw, s = m.lora_A.detach(), m.lora_B.detach(), m.scaling
-                    x = m.drop(x)
-                    if m.lora_A.requires_grad:
-                        add_factor(rec.lin, f"{name}.lora_A", lo, x, [(g @ Bw) * s for g in Gs])
-                    if m.lora_B.requires_grad:
-                        add_factor(rec.lin, f"{name}.lora_B", lo, (x @ A.T) * s, Gs)
-            if exp:
-                exps.append(torch.cat(exp, 2))
-            del grads, outs, scores, masked
-            store.clear()
-    finally:
-        for h in handles:
-            h.remove()
-    rec.exp = torch.cat(exps) if exps else None
-    rec.emb = {n: tuple(torch.cat(t) for t in zip(*parts)) for n, parts in embs.items()}
-    return rec
-
-
-def explicit_plan(K4, la, lb, same, budget):
-    """-> (out rows per chunk, buffer elements) for lin_explicit."""
-    na, C, nb = K4.shape[:3]
-    d_in, d_out = la[0][1].shape[2], la[0][2][0].shape[2]
-    per_row = (na + (0 if same else nb)) * C * d_in
-    chunk = max(1, min(d_out, int(budget // (per_row * la[0][1].element_size()))))
-    return chunk, per_row * chunk
-
-
-def lin_explicit(K4, la, lb, same, budget, buf=None):
-    """K4 [na, C, nb, C] += J_a J_b^T, J = the per-example weight gradients A^T G_c (rows output-major), an
-    out-column chunk at a time (in `buf`, reused across layers)."""
-    na, C, nb = K4.shape[:3]
-    A0 = la[0][1]
-    d_in, d_out = A0.shape[2], la[0][2][0].shape[2]
-    chunk, size = explicit_plan(K4, la, lb, same, budget)
-    if buf is None or buf.numel() < size:
-        buf = torch.empty(size, dtype=A0.dtype, device=A0.device)
-
-    def form(parts, n, off, o0, o1):
-        w = (o1 - o0) * d_in
-        J = buf[off * C * w:(off + n) * C * w].view(C, n, w)
-        if sum(A.shape[0] for _, A, _ in parts) < n:  # batches without gradient here: zero rows
-            J.zero_()
-        for lo, A, Gs in parts:
-            B = A.shape[0]
-            for c, g in enumerate(Gs):
-                torch.bmm(A.transpose(1, 2), g[:, :, o0:o1], out=J[c, lo:lo + B].view(B, d_in, o1 - o0))
-        return J.view(C * n, w)
-
-    for o0 in range(0, d_out, chunk):
-        o1 = min(o0 + chunk, d_out)
-        Ja = form(la, na, 0, o0, o1)
-        Jb = Ja if same else form(lb, nb, na, o0, o1)
-        K4 += (Ja @ Jb.T).double().view(C, na, C, nb).permute(1, 0, 3, 2)
-
-
-def lin_gram(K4, la, lb, same, budget):
-    """K4 [na, C, nb, C] += sum_{t,s} (a_t . a'_s)(g_ct . g'_c's), batch pair by batch pair (each pair once
-    when a and b are one recording)."""
-    C = K4.shape[1]
-    for p, (lo_p, Ap, Gp) in enumerate(la):
-        Bp, Lp, d_in = Ap.shape
-        d_out = Gp[0].shape[2]
-        Gp = torch.stack(Gp, 1).reshape(Bp, C, Lp * d_out)
-        step = max(1, int(budget // max(1, 2 * Bp * Lp * d_out * Ap.element_size())))
-        for q, (lo_q, Aq, Gq) in enumerate(lb):
-            if same and q < p:
-                continue
-            for s in range(0, Aq.shape[0], step):
-                Bq, Lq = Aq[s:s + step].shape[:2]
-                Ka = (Ap.reshape(Bp * Lp, d_in) @ Aq[s:s + step].reshape(Bq * Lq, d_in).T).view(Bp * Lp, Bq, Lq)
-                R = torch.empty(Bp, C, Bq, C, dtype=Ap.dtype, device=Ap.device)
-                for c, g in enumerate(Gq):
-                    M = torch.bmm(Ka.transpose(0, 1), g[s:s + step])  # [Bq, Bp Lp, out]
-                    R[..., c] = torch.einsum("icx,jix->icj", Gp, M.view(Bq, Bp, Lp * d_out))
-                R = R.double()
-                K4[lo_p:lo_p + Bp, :, lo_q + s:lo_q + s + Bq] += R
-                if same and q != p:
-                    K4[lo_q + s:lo_q + s + Bq, :, lo_p:lo_p + Bp] += R.permute(2, 3, 0, 1)
-
-
-def emb_pairs(K4, ea, eb, budget):
-    """K4 [na, C, nb, C] += sum over token pairs with equal ids of g_ct . g'_c's, over the pairs of
-    (example, id) rows with equal ids, in chunks of pairs."""
-    (Sa, ida, ra), (Sb, idb, rb) = ea, eb
-    na, C, nb = K4.shape[:3]
-    ob = torch.argsort(idb)
-    left = torch.searchsorted(idb[ob], ida)
-    cnt = torch.searchsorted(idb[ob], ida, right=True) - left
-    pairs = int(cnt.sum())
-    Kp = torch.zeros(na * nb, C, C, dtype=torch.float64, device=K4.device)
-    pa_all = torch.repeat_interleave(torch.arange(len(ida), device=ida.device), cnt)
-    first = torch.cumsum(cnt, 0) - cnt  # each a-row's first pair
-    step = max(1, int(budget // (2 * C * Sa.shape[2] * Sa.element_size())))
-    for s in range(0, pairs, step):
-        pa = pa_all[s:s + step]
-        pb = ob[torch.arange(s, s + len(pa), device=pa.device) - first[pa] + left[pa]]
-        Kp.index_add_(0, ra[pa] * nb + rb[pb], torch.bmm(Sa[pa], Sb[pb].transpose(1, 2)).double())
-    K4 += Kp.view(na, nb, C, C).permute(0, 2, 1, 3)
-
-
-def emb_dense(K4, ea, eb, shared):
-    """The same as emb_pairs for the ids in `shared` (sorted), as a GEMM of the explicit gradient rows."""
-    na, C, nb = K4.shape[:3]
-
-    def rows(S, ids, ex, n):
-        col = torch.searchsorted(shared, ids).clamp(max=len(shared) - 1)
-        ok = shared[col] == ids
-        E = torch.zeros(n, len(shared), C, S.shape[2], dtype=S.dtype, device=S.device)
-        E[ex[ok], col[ok]] = S[ok]  # (example, id) rows are unique
-        return E.transpose(1, 2).reshape(n * C, -1)
-
-    K4 += (rows(*ea, na) @ rows(*eb, nb).T).double().view(na, C, nb, C)
-
-
-def emb_kernel(K4, ea, eb, budget):
-    """Word, position and token-type embeddings: the ids that many example pairs share ([CLS], 'the', the first
-    positions) by GEMMs (a chunk of ids at a time), the rest by their pairs."""
-    na, C, nb = K4.shape[:3]
-    Sa, ida, idb = ea[0], ea[1], eb[1]
-    u, inv = torch.unique(torch.cat([ida, idb]), return_inverse=True)
-    ca = torch.bincount(inv[:len(ida)], minlength=len(u))
-    cb = torch.bincount(inv[len(ida):], minlength=len(u))
-    both = ca * cb
-    by_gemm = 8 * both >= na * nb  # a GEMM costs na nb per id, pairs cost `both` (with more overhead each)
-    dense = u[by_gemm]
-    step = max(1, int(budget // ((na + nb) * C * Sa.shape[2] * Sa.element_size())))
-    for s in range(0, len(dense), step):
-        emb_dense(K4, ea, eb, dense[s:s + step])
-    if int(both[~by_gemm].sum()) > 0:
-        sub = lambda e, ids: tuple(t[~torch.isin(ids, dense)] for t in e)
-        emb_pairs(K4, sub(ea, ida), sub(eb, idb), budget)
-
-
-def contract(K4, ra, rb, same, budget):
-    """K4 [na, C, nb, C] += the kernel between two recordings (one and the same when `same`)."""
-    na, C, nb = K4.shape[:3]
-    if ra.exp is not None:
-        K4 += (ra.exp.reshape(na * C, -1) @ rb.exp.reshape(nb * C, -1).T).double().view(na, C, nb, C)
-    for name, ea in ra.emb.items():
-        if name in rb.emb:
-            emb_kernel(K4, ea, rb.emb[name], budget)
-    toks = lambda parts: sum(A.shape[0] * A.shape[1] for _, A, _ in parts)
-    plan = []
-    for key, la in ra.lin.items():
-        lb = rb.lin.get(key)
-        if lb:
-            d_in, d_out = la[0][1].shape[2], la[0][2][0].shape[2]
-            gram = toks(la) * toks(lb) * (d_in + C * d_out) // (2 if same else 1)
-            explicit = na * nb * C * C * d_in * d_out + (toks(la) + (0 if same else toks(lb))) * C * d_in * d_out
-            plan.append((gram < explicit, la, lb))
-    sizes = [explicit_plan(K4, la, lb, same, budget)[1] for gram, la, lb in plan if not gram]
-    A0 = next(iter(ra.lin.values()))[0][1] if ra.lin else None
-    buf = torch.empty(max(sizes), dtype=A0.dtype, device=A0.device) if sizes else None  # one for all layers
-    for gram, la, lb in plan:
-        if gram:
-            lin_gram(K4, la, lb, same, budget)
-        else:
-            lin_explicit(K4, la, lb, same, budget, buf)
-
-
-@contextmanager
-def tf32(on):
-    """TF32 matmuls (float32 accumulation) while on."""
-    old = torch.get_float32_matmul_precision()
-    if on:
-        torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(old)
-
-
-def f_structured(model, xs_a, xs_b, pad_id, batch_size=8, max_memory_gb=4.0, progress=False):
-    """The structured eNTK (see above). Memory: half of max_memory_gb for the recorded factors, a quarter for the
-    contractions' buffers. When the factors of all examples do not fit, the examples are split into blocks of
-    similar length (a quarter each), and every block pair is contracted: the first block held, the second
-    recorded anew (the forward and backward passes are repeated, the kernel is not)."""
-    V = model.head.weight.detach()
-    dev, dtype, C = V.device, V.dtype, V.shape[0]
-    sym = xs_b is None
-    xs_b = xs_a if sym else xs_b
-    mods = structured_modules(model.encoder)
-    K4 = torch.zeros(len(xs_a), C, len(xs_b), C, dtype=torch.float64, device=dev)
-    if not mods:
-        return K4.cpu().numpy()
-    budget = max_memory_gb * 2**30 / 4
-    per_tok = 0  # recorded values per token
-    for _, m, kind in mods:
-        if kind == "linear":
-            per_tok += m.in_features + C * m.out_features
-        elif kind == "lora":
-            per_tok += 2 * (m.base.in_features + m.r) + C * (m.base.out_features + m.r)
-        elif kind == "embedding":
-            per_tok += C * m.embedding_dim
-    tok_budget = 2 * budget / (max(1, per_tok) * torch.empty((), dtype=dtype).element_size())
-    total = sum(len(x["input_ids"]) for x in xs_a) + (0 if sym else sum(len(x["input_ids"]) for x in xs_b))
-    tok_budget = float("inf") if total <= tok_budget else tok_budget / 2
-
-    def blocks(xs):
-        out, toks = [[]], 0
-        for i in data.batches(xs, len(xs))[0]:  # longest first: batches pad little
-            n = len(xs[i]["input_ids"])
-            if out[-1] and toks + n > tok_budget:
-                out.append([])
-                toks = 0
-            out[-1].append(i)
-            toks += n
-        return out
-
-    blocks_a = blocks(xs_a)
-    blocks_b = blocks_a if sym else blocks(xs_b)
-    sa = np.cumsum([0] + [len(b) for b in blocks_a])
-    sb = np.cumsum([0] + [len(b) for b in blocks_b])
-    todo = [(p, q) for p in range(len(blocks_a)) for q in range(len(blocks_b)) if not (sym and q < p)]
-    ra, held = None, None
-    for p, q in tqdm(todo, desc=f"eNTK structured ({len(blocks_a)} x {len(blocks_b)} blocks)",
-                     disable=not progress, leave=False):
-        if held != p:
-            ra, held = record(model, mods, xs_a, blocks_a[p], pad_id, batch_size), p
-        same = sym and p == q
-        rb = ra if same else record(model, mods, xs_b, blocks_b[q], pad_id, batch_size)
-        Kb = K4[sa[p]:sa[p + 1], :, sb[q]:sb[q + 1]]
-        # float32 on CUDA: the contractions (sums of many rounding errors of either sign) in TF32; the forward
-        # and backward passes stay float32, as their errors would change the factors themselves
-        with tf32(dev.type == "cuda" and dtype == torch.float32):
-            contract(Kb, ra, rb, same, budget)
-        if sym and not same:
-            K4[sb[q]:sb[q + 1], :, sa[p]:sa[p + 1]] = Kb.permute(2, 3, 0, 1)
-        del rb
-    # rows and columns are in block order: back to the examples' order
-    K = np.empty(K4.shape)
-    K[np.ix_(np.concatenate(blocks_a), np.arange(C), np.concatenate(blocks_b), np.arange(C))] = K4.cpu().numpy()
-    return K
-
-
 ENGINES = {"func": f_func, "naive": f_naive, "structured": f_structured}
 
 
@@ -729,18 +353,11 @@ def plot_spectrum(path, stats, title):
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    ft.atomic(path, lambda t: fig.savefig(t, format="png", dpi=120))
+    data.atomic(path, lambda t: fig.savefig(t, format="png", dpi=120))
     plt.close(fig)
 
 
 # ---------------------------------------------------------------- main
-def subset_idx(n_total, n, seed):
-    """The rows data.first_n picks (seeded, sorted)."""
-    if n is None or n >= n_total:
-        return list(range(n_total))
-    return sorted(random.Random(seed).sample(range(n_total), n))
-
-
 def default_memory_gb():
     if torch.cuda.is_available():
         return round(0.3 * torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
@@ -748,40 +365,70 @@ def default_memory_gb():
 
 
 def resolve(args):
+    """Fill task/model/max_len/pooling from the --init head, then check every flag and the head, loading no model
+    and touching no file -> (head or None, the NTK's method name)."""
     head = ft.load_head(args.init) if args.init else None
     if head is not None:
         args.task = args.task or head["task"]
         args.model = args.model or head["model"]
-        args.max_len = args.max_len or head.get("max_len", 128)
-        args.pooling = args.pooling or head.get("pooling", "cls")
+        args.max_len = head.get("max_len") if args.max_len is None else args.max_len
+        args.pooling = args.pooling or head.get("pooling")
     if not args.task:
         die("no task: pass --task (e.g. --task cb) or --init lp_head.pt")
     data.get_task(args.task)
-    if args.n < 1 or (args.n_test is not None and args.n_test < 1) or (args.k_shot is not None and args.k_shot < 1):
-        die("--n, --n_test and --k_shot must be at least 1")
-    args.max_memory_gb = default_memory_gb() if args.max_memory_gb is None else args.max_memory_gb
-    if args.batch_size < 1 or args.max_memory_gb <= 0 or args.ridge < 0:
-        die("need --batch_size >= 1, --max_memory_gb > 0 and --ridge >= 0")
-    args.max_len, args.pooling = args.max_len or 128, args.pooling or "cls"
+    args.max_len = data.MAX_LEN if args.max_len is None else args.max_len
+    args.pooling = args.pooling or data.POOLING
     args.model = data.model_id(args.model)
+    args.max_memory_gb = default_memory_gb() if args.max_memory_gb is None else args.max_memory_gb
+    data.check_positive(args, ("n", "n_test", "k_shot", "batch_size", "max_memory_gb", "head_scale", "ridge")
+                        + (("r", "alpha") if args.lora else ()), allow_zero=("ridge",))
+    data.check_max_len(args.model, args.max_len)
+    if head is not None:
+        check_init(head, args)
     method = ("lp_" if args.init else "") + ("lora" if args.lora else "ft")
     args.output_dir = args.output_dir or f"runs/{args.task}/ntk-{method}-seed{args.seed}"
+    data.check_output_dir(args.output_dir)
     return head, method
+
+
+def check_init(head, args):
+    """The --init head before the model loads: its task, model, labels, max_len and pooling must be the run's and
+    its values finite (ft.init_head then checks its width against the model's features)."""
+    ft.check_head(head, args.init, args.task, args.model, head["weight"].shape[1], args.max_len, args.pooling)
+    if not all(torch.isfinite(head[k]).all() for k in ("weight", "bias")):
+        die(f"head {args.init} has NaN or infinite values; refit it with lp.py")
+
+
+def run_record(args, method):
+    """What determines the result: every flag but NOT_IN_RESULT, the content of the data files and of the head."""
+    return {k: v for k, v in vars(args).items() if k not in NOT_IN_RESULT} | {
+        "ntk_method": method, "data": data.data_fingerprint(args.task, args.data_dir),
+        "init_sha256": data.file_sha256(args.init) if args.init else None}
+
+
+def earlier_result(res_path, record, overwrite):
+    """-> the earlier ntk_results.json when it holds this record (nothing to do), None when there is none (or
+    --overwrite); stops when it was made with another record."""
+    if overwrite:
+        return None
+    old = data.read_json(res_path, "ntk_results.json")
+    if old is None:
+        return None
+    saved = old.get("config") if isinstance(old.get("config"), dict) else {}
+    names = {"data": "the data files' content", "init_sha256": "the --init head's content",
+             "ntk_method": "--init / --lora"}
+    diff = [names.get(k, f"--{k}") for k in record if saved.get(k) != record[k]]
+    if diff:
+        die(f"{res_path} was made with another config (changed: {', '.join(dict.fromkeys(diff))}); pass --overwrite "
+            f"or another --output_dir")
+    return old
 
 
 def build(args, head, C):
     model, tok = ft.build_model(args.model, C, args.pooling, args.seed)
-    if head is not None:
-        ft.check_head(head, args.init, args.task, args.model, model.head.in_features)
-        with torch.no_grad():
-            model.head.weight.copy_(head["weight"])
-            model.head.bias.copy_(head["bias"])
-    with torch.no_grad():
-        model.head.weight.mul_(args.head_scale)
+    ft.init_head(model, head, args)
     if args.lora:
-        from lora import inject_lora
-
-        inject_lora(model, args.targets, args.r, args.alpha, 0.0)
+        lora.inject_lora(model, args.targets, args.r, args.alpha, 0.0)
     return model.to(data.device()).eval(), tok
 
 
@@ -796,24 +443,18 @@ def print_table(res):
           f"|V| {res['head_norm']:.4f}   rank tolerance S.max*N*C*eps; pair = (example, class) accuracy")
 
 
-def main(argv=None):
-    args = parse(argv)
-    head, method = resolve(args)
+def compute(args, head, method, record):
+    """Kernels, statistics and plot for a checked configuration; writes kernels.npz, spectrum.png and, last,
+    ntk_results.json (the record that the directory is complete)."""
     out = Path(args.output_dir)
-    cfg = {k: v for k, v in vars(args).items() if k not in HOW}
     res_path = out / "ntk_results.json"
-    if res_path.exists() and not args.overwrite:
-        old = json.loads(res_path.read_text())
-        if {k: old.get("config", {}).get(k) for k in cfg} == cfg:
-            print(f"{out}: ntk_results.json already holds this config; skipping (--overwrite to redo)")
-            return old
-        die(f"{res_path} was made with another config; pass --overwrite or another --output_dir")
     task = data.get_task(args.task)
     C = len(task.labels)
     splits = data.load_task(args.task, args.data_dir)
     tr, te = splits["train"], splits["test"]
-    tr_idx = data.k_shot(tr.labels, args.k_shot, args.seed) if args.k_shot else subset_idx(len(tr), args.n, args.seed)
-    te_idx = subset_idx(len(te), args.n_test or args.n, args.seed)
+    tr_idx = (data.k_shot(tr.labels, args.k_shot, args.seed) if args.k_shot
+              else data.subset_indices(len(tr), args.n, args.seed))
+    te_idx = data.subset_indices(len(te), args.n_test or args.n, args.seed)
     tr, te = tr.subset(tr_idx), te.subset(te_idx)
     model, tok = build(args, head, C)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -828,19 +469,18 @@ def main(argv=None):
     secs = time.time() - t0
     n = len(tr)
     P_tr, F_tr, P_te, F_te = P[:n, :, :n], Fk[:n, :, :n], P[n:, :, :n], Fk[n:, :, :n]
+    if not (np.isfinite(P).all() and np.isfinite(Fk).all()):  # the solvers below would fail with a traceback
+        die(f"the eNTK has NaN or infinite entries (--head_scale {args.head_scale}, model {args.model}); "
+            f"nothing was written")
     logits = logits_of(model, features(model, xs_tr, pad))
-    ft.save_npz(out / "kernels.npz", P_train=P_tr, F_train=F_tr, P_test=P_te, F_test=F_te,
-                train_idx=np.asarray(tr_idx, np.int64), test_idx=np.asarray(te_idx, np.int64),
-                train_labels=tr.labels, test_labels=te.labels, train_logits=logits)
-
     stats = {}
     for name, K_tr, K_te in (("P", P_tr, P_te), ("F", F_tr, F_te), ("P+F", P_tr + F_tr, P_te + F_te)):
         st = spectrum(K_tr)
         st["kernel_regression"] = kernel_regression(K_tr, K_te, tr.labels, te.labels, args.ridge)
         st["pair_logreg"] = pair_logreg(K_tr, K_te, tr.labels, te.labels)
         stats[name] = st
-    res = {"config": vars(args) | {"ntk_method": method, "device": str(data.device()), "C": C, "n_train": n,
-                                   "n_test_used": len(te), "backbone_params": n_par},
+    res = {"config": vars(args) | record | {"device": str(data.device()), "C": C, "n_train": n,
+                                            "n_test_used": len(te), "backbone_params": n_par},
            "seconds": round(secs, 2), "kernels": stats,
            "ft_ratio": ft_ratio(F_tr, P_tr + F_tr, logits, tr.labels),
            "fro_ratio": stats["F"]["fro"] / max(stats["P+F"]["fro"], 1e-300),
@@ -849,11 +489,30 @@ def main(argv=None):
                      "kernel_regression": "class accuracy (argmax over classes), ridge * largest singular value",
                      "pair_logreg": "the paper's metric: accuracy over (example, class) pairs, not class accuracy; "
                                     "*_class: argmax of its pair scores per example"}}
+    # the earlier record goes first (--overwrite): it must never describe the new kernels
+    res_path.unlink(missing_ok=True)
+    data.save_npz(out / "kernels.npz", P_train=P_tr, F_train=F_tr, P_test=P_te, F_test=F_te,
+                  train_idx=np.asarray(tr_idx, np.int64), test_idx=np.asarray(te_idx, np.int64),
+                  train_labels=tr.labels, test_labels=te.labels, train_logits=logits)
     plot_spectrum(out / "spectrum.png", stats, f"eNTK spectrum: {args.task} {method}, N={n}, C={C}")
-    ft.save_json(res_path, res)
+    data.save_json(res_path, res)
     print(f"  {secs:.1f}s; wrote {out}/kernels.npz, ntk_results.json, spectrum.png")
     print_table(res)
     return res
+
+
+@data.cli
+def main(argv=None):
+    args = parse(argv)
+    head, method = resolve(args)
+    record = run_record(args, method)
+    out = Path(args.output_dir)
+    with data.RunLock(out):
+        old = earlier_result(out / "ntk_results.json", record, args.overwrite)
+        if old is not None:
+            print(f"{out}: ntk_results.json already holds this config; skipping (--overwrite to redo)")
+            return old
+        return compute(args, head, method, record)
 
 
 if __name__ == "__main__":

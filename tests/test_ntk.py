@@ -2,6 +2,10 @@
 
 import copy
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +15,7 @@ from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 import data
 import ft
 import ntk
+import ntk_structured as ns
 
 C = 3
 
@@ -270,23 +275,23 @@ def test_structured_contractions_agree():
     """Both linear-layer contractions (gram, explicit in out-row chunks) and both embedding ones (pairs of
     equal ids, GEMM over shared ids) give the same kernel on the same recordings."""
     model, xs = tiny("bert"), examples("bert", lengths=(6, 11, 3, 8, 6, 9))
-    mods = ntk.structured_modules(model.encoder)
-    ra = ntk.record(model, mods, xs, [1, 5, 3, 0], 0, 3)
-    rb = ntk.record(model, mods, xs, [4, 2], 0, 1)
+    mods = ns.structured_modules(model.encoder)
+    ra = ns.record(model, mods, xs, [1, 5, 3, 0], 0, 3)
+    rb = ns.record(model, mods, xs, [4, 2], 0, 1)
     for r2, same, nb in ((ra, True, 4), (rb, False, 2)):
         shape = (4, C, nb, C)
         for key, la in ra.lin.items():
             K1, K2, K3 = (torch.zeros(shape, dtype=torch.float64) for _ in range(3))
-            ntk.lin_gram(K1, la, r2.lin[key], same, 2**30)
-            ntk.lin_explicit(K2, la, r2.lin[key], same, 2**30)
-            ntk.lin_explicit(K3, la, r2.lin[key], same, 500)  # a few out rows at a time
+            ns.lin_gram(K1, la, r2.lin[key], same, 2**30)
+            ns.lin_explicit(K2, la, r2.lin[key], same, 2**30)
+            ns.lin_explicit(K3, la, r2.lin[key], same, 500)  # a few out rows at a time
             assert K1.abs().max() > 0
             close(K2.numpy(), K1.numpy())
             close(K3.numpy(), K1.numpy())
         for name, ea in ra.emb.items():
             K1, K2 = (torch.zeros(shape, dtype=torch.float64) for _ in range(2))
-            ntk.emb_pairs(K1, ea, r2.emb[name], 100)  # a few pairs at a time
-            ntk.emb_dense(K2, ea, r2.emb[name], torch.unique(torch.cat([ea[1], r2.emb[name][1]])))
+            ns.emb_pairs(K1, ea, r2.emb[name], 100)  # a few pairs at a time
+            ns.emb_dense(K2, ea, r2.emb[name], torch.unique(torch.cat([ea[1], r2.emb[name][1]])))
             assert K1.abs().max() > 0
             close(K2.numpy(), K1.numpy())
 
@@ -294,7 +299,7 @@ def test_structured_contractions_agree():
 def test_structured_dies_on_unknown_parameters():
     model = tiny("bert")
     model.encoder.extra = torch.nn.Conv1d(2, 2, 1).double()
-    with pytest.raises(SystemExit, match="no rule"):
+    with pytest.raises(data.KitError, match="no rule"):
         ntk.f_structured(model, examples("bert"), None, 0)
 
 
@@ -334,3 +339,85 @@ def test_bench_ntk_methods(tmp_path, data_dir):
     assert json.loads((tmp_path / "cb.json").read_text())["task"] == "cb"
     with pytest.raises(SystemExit, match="embedded"):
         bench_ntk.main(["--task", "cb", "--model_config", "tiny"])
+
+
+# ---------------------------------------------------------------- runs that cannot lie: ntk.py as a user runs it
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def files(folder):
+    return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def refused(argv, folder, words):
+    """python ntk.py argv exits 1 with ONE line naming the problem, and every file under folder is as before
+    (at most the run directory's .lock is new)."""
+    before = files(folder)
+    r = subprocess.run([sys.executable, "ntk.py", *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("error: ") and words in lines[0], lines[0]
+    after = files(folder)
+    assert {p: after.get(p) for p in before} == before
+    assert {p.name for p in set(after) - set(before)} <= {".lock"}
+
+
+@pytest.fixture
+def earlier_run(tmp_path):
+    """A run directory holding earlier results, as a user's would."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ntk_results.json").write_text(json.dumps({"config": {"task": "cb"}, "kernels": {}}))
+    (out / "kernels.npz").write_bytes(b"earlier kernels")
+    return out
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--n", "0"], "--n 0"),
+    (["--n_test", "-2"], "--n_test -2"),
+    (["--max_memory_gb", "nan"], "--max_memory_gb nan"),
+    (["--ridge", "-1"], "--ridge -1"),
+    (["--head_scale", "inf"], "--head_scale inf"),
+    (["--max_len", "600"], "--max_len 600"),
+])
+def test_bad_flags_stop_before_anything_is_touched(tmp_path, earlier_run, flags, words):
+    # --overwrite too: it replaces the earlier results only once the new ones are computed
+    refused(["--task", "cb", "--output_dir", earlier_run, "--overwrite", *flags], tmp_path, words)
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    f = tmp_path / "ntk"
+    f.write_text("a user's file")
+    refused(["--task", "cb", "--output_dir", f], tmp_path, "is a file")
+    refused(["--task", "cb", "--output_dir", f / "sub"], tmp_path, "lies under the file")
+
+
+def test_corrupt_results_file(tmp_path, earlier_run):
+    (earlier_run / "ntk_results.json").write_text('{"config": {"task": "cb"')  # a write cut short
+    refused(["--task", "cb", "--output_dir", earlier_run], tmp_path, "corrupt")
+
+
+def test_head_from_another_pooling_or_task(tmp_path, earlier_run):
+    head = {"weight": torch.zeros(C, 384), "bias": torch.zeros(C), "task": "cb", "model": data.EMBEDDED,
+            "max_len": 32, "pooling": "mean", "labels": data.TASKS["cb"].labels, "C": C}
+    torch.save(head, tmp_path / "lp_head.pt")
+    argv = ["--init", tmp_path / "lp_head.pt", "--output_dir", earlier_run]
+    refused(argv + ["--pooling", "cls"], tmp_path, "--pooling mean")
+    refused(argv + ["--task", "rte"], tmp_path, "task 'cb'")
+    torch.save(head | {"weight": torch.full((C, 384), float("nan"))}, tmp_path / "lp_head.pt")
+    refused(argv, tmp_path, "NaN")
+
+
+def test_rerun_on_altered_data_is_refused(tmp_path, data_dir):
+    """The directory records the data files' content: the same flags on other data must not reuse it."""
+    mine = tmp_path / "data"
+    shutil.copytree(data_dir / "superglue" / "CB", mine / "superglue" / "CB")
+    out = tmp_path / "run"
+    argv = ["--task", "cb", "--n", "2", "--n_test", "2", "--max_len", "16", "--data_dir", mine, "--output_dir", out]
+    res = ntk.main(list(map(str, argv)))
+    assert set(res["config"]["data"]) == {"train", "test"} and res["config"]["init_sha256"] is None
+    test_file = mine / "superglue" / "CB" / "val.jsonl"
+    rows = test_file.read_text().splitlines()
+    test_file.write_text("\n".join(rows[1:] + rows[:1]) + "\n")  # the same examples in another order
+    refused(argv, tmp_path, "the data files' content")
