@@ -59,6 +59,8 @@ def parse(argv=None):
     if args.task == "cb" and args.model_config != "embedded":
         data.die("--task cb tokenises with the embedded model's tokenizer: use --model_config embedded")
     args.n = args.n or (64 if args.task == "cb" else 250)
+    data.check_positive(args, ("n", "max_len", "C", "batch_size", "max_memory_gb", "paper_n", "paper_chunk",
+                               "paper_dims"), allow_zero=("paper_n",))
     return args
 
 
@@ -87,7 +89,7 @@ def inputs(model, n, max_len, seed):
 
 def cb_inputs(tok, n, max_len, seed, data_dir):
     train = data.load_task("cb", data_dir)["train"]
-    return data.tokenize(tok, train.subset(ntk.subset_idx(len(train), n, seed)), max_len)
+    return data.tokenize(tok, train.subset(data.subset_indices(len(train), n, seed)), max_len)
 
 
 def sync():
@@ -136,6 +138,7 @@ def paper_jacobian(model, x, pad_id, chunk, dims=None):
     return t1 - t0, time.time() - t1, d, dims
 
 
+@data.cli
 def main(argv=None):
     args = parse(argv)
     model, tok = build(args.model_config, args.C, args.seed)
@@ -166,7 +169,7 @@ def main(argv=None):
         sync()
         secs = time.time() - t0
         F_ref = F if F_ref is None else F_ref
-        r = {"seconds": round(secs, 3), "per_example_s": secs / len(xs), "peak_gpu_bytes": peak(),
+        r = {"seconds": secs, "per_example_s": secs / len(xs), "peak_gpu_bytes": peak(),
              "kernel_fro": float(np.linalg.norm(P + F)), "F_fro": float(np.linalg.norm(F)),
              "rel_error": float(np.linalg.norm(F - F_ref) / max(np.linalg.norm(F_ref), 1e-300))}
         r["speedup"] = res["methods"][args.methods[0]]["seconds"] / max(secs, 1e-9) if res["methods"] else 1.0
@@ -184,7 +187,7 @@ def main(argv=None):
         res["paper"] = {"examples_timed": k, "per_example_s": per, "projected_seconds": per * len(xs),
                         "peak_gpu_bytes": peak(), "outputs_per_example": d, "backward_passes_timed": done}
         res["speedup_per_example"] = {m: per / r["per_example_s"] for m, r in res["methods"].items()}
-    ft.save_json(Path(args.out), res)
+    data.save_json(Path(args.out), res)
 
     gib = lambda b: f"{b / 2**30:.2f}" if b is not None else "n/a (CPU)"
     print(f"  {'approach':<34}{'seconds':>10}{'s/example':>11}{'peak GiB':>11}{'speedup':>9}{'rel err':>10}")
