@@ -5,29 +5,39 @@
 #   bash run_all.sh --paper --model roberta-base     # the paper's full study (13 datasets, 5 seeds; a GPU)
 #   bash run_all.sh --lr_grid "1e-5 5e-5 1e-4"       # every method and seed at every learning rate
 #   bash run_all.sh --print_jobs > jobs.txt          # independent jobs, one per line (GNU parallel / Slurm array)
+#   xargs -P 2 -I{} bash -c {} < jobs.txt && bash run_all.sh --report_only   # ... run them, then calibrate + report
 #
 # Resumable: every script skips finished work and resumes interrupted training; --force redoes everything.
+# Printed jobs may run in any order and at once: a job that needs an LP head fits it first, or waits for the
+# process fitting it; each run directory has one writer at a time.
 # Options: --tasks "cb rte" --methods "lp ft lp_ft lora lp_lora" --seeds "1001 2002" --model NAME
 #          --data_dir DIR --out DIR (runs) --epochs N --max_steps N --max_train_samples N --max_eval_samples N
 #          --ntk_tasks "cb" --ntk_n N --ntk_method func|structured --scale_tasks "cb" --scales "0.1 10"
 #          --no_ntk --no_scale
 #          --lr_grid "..." and per method --lr_grid_ft --lr_grid_lpft --lr_grid_lora --lr_grid_lplora
-#          --patience N --force --print_jobs
+#          --patience N --force --print_jobs --report_only (only calibrate the runs under --out and report)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 
-paper=0 force=0 print_jobs=0 no_ntk=0 no_scale=0
+paper=0 force=0 print_jobs=0 no_ntk=0 no_scale=0 report_only=0
 tasks="" methods="lp ft lp_ft lora lp_lora" seeds="" model="" data_dir="" out=runs
 epochs="" max_steps="" max_train="" max_eval="" ntk_tasks="" ntk_n="" ntk_method="" scale_tasks="" scales=""
 patience=""
 lr_grid=""
 declare -A grid=()
+die() { echo "error: $*" >&2; exit 2; }
+has() { [[ " $2 " == *" $1 "* ]]; }
+VALUED="--tasks --methods --seeds --model --data_dir --out --output_root --epochs --max_steps --max_train_samples
+  --max_eval_samples --ntk_tasks --ntk_n --ntk_method --scale_tasks --scales --patience --lr_grid --lr_grid_ft
+  --lr_grid_lpft --lr_grid_lp_ft --lr_grid_lora --lr_grid_lplora --lr_grid_lp_lora"
 while [ $# -gt 0 ]; do
+  if has "$1" "$(echo $VALUED)" && [ $# -lt 2 ]; then die "$1 needs a value (see bash run_all.sh --help)"; fi
   case $1 in
     --paper) paper=1 ;;
     --force) force=1 ;;
     --print_jobs) print_jobs=1 ;;
+    --report_only) report_only=1 ;;
     --no_ntk) no_ntk=1 ;;
     --no_scale) no_scale=1 ;;
     --tasks) tasks=$2; shift ;;
@@ -52,7 +62,7 @@ while [ $# -gt 0 ]; do
     --lr_grid_lora) grid[lora]=$2; shift ;;
     --lr_grid_lplora|--lr_grid_lp_lora) grid[lp_lora]=$2; shift ;;
     -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
-    *) echo "error: unknown option $1 (see bash run_all.sh --help)" >&2; exit 2 ;;
+    *) die "unknown option $1 (see bash run_all.sh --help)" ;;
   esac
   shift
 done
@@ -72,9 +82,45 @@ else  # default study, sized for <= 30 minutes on a 2-core CPU (measured: 23 min
   scale_tasks=${scale_tasks:-"cb"} scales=${scales:-"0.1 10"}
 fi
 first_seed=${seeds%% *}
+
+# Every value is checked here, before any job starts: a typo stops the study at once with one line, instead of
+# failing inside every job (or, printed with --print_jobs, on some other machine later).
 case $ntk_method in func|structured|naive) ;;
-  *) echo "error: --ntk_method $ntk_method: use func, structured or naive (see python ntk.py --help)" >&2; exit 2 ;;
+  *) die "--ntk_method $ntk_method: use func, structured or naive (see python ntk.py --help)" ;;
 esac
+TASKS="boolq cb rte wic wsc cola sst2 mrpc amazon pubmed"  # data.TASKS
+check_words() {  # flag, allowed words, given words
+  local w
+  [ -n "${3// /}" ] || die "$1 is empty; pass at least one of: $2"
+  for w in $3; do has "$w" "$2" || die "$1: unknown '$w'; choose from: $2"; done
+}
+check_int() {  # flag, value, least allowed value; empty = not given
+  [ -z "$2" ] && return
+  [[ $2 =~ ^[0-9]+$ ]] && [ "$2" -ge "$3" ] || die "$1 $2: must be a whole number >= $3"
+}
+check_num() {  # flag, values: each a number > 0
+  local v
+  for v in $2; do
+    [[ $v =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] && [[ ! $v =~ ^[0.]+([eE].*)?$ ]] ||
+      die "$1: '$v' is not a number > 0"
+  done
+}
+check_words --tasks "$TASKS" "$tasks"
+check_words --methods "lp ft lp_ft lora lp_lora" "$methods"
+[ $no_ntk = 1 ] || [ -z "$ntk_tasks" ] || check_words --ntk_tasks "$TASKS" "$ntk_tasks"
+[ $no_scale = 1 ] || [ -z "$scale_tasks" ] || check_words --scale_tasks "$TASKS" "$scale_tasks"
+for s in $seeds; do check_int --seeds "$s" 0; done
+[ -n "${seeds// /}" ] || die "--seeds is empty; pass at least one seed"
+check_int --epochs "$epochs" 1
+check_int --max_steps "$max_steps" 1
+check_int --max_train_samples "$max_train" 1
+check_int --max_eval_samples "$max_eval" 1
+check_int --ntk_n "$ntk_n" 1
+check_int --patience "$patience" 0
+check_num --scales "$scales"
+check_num --lr_grid "$lr_grid"
+for m in "${!grid[@]}"; do check_num "--lr_grid_${m/_/}" "${grid[$m]}"; done
+[ $report_only = 0 ] || [ -d "$out" ] || die "--out $out: no such folder; run the study's jobs first"
 
 train_cap() {  # default study: training subsets per task (the paper: all of it)
   if [ -n "$max_train" ]; then echo "$max_train"; elif [ $paper = 1 ]; then echo ""
@@ -109,8 +155,6 @@ lp_cmd() {  # LP for (task, seed): its head feeds LP-FT, LP-LoRA and the LP NTK
   [ $force = 1 ] && f=" --overwrite"
   echo "$PY lp.py $(common "$1" "$2") --output_dir $d --cache_dir $out/cache --norm_curve 100$f"
 }
-
-has() { [[ " $2 " == *" $1 "* ]]; }
 
 lp_first() {  # "lp.py ... && " before a job that needs the LP head of (task, seed)
   # A sequential run that lists that LP job has already run it: skip a second python start-up.
@@ -172,23 +216,33 @@ if [ $print_jobs = 1 ]; then
   exit 0
 fi
 
-n=${#jobs[@]}
-echo "run_all: ${n} jobs (tasks: $tasks; methods: $methods; seeds: $seeds; epochs: $epochs) -> $out/"
-[ $paper = 0 ] && echo "estimate: about 25 minutes on a 2-core CPU for the default study (finished jobs are skipped)"
+finish() {  # calibrate every run under $out, then the report; a failure is reported and the report still made
+  mapfile -t dirs < <(find "$out" -name logits.npz -not -path "*/cache/*" -printf '%h\n' | sort)
+  local cal=""
+  [ $force = 1 ] && cal="--overwrite"
+  if [ ${#dirs[@]} -gt 0 ]; then
+    $PY calibrate.py $cal "${dirs[@]}" || { echo "warning: calibration failed" >&2; failed+=("calibrate.py"); }
+  fi
+  echo "[report $(( (SECONDS - start) / 60 ))m]"
+  $PY report.py --root "$out" || failed+=("report.py --root $out")
+}
+
 start=$SECONDS
 failed=()
-for i in "${!jobs[@]}"; do
-  echo "[$((i + 1))/$n $(( (SECONDS - start) / 60 ))m] ${names[$i]}"
-  # a failed job (say, a diverged learning rate) is reported, and the study goes on
-  eval "${jobs[$i]}" || { echo "warning: job failed: ${names[$i]}" >&2; failed+=("${jobs[$i]}"); }
-done
-echo "[calibration $(( (SECONDS - start) / 60 ))m]"
-mapfile -t dirs < <(find "$out" -name logits.npz -not -path "*/cache/*" -printf '%h\n' | sort)
-cal=""
-[ $force = 1 ] && cal="--overwrite"
-[ ${#dirs[@]} -gt 0 ] && $PY calibrate.py $cal "${dirs[@]}"
-echo "[report $(( (SECONDS - start) / 60 ))m]"
-$PY report.py --root "$out"
+if [ $report_only = 1 ]; then
+  finish
+else
+  n=${#jobs[@]}
+  echo "run_all: ${n} jobs (tasks: $tasks; methods: $methods; seeds: $seeds; epochs: $epochs) -> $out/"
+  [ $paper = 0 ] && echo "estimate: about 25 minutes on a 2-core CPU for the default study (finished jobs are skipped)"
+  for i in "${!jobs[@]}"; do
+    echo "[$((i + 1))/$n $(( (SECONDS - start) / 60 ))m] ${names[$i]}"
+    # a failed job (say, a diverged learning rate) is reported, and the study goes on
+    eval "${jobs[$i]}" || { echo "warning: job failed: ${names[$i]}" >&2; failed+=("${jobs[$i]}"); }
+  done
+  echo "[calibration $(( (SECONDS - start) / 60 ))m]"
+  finish
+fi
 echo "done in $(( (SECONDS - start) / 60 )) min: $out/report.md"
 if [ ${#failed[@]} -gt 0 ]; then
   printf 'failed jobs (%d), shown as failed in the report:\n' "${#failed[@]}" >&2

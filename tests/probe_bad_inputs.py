@@ -148,13 +148,17 @@ def argv(cmd, w, fx):
     return [PY, *parts]
 
 
+def text(raw):
+    """Bytes -> str with carriage returns kept (text=True would turn a progress bar's redraws into lines)."""
+    return (raw or b"").decode("utf-8", "replace")
+
+
 def execute(args, extra_env=None, timeout=TIMEOUT):
     try:
-        p = subprocess.run(args, cwd=ROOT, env=env(**(extra_env or {})), capture_output=True, text=True,
-                           timeout=timeout, errors="replace")
-        return Out(p.returncode, p.stdout, p.stderr)
+        p = subprocess.run(args, cwd=ROOT, env=env(**(extra_env or {})), capture_output=True, timeout=timeout)
+        return Out(p.returncode, text(p.stdout), text(p.stderr))
     except subprocess.TimeoutExpired as e:
-        return Out(None, str(e.stdout or ""), str(e.stderr or ""))
+        return Out(None, text(e.stdout), text(e.stderr))
 
 
 def run_case(case, workdir, fx, fixture_ok):
@@ -184,7 +188,7 @@ def judge_case(case, workdir, fx, fixture_ok):
     out = case.run(case, w, fx) if case.run else execute(
         argv(case.cmd, w, fx), {k: fmt(v, w, fx) for k, v in case.env.items()})
     after = snapshot(w)
-    lost = [p for p, h in before.items() if after.get(p) != h] if case.keep else []
+    lost = [p for p, h in before.items() if after.get(p) != h] if case.keep else out.extra.get("lost", [])
     new = [p for p in after if p not in before]
     wrote = [p for p in new if (w / p).is_relative_to(w / case.fresh)]
     out.extra["new"] = new
@@ -385,7 +389,7 @@ def report_case(name, rel, content):
 # ---------------------------------------------------------------- cases with more than one process
 def start(cmd, w, fx):
     return subprocess.Popen(argv(cmd, w, fx), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
+                            stderr=subprocess.PIPE, start_new_session=True)
 
 
 def wait_for(cond, proc, limit):
@@ -407,6 +411,7 @@ def two_writers(case, w, fx):
     except subprocess.TimeoutExpired:
         os.killpg(first.pid, signal.SIGKILL)
         out1, err1 = first.communicate()
+    err1 = text(err1)
     res = w / "out/results.json"
     finished = res.exists() and json.loads(res.read_text()).get("finished")
     second.note = "" if alive else "the first had already ended when the second started"
@@ -425,16 +430,23 @@ def dead_pid():
     return p.pid
 
 
-def kill_then_rerun(case, w, fx):
-    """kill -9 a training run after its first checkpoint, leave an orphan temp file as a write cut short would,
-    rerun: it must finish and leave no .tmp behind."""
-    first = start(case.cmd, w, fx)
-    wait_for(lambda: (w / "out/ckpt.pt").exists(), first, 240)
-    if first.poll() is None:
-        os.killpg(first.pid, signal.SIGKILL)
-    first.communicate()
-    write(w / f"out/.results.json.{dead_pid()}.tmp", '{"config": {"cut": ')
-    return execute(argv(case.cmd, w, fx))
+def kill_then_rerun(flags=""):
+    """A run: kill -9 a training run after its first checkpoint, leave an orphan temp file as a write cut short
+    would, then rerun it (with `flags` added). The files the kill left are the ones that must not be lost."""
+    def run(case, w, fx):
+        first = start(case.cmd, w, fx)
+        wait_for(lambda: (w / "out/ckpt.pt").exists(), first, 240)
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
+        write(w / f"out/.results.json.{dead_pid()}.tmp", '{"config": {"cut": ')
+        before = snapshot(w / "out")
+        out = execute(argv(f"{case.cmd} {flags}", w, fx))
+        if out.rc != 0:  # a refusal keeps the interrupted run (its orphan temp file may go)
+            after = snapshot(w / "out")
+            out.extra["lost"] = [f"out/{p}" for p, h in before.items() if after.get(p) != h and ".tmp" not in p]
+        return out
+    return run
 
 
 def no_orphans(w, out):
@@ -514,8 +526,10 @@ def ft_cases():
                  {"config": {}, "history": [], "finished": False, "failed": "loss became nan at epoch 1"}))),
         Case("ft_two_writers", f"ft.py {SMALL} --max_train_samples 32 --epochs 2 --output_dir {{w}}/out",
              run=two_writers, check=first_finished, keep=False, fresh="none", mention="process|writ|lock|busy"),
-        Case("ft_kill9_then_rerun", f"ft.py {SMALL} --epochs 3 --output_dir {{w}}/out", "ok", run=kill_then_rerun,
+        Case("ft_kill9_then_rerun", f"ft.py {SMALL} --epochs 3 --output_dir {{w}}/out", "ok", run=kill_then_rerun(),
              check=no_orphans, keep=False),
+        Case("ft_kill9_then_resume_other_lr", f"ft.py {SMALL} --epochs 3 --output_dir {{w}}/out",
+             run=kill_then_rerun("--lr 1e-4"), keep=False, fresh="none", mention="lr"),
     ]
     return cases
 
@@ -525,8 +539,9 @@ def lora_cases():
            "lora_dropout_neg": "--lora_dropout -0.5", "targets_bogus": "--targets bogus"}
     cases = [Case(f"lora_{k}", f"lora.py {TRAIN} {v}", mention=r"\br\b|rank" if k.startswith("r") else flag_name(v),
                   fast=k in ("r0", "targets_bogus")) for k, v in bad.items()]
-    cases.append(Case("lora_merge_to_file", f"lora.py {TRAIN} --merge_to {{w}}/file", mention="merge_to",
-                      setup=lambda w: write(w / "file", "x")))
+    cases += [Case("lora_merge_to_file", f"lora.py {TRAIN} --merge_to {{w}}/file", mention="merge_to",
+                   setup=lambda w: write(w / "file", "x")),
+              Case("lora_merge_to_run_dir", f"lora.py {TRAIN} --merge_to {{w}}/out", mention="merge_to")]
     return cases
 
 
@@ -542,6 +557,8 @@ def data_cases():
         Case("data_missing_val_file_ft", f"ft.py {TRAIN} --data_dir {{w}}/data", mention="val.jsonl",
              setup=lambda w: (cb_copy(w) / "val.jsonl").unlink()),
         Case("data_dir_missing_lp", f"lp.py {LP} --data_dir {{w}}/no_such_dir", mention="no_such_dir"),
+        Case("data_dir_is_file_ft", f"ft.py {TRAIN} --data_dir {{w}}/file", mention="file",
+             setup=lambda w: write(w / "file", "x")),
         Case("data_one_class_lp", f"lp.py {LP} --data_dir {{w}}/data", mention="class",
              setup=lambda w: cb_copy(w, one_class)),
     ]
@@ -612,6 +629,7 @@ def calibrate_cases():
         "labels_out_of_range": (lambda w: logits_file(w / "run", val_labels=np.full(12, 5, np.int64)), "label"),
         "no_val_split": (lambda w: logits_file(w / "run", drop=("val",)), "val"),
         "length_mismatch": (lambda w: logits_file(w / "run", test_labels=np.zeros(8, np.int64)), "test"),
+        "logits_1d": (lambda w: logits_file(w / "run", val_logits=np.zeros(12, np.float32)), "val_logits"),
     }
     cases = [Case(f"cal_{k}", run, setup=s, mention=m, fresh="run", fast=k in ("no_logits", "nan_logits"))
              for k, (s, m) in bad.items()]
@@ -632,6 +650,9 @@ def report_cases():
         report_case("corrupt_results", results, "{not json"),
         report_case("truncated_seed", results, truncated_results),
         report_case("results_is_list", results, "[]"),
+        report_case("results_strings", results, json.dumps(
+            {"config": {"task": "cb", "method": "ft", "seed": 2002, "lr": "fast"}, "finished": True, "best_epoch": 1,
+             "metrics": {"val": {"accuracy": "high"}, "test": {"accuracy": "high"}}, "history": "long"})),
         report_case("calibration_wrong_shape", "cb/ft-seed1001/calibration.json",
                     json.dumps({"splits": {"test": [1, 2]}, "temperature": "hot", "converged": "maybe"})),
         report_case("ntk_strings", "cb/ntk-ft-seed1001/ntk_results.json", json.dumps(

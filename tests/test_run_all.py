@@ -89,3 +89,58 @@ def test_bad_ntk_method_is_a_one_line_error(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "use func, structured or naive" in p.stderr
     assert not any(tmp_path.iterdir())  # nothing ran
+
+
+@pytest.mark.parametrize("bad, says", [
+    (["--bogus"], "unknown option --bogus"),
+    (["--tasks"], "--tasks needs a value"),
+    (["--epochs", "0"], "--epochs 0: must be a whole number >= 1"),
+    (["--max_train_samples", "lots"], "--max_train_samples lots"),
+    (["--tasks", "cb bogus"], "--tasks: unknown 'bogus'"),
+    (["--methods", "ft lpft"], "--methods: unknown 'lpft'"),
+    (["--scales", "0.1 x"], "--scales: 'x' is not a number > 0"),
+    (["--lr_grid_lpft", "-1e-5"], "--lr_grid_lpft: '-1e-5'"),
+    (["--patience", "-1"], "--patience -1"),
+    (["--report_only", "--out", "no_such_folder_here"], "--out no_such_folder_here: no such folder"),
+])
+def test_bad_options_stop_before_any_job(tmp_path, bad, says):
+    """Every value is checked before a job starts (or is printed): one line naming it, exit 2, nothing written."""
+    p = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--out", str(tmp_path / "out"), "--print_jobs", *bad],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 2 and p.stdout == "" and p.stderr.count("\n") == 1 and says in p.stderr, p.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_print_jobs_under_a_parallel_runner(tmp_path):
+    """The printed jobs run two at a time (xargs -P 2), then --report_only calibrates and reports. Several jobs
+    start with the same `lp.py ... &&` (LP-FT, LP-LoRA, the LP NTK jobs): one fits the head, the others wait for it
+    or find it done; every job finishes, and every LP-start run begins at that one head."""
+    study = ["--tasks", "cb", "--seeds", "1001", "--epochs", "1", "--max_train_samples", "16", "--max_eval_samples",
+             "16", "--methods", "lp ft lp_ft lora lp_lora", "--ntk_n", "4", "--no_scale", "--out", str(tmp_path)]
+    env = dict(os.environ, PYTHON=sys.executable)
+    jobs = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--print_jobs", *study], capture_output=True, text=True,
+                          check=True, env=env).stdout
+    assert sum(j.startswith(f"{sys.executable} lp.py") for j in jobs.splitlines()) == 5  # lp + 4 jobs that need it
+    p = subprocess.run(["xargs", "-P", "2", "-I{}", "bash", "-c", "{}"], input=jobs, capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=1200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]  # xargs: 123 when any job failed
+    cb = tmp_path / "cb"
+    lp = json.loads((cb / "lp-seed1001/lp_results.json").read_text())
+    for m in ("ft", "lp_ft", "lora", "lp_lora"):
+        res = json.loads((cb / f"{m}-seed1001/results.json").read_text())
+        assert res["finished"] and res["config"]["method"] == m
+        if m.startswith("lp_"):  # epoch 0 is the LP head itself
+            assert res["history"][0]["head_norm"] == pytest.approx(lp["head_norm"], rel=1e-5)
+    for m in ("ft", "lp_ft", "lora", "lp_lora"):
+        ntk = json.loads((cb / f"ntk-{m}-seed1001/ntk_results.json").read_text())
+        if m.startswith("lp_"):
+            assert ntk["head_norm"] == pytest.approx(lp["head_norm"], rel=1e-5)
+    run_all("--report_only", *study)
+    for m in ("lp", "ft", "lp_ft", "lora", "lp_lora"):
+        assert (cb / f"{m}-seed1001/calibration.json").exists(), m
+    md = (tmp_path / "report.md").read_text()
+    table = md.split("## Test performance")[1].split("##")[0]
+    header, row = (next(x for x in table.splitlines() if x.startswith(f"| {c} |")) for c in ("task", "cb"))
+    assert all(f" {name} " in header for name in ("LP", "FT", "LP-FT", "LoRA", "LP-LoRA")), header
+    assert "–" not in row, row  # every method has a test score
+    assert not list(tmp_path.rglob(".*.tmp"))
