@@ -120,6 +120,9 @@ check_int --patience "$patience" 0
 check_num --scales "$scales"
 check_num --lr_grid "$lr_grid"
 for m in "${!grid[@]}"; do check_num "--lr_grid_${m/_/}" "${grid[$m]}"; done
+for v in "$out" "$data_dir" "$model"; do  # jobs are plain command lines (eval, --print_jobs): one word per path
+  [[ $v =~ [[:space:]] ]] && die "'$v' has a space; give --out, --data_dir and --model paths without spaces"
+done
 [ $report_only = 0 ] || [ -d "$out" ] || die "--out $out: no such folder; run the study's jobs first"
 
 train_cap() {  # default study: training subsets per task (the paper: all of it)

@@ -102,6 +102,7 @@ def test_bad_ntk_method_is_a_one_line_error(tmp_path):
     (["--lr_grid_lpft", "-1e-5"], "--lr_grid_lpft: '-1e-5'"),
     (["--patience", "-1"], "--patience -1"),
     (["--report_only", "--out", "no_such_folder_here"], "--out no_such_folder_here: no such folder"),
+    (["--data_dir", "my data"], "'my data' has a space"),
 ])
 def test_bad_options_stop_before_any_job(tmp_path, bad, says):
     """Every value is checked before a job starts (or is printed): one line naming it, exit 2, nothing written."""
