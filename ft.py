@@ -266,7 +266,8 @@ def fingerprint(args, method):
 
 
 def describe_diff(saved, now, most=3):
-    """'key: old -> new' for the first few differences, hashes cut to 12 digits (one readable line)."""
+    """'key: old -> new' for the first few differences (task, method and model first), hashes cut to 12 digits:
+    one readable line."""
     def flat(d):
         out = {}
         for k, v in d.items():
@@ -276,6 +277,7 @@ def describe_diff(saved, now, most=3):
         return out
 
     diff = data.config_diff(flat(saved), flat(now))
+    diff.sort(key=lambda d: d.split(":")[0] not in ("task", "method", "model"))  # what the run is, first
     return "; ".join(diff[:most]) + (f" (and {len(diff) - most} more)" if len(diff) > most else "")
 
 
@@ -398,11 +400,12 @@ def build(args, method, head, splits, fp, setup=None, extra_meta=None):
               "total_params": sum(p.numel() for p in model.parameters()), "device": str(dev)}
     meta = {"task": args.task, "model": args.model, "max_len": args.max_len, "pooling": args.pooling,
             "labels": task.labels, "method": method} | (extra_meta or {})
-    return Setup(Path(args.output_dir), args.task, model, torch.compile(model) if args.compile else model, opt,
-                 sched, params, train_tokens, splits["train"].labels, tokens,
-                 {s: sp.labels for s, sp in splits.items() if s != "train"},
-                 tok.pad_token_id if tok.pad_token_id is not None else 0, 16 if args.compile else 1, total,
-                 vars(args) | fp | counts, meta, task.select_metric, dev)
+    return Setup(out=Path(args.output_dir), task=args.task, model=model,
+                 fwd=torch.compile(model) if args.compile else model, opt=opt, sched=sched, params=params,
+                 train_tokens=train_tokens, train_labels=splits["train"].labels, tokens=tokens,
+                 labels={s: sp.labels for s, sp in splits.items() if s != "train"},
+                 pad=tok.pad_token_id if tok.pad_token_id is not None else 0, mult=16 if args.compile else 1,
+                 total=total, cfg=vars(args) | fp | counts, meta=meta, sel=task.select_metric, dev=dev)
 
 
 def start(s, args):
@@ -428,11 +431,11 @@ def resume(s, state):
         torch.set_rng_state(state["rng"])
         if s.dev.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"])
-        hist = json.loads(state["history"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        hist, best, step, phi0 = json.loads(state["history"]), state["best"], state["step"], state["phi0"].numpy()
+        print(f"{s.out}: resuming after epoch {hist[-1]['epoch']} (step {step})")
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         die(f"checkpoint {s.out / 'ckpt.pt'} does not fit this model ({type(e).__name__}); pass --overwrite")
-    print(f"{s.out}: resuming after epoch {hist[-1]['epoch']} (step {state['step']})")
-    return hist, state["best"], state["step"], state["phi0"].numpy()
+    return hist, best, step, phi0
 
 
 def save_best(s, ev):
