@@ -621,7 +621,7 @@ def clean_orphans(folder):
     """Remove `.name.<pid>.tmp` files whose writer is dead (a kill -9 during a write)."""
     for f in Path(folder).glob(".*.tmp"):
         m = re.fullmatch(r"\..+\.(\d+)\.tmp", f.name)
-        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+        if m and f.is_file() and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
             f.unlink(missing_ok=True)
 
 
