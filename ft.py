@@ -251,15 +251,15 @@ def resolve(args, method, table):
 
 
 # ---------------------------------------------------------------- the run's record
-HOW = ("output_dir", "overwrite", "merge_to", "data_dir", "init")  # where and how, never what: not recorded
+NOT_RECORDED = ("output_dir", "overwrite", "merge_to", "data_dir", "init")  # where and how, never what: not recorded
 RESULT_FILES = ("results.json", "logits.npz", "model.safetensors", "meta.json", "ckpt.pt")
 CKPT_KEYS = {"model", "opt", "sched", "rng", "phi0", "history", "best", "step"}
 
 
 def fingerprint(args, method):
-    """What determines a run's numbers: every flag but HOW, the method, the data files' content hashes (not their
-    folder) and the --init head's hash (not its path). JSON-normalised, so it equals its own run.json."""
-    fp = {k: v for k, v in sorted(vars(args).items()) if k not in HOW}
+    """What determines a run's numbers: every flag but NOT_RECORDED, the method, the data files' content hashes
+    (not their folder) and the --init head's hash (not its path). JSON-normalised, so it equals its own run.json."""
+    fp = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RECORDED}
     fp |= {"method": method, "data_sha256": data.data_fingerprint(args.task, args.data_dir),
            "init_sha256": data.file_sha256(args.init) if args.init else None}
     return json.loads(json.dumps(fp))
