@@ -13,7 +13,6 @@ calibration.json is newer than its logits.npz and has the same settings; --overw
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import data
 
 T_MIN, T_MAX = 1e-3, 1e3  # a fit that ends at a bound means val NLL keeps falling there: T is not identified
 GRAD_TOL = 1e-6  # |d NLL / d log T| below this counts as converged (LBFGS)
+METRICS = ("accuracy", "nll", "brier", "ece", "mce")  # per split, before and after temperature scaling
 
 
 def parse(argv=None):
@@ -153,13 +153,6 @@ def fit_temperature(val_logits, val_labels, optimizer="lbfgs", lr=1e-3, max_step
 
 
 # ---------------------------------------------------------------- files
-def atomic(path, write):
-    """write(tmp_path) then rename, so a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def load_logits(run_dir):
     """-> {split: (logits [N,C], labels [N])} for val, test and the OOD sets (not train), checked."""
     f = Path(run_dir) / "logits.npz"
@@ -215,15 +208,16 @@ def plot_reliability(z, y, T, bins, path, title):
         axes[1, col].set(xlabel="confidence", ylabel="count")
     fig.suptitle(title)
     fig.tight_layout()
-    atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    data.atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 
 # ---------------------------------------------------------------- driver
-def calibrate_run(run_dir, optimizer="lbfgs", bins=15, plots=True, **fit_kw):
-    """Fit T on val, measure every split before and after, write calibration.json (+ PNGs) -> the result dict."""
+def calibrate_run(run_dir, optimizer="lbfgs", bins=15, plots=True, splits=None, **fit_kw):
+    """Fit T on val, measure every split before and after, write calibration.json (+ PNGs) -> the result dict.
+    splits: load_logits(run_dir) when the caller has checked it already."""
     run_dir = Path(run_dir)
-    splits = load_logits(run_dir)
+    splits = splits or load_logits(run_dir)
     T, info = fit_temperature(*splits["val"], optimizer=optimizer, **fit_kw)
     res = {"run_dir": str(run_dir), "temperature": T, "converged": info["converged"], "optimizer": optimizer,
            "steps": info["steps"], "bins": bins, "fit": info, "splits": {}}
@@ -232,7 +226,7 @@ def calibrate_run(run_dir, optimizer="lbfgs", bins=15, plots=True, **fit_kw):
         if plots and s != "val":
             plot_reliability(z, y, T, bins, run_dir / f"reliability_{s}.png",
                              f"{'/'.join(run_dir.parts[-2:])}: {s}")
-    atomic(run_dir / "calibration.json", lambda tmp: Path(tmp).write_text(json.dumps(res, indent=2)))
+    data.save_json(run_dir / "calibration.json", res)
     if not info["converged"]:
         print(f"warning: {run_dir}: the temperature fit did not converge: {info['note']}")
     return res
@@ -260,24 +254,42 @@ def done(run_dir, optimizer, bins, plots):
     try:
         res = json.loads(f.read_text())
     except (OSError, ValueError):
-        return None
-    if res.get("optimizer") != optimizer or res.get("bins") != bins:
+        return None  # a damaged calibration.json is derived data: it is simply refit
+    if not well_formed(res) or res.get("optimizer") != optimizer or res.get("bins") != bins:
         return None
     if plots and any(not (Path(run_dir) / f"reliability_{s}.png").exists() for s in res["splits"] if s != "val"):
         return None
     return res
 
 
+def well_formed(res):
+    """The layout calibrate_run writes (what print_table and report.py read)."""
+    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    if not isinstance(res, dict) or not num(res.get("temperature")) or not isinstance(res.get("converged"), bool):
+        return False
+    splits = res.get("splits")
+    return isinstance(splits, dict) and all(
+        isinstance(m, dict) and num(m.get("n")) and all(
+            isinstance(m.get(w), dict) and all(num(m[w].get(k)) for k in METRICS) for w in ("before", "after"))
+        for m in splits.values())
+
+
+@data.cli
 def main(argv=None):
     args = parse(argv)
-    results = {}
-    for d in args.run_dirs:
+    results, todo = {}, {}
+    for d in args.run_dirs:  # every run is checked before any calibration.json is written
         old = None if args.overwrite else done(d, args.optimizer, args.bins, not args.no_plots)
         if old is not None:
             print(f"{d}: calibration.json is up to date (T={old['temperature']:.3f}); --overwrite to refit")
-        results[d] = old or calibrate_run(d, args.optimizer, args.bins, not args.no_plots)
-    print_table(results)
-    return results
+            results[d] = old
+            continue
+        data.check_output_dir(d, "run folder")
+        todo[d] = load_logits(d)
+    for d, splits in todo.items():
+        results[d] = calibrate_run(d, args.optimizer, args.bins, not args.no_plots, splits=splits)
+    print_table({d: results[d] for d in args.run_dirs})
+    return {d: results[d] for d in args.run_dirs}
 
 
 if __name__ == "__main__":

@@ -206,3 +206,26 @@ def test_missing_or_unreadable_logits(tmp_path):
         cal.main([str(tmp_path)])
     with pytest.raises(SystemExit, match="--bins 0"):
         cal.main([str(tmp_path), "--bins", "0"])
+
+
+@pytest.mark.parametrize("saved", ["[]", '{"splits": 5}', "{truncated",
+                                   '{"temperature": 1, "converged": true, "splits": {"test": 1}}'])
+def test_malformed_calibration_json_is_refit(tmp_path, saved):
+    run = synthetic_run(tmp_path / "run", np.random.default_rng(7), n=300, ood=())
+    (run / "calibration.json").write_text(saved)  # newer than logits.npz, so only its shape can say it is stale
+    res = cal.main([str(run), "--no_plots"])[str(run)]
+    assert json.loads((run / "calibration.json").read_text())["temperature"] == res["temperature"]
+
+
+def test_every_run_is_checked_before_any_is_written(tmp_path):
+    rng = np.random.default_rng(8)
+    good = synthetic_run(tmp_path / "good", rng, n=300, ood=())
+    bad = write_run(tmp_path / "bad", {"test": (rng.normal(0, 1, (20, 3)), rng.integers(0, 3, 20))})  # no val
+    with pytest.raises(SystemExit, match="no val_logits"):
+        cal.main([str(good), str(bad), "--no_plots"])
+    assert not (good / "calibration.json").exists()
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(SystemExit, match="is a file"):
+        cal.main([str(good), str(f), "--no_plots"])
+    assert not (good / "calibration.json").exists() and f.read_text() == "x"
