@@ -3,14 +3,18 @@
     python lp.py --task rte                       # writes ./lp_head.pt, lp_results.json, logits.npz
     python lp.py --task cb --output_dir runs/cb/lp-seed1001 --C 1.0
 
-Features (eval mode, no grad, bf16 autocast on CUDA) are cached under --cache_dir, so a rerun
-only refits. The head is saved as plain tensors (weight [C,d], bias [C]) for ft.py --init.
+Features (eval mode, no grad, bf16 autocast on CUDA) are cached under --cache_dir, keyed by the model, pooling,
+max length, subset and the content hash of the split's data file, so a rerun only refits. The head is saved as
+plain tensors (weight [C,d], bias [C]) for ft.py --init. lp_results.json records a fingerprint (the flags that
+change the result and the data's content hashes): a rerun with the same fingerprint skips, another stops with one
+line naming what differs. One process at a time writes an output folder; a second one waits for it (parallel
+jobs that need the same head) and then finds the head fit.
 """
 
 import argparse
-import json
-import os
+import hashlib
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -20,6 +24,11 @@ import torch
 import data
 from data import die
 
+MAX_FOLDS = 5  # LogisticRegressionCV's folds when every class has that many examples
+# the flags that change the head, logits or lp_results.json (not where files go, nor the batch size)
+RESULT_FLAGS = ("task", "model", "max_len", "pooling", "seed", "C", "max_train_samples", "max_eval_samples",
+                "norm_curve")
+
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,46 +36,116 @@ def parse(argv=None):
     a("--task", required=True, help=", ".join(data.TASKS))
     a("--model", help="hub name or directory (default: the embedded all-MiniLM-L6-v2)")
     a("--data_dir", help="folder with the official files (default: $LPFT_DATA, else ./data)")
-    a("--max_len", type=int, default=128)
-    a("--pooling", choices=["cls", "mean"], default="cls")
-    a("--seed", type=int, default=1001, help="seeds the --max_train_samples subset")
+    a("--max_len", type=int, default=data.MAX_LEN)
+    a("--pooling", choices=["cls", "mean"], default=data.POOLING)
+    a("--seed", type=int, default=data.SEED, help="seeds the --max_train_samples subset")
     a("--output_dir", default=".", help="where lp_head.pt, lp_results.json, logits.npz go (default: .)")
     a("--overwrite", action="store_true", help="refit and replace an existing head")
     a("--overwrite_cache", action="store_true", help="recompute cached features")
     a("--cache_dir", default="runs/cache", help="feature cache (default runs/cache)")
-    a("--C", type=float, help="fixed inverse L2 strength (default: LogisticRegressionCV over 10 Cs, 5 folds)")
+    a("--C", type=float, help=f"fixed inverse L2 strength (default: LogisticRegressionCV over 10 Cs, {MAX_FOLDS} "
+                              f"folds, fewer when the smallest class has fewer examples)")
     a("--max_train_samples", type=int, help="seeded random subset of the train split")
     a("--max_eval_samples", type=int, help="seeded random subset of val/test (and OOD) splits")
     a("--eval_batch_size", type=int, default=64)
     a("--norm_curve", type=int, default=0, metavar="STEPS",
       help="also log ||V||_F along a full-batch gradient LP of STEPS steps (paper Fig. 1); 0: off")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
 
 
-def atomic(path, write):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique: parallel jobs may write the same file
-    write(tmp)
-    os.replace(tmp, path)
+def check_args(args):
+    """Every flag and folder, before any data, model or file is touched."""
+    data.get_task(args.task)
+    args.model = data.model_id(args.model)
+    data.check_positive(args, ["C", "max_train_samples", "max_eval_samples", "eval_batch_size", "norm_curve"],
+                        allow_zero=("norm_curve",))
+    data.check_output_dir(args.output_dir)
+    data.check_output_dir(args.cache_dir, "--cache_dir")
+    data.check_max_len(args.model, args.max_len)
 
 
-def save_np(path, x):
-    with open(path, "wb") as f:
-        (np.savez(f, **x) if isinstance(x, dict) else np.save(f, x))
+# ---------------------------------------------------------------- what a run directory records
+def fingerprint(args):
+    """The flags that change the result plus the content hash of every data file ('data:<split>')."""
+    files = data.data_files(args.task, args.data_dir)
+    for path in files.values():
+        if isinstance(path, Path) and not path.exists():
+            die(f"missing data file {path}; put the official {args.task} files there (or pass --data_dir / set "
+                f"LPFT_DATA to a folder with the layout of data/README.md)")
+    fp = {k: getattr(args, k) for k in RESULT_FLAGS}
+    return fp | {f"data:{s}": h for s, h in data.data_fingerprint(args.task, args.data_dir).items()}
 
 
-def features(args, splits):
-    """-> {split: phi [N,d] float32}, cached per (task, model, max_len, pooling, subset)."""
-    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", data.model_id(args.model))
+def differences(saved, now):
+    """data.config_diff with content hashes shortened, so the line stays readable."""
+    def short(d):
+        return {k: v[:12] if k.startswith("data:") and isinstance(v, str) else v for k, v in d.items()}
+    return data.config_diff(short(saved), short(now))
+
+
+def finished_head(out, fp, overwrite):
+    """-> the saved result when `out` already holds the head for this fingerprint, else None (fit it).
+    Stops with one line when `out` holds another setting's head or another script's run."""
+    head_path, res_path = out / "lp_head.pt", out / "lp_results.json"
+    if (out / "results.json").exists():
+        die(f"{out} holds a run of ft.py or lora.py (results.json); pass lp.py its own --output_dir")
+    if overwrite:
+        return None
+    old = data.read_json(res_path, "lp_results.json")
+    if old is None:
+        return None  # nothing fit yet (an lp_head.pt or logits.npz alone is a fit that was cut short)
+    saved = old.get("fingerprint")
+    if not isinstance(saved, dict):
+        die(f"{res_path} holds a head for another setting (it records no data fingerprint: an older kit wrote it); "
+            f"pass --output_dir DIR for this one, or --overwrite to refit")
+    diff = differences(saved, fp)
+    if diff:
+        die(f"{res_path} holds a head for another setting ({'; '.join(diff)}); pass --output_dir DIR for this "
+            f"one, or --overwrite to replace it")
+    return old if head_path.exists() and old.get("finished") else None
+
+
+def say_fit(old, head_path, how="already fit"):
+    test = (old.get("metrics") or {}).get("test")
+    print(f"{head_path}: {how} (C={old.get('C')}, test {test}); --overwrite to refit")
+
+
+# ---------------------------------------------------------------- features
+def cache_key(args, split, source_hash):
+    """A cache file name that changes with the split's data file content and subset."""
+    n = args.max_train_samples if split == "train" else args.max_eval_samples
+    sub = "" if n is None else f"_n{n}" + (f"_s{args.seed}" if split == "train" else "")
+    return f"{split}_{hashlib.sha256(source_hash.encode()).hexdigest()[:16]}{sub}.npy"
+
+
+def source(split, fp):
+    """The data file a split comes from: val is cut from the train file unless the task ships one."""
+    return fp.get(f"data:{split}") or fp["data:train"]
+
+
+def save_npy(path, x):
+    def write(t):
+        with open(t, "wb") as f:  # a file object: np.save(name) would append .npy to the temporary name
+            np.save(f, x)
+    data.atomic(path, write)
+
+
+def features(args, splits, fp):
+    """-> {split: phi [N,d] float32}, cached per (task, model, max_len, pooling, data file content, subset).
+    Parallel jobs may compute the same file: each writes its own temporary file and renames it."""
+    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.model)
     cache = Path(args.cache_dir) / args.task / f"{tag}_{args.pooling}_L{args.max_len}"
-    sub = {"train": f"_n{args.max_train_samples}_s{args.seed}" if args.max_train_samples else ""}
     out, todo = {}, []
     for s, sp in splits.items():
-        f = cache / f"{s}{sub.get(s, f'_n{args.max_eval_samples}' if args.max_eval_samples else '')}.npy"
+        f = cache / cache_key(args, s, source(s, fp))
         if f.exists() and not args.overwrite_cache:
-            x = np.load(f)
-            if len(x) == len(sp):
+            try:
+                x = np.load(f)
+            except (OSError, ValueError):
+                x = None  # a damaged cache file is simply recomputed
+            if x is not None and x.shape[0] == len(sp):
                 out[s] = x
                 continue
         todo.append((s, f))
@@ -75,29 +154,52 @@ def features(args, splits):
         enc.to(data.device()).eval()
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         fn = lambda b: data.pool(enc(**b).last_hidden_state, b["attention_mask"], args.pooling)  # noqa: E731
+        if cache.is_dir():
+            data.clean_orphans(cache)
         for s, f in todo:
             e = data.tokenize(tok, splits[s], args.max_len)
             out[s] = data.extract(fn, e, pad, args.eval_batch_size, desc=f"features {s}")[0]
-            atomic(f, lambda t, x=out[s]: save_np(t, x))
+            save_npy(f, out[s])
         print(f"cached features in {cache}")
     return out
 
 
-def fit(x, y, C, n_classes):
-    """sklearn logistic regression -> (W [C,d], b [C], chosen C) as a softmax head."""
+# ---------------------------------------------------------------- the head
+def cv_folds(labels, task, C):
+    """Every class must be in the train subset; cross-validation (no --C) needs >= 2 examples of each.
+    -> the folds to use (None with a fixed C): MAX_FOLDS, or as many as the smallest class allows."""
+    t = data.get_task(task)
+    counts = np.bincount(labels, minlength=len(t.labels))
+    more = "pass a larger --max_train_samples (or leave it out)"
+    missing = [t.labels[c] for c in np.flatnonzero(counts == 0)]
+    if missing:
+        has = [f"'{t.labels[c]}'" for c in np.flatnonzero(counts)]
+        die(f"the train subset ({len(labels)} examples) has only class{'es' * (len(has) > 1)} {', '.join(has)}, "
+            f"no {', '.join(map(repr, missing))}; a {task} head needs all {len(t.labels)} classes: {more}")
+    if C is not None:
+        return None
+    least = int(counts.argmin())
+    if counts[least] < 2:
+        die(f"class '{t.labels[least]}' has {counts[least]} example in the train subset; choosing C by "
+            f"cross-validation needs at least 2 per class: {more}, or pass a fixed --C")
+    return int(min(MAX_FOLDS, counts[least]))
+
+
+def fit(x, y, C, n_classes, folds=MAX_FOLDS):
+    """sklearn logistic regression -> (W [C,d], b [C], chosen C, classifier) as a softmax head."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         if C is None:
-            clf = LogisticRegressionCV(Cs=10, cv=5, l1_ratios=(0.0,), scoring="accuracy", solver="lbfgs",
+            clf = LogisticRegressionCV(Cs=10, cv=folds, l1_ratios=(0.0,), scoring="accuracy", solver="lbfgs",
                                        max_iter=5000, use_legacy_attributes=False).fit(x, y)
             C = float(clf.C_)
         else:
             clf = LogisticRegression(C=C, l1_ratio=0.0, solver="lbfgs", max_iter=5000).fit(x, y)
     W, b = clf.coef_.astype(np.float32), clf.intercept_.astype(np.float32)
-    if len(clf.classes_) != n_classes:
+    if len(clf.classes_) != n_classes:  # cv_folds checks this first; kept for callers of fit alone
         die(f"the train split has {len(clf.classes_)} classes, the task {n_classes}; use more --max_train_samples")
     if n_classes == 2:  # sklearn's one row -> two logits whose softmax is its sigmoid
         W, b = np.concatenate([-W / 2, W / 2]), np.concatenate([-b / 2, b / 2])
@@ -126,50 +228,69 @@ def norm_curve(x, y, n_classes, C, steps):
     return curve
 
 
-def main(argv=None):
-    args = parse(argv)
+def fit_and_save(args, out, fp, splits, folds):
     task = data.get_task(args.task)
-    args.model = data.model_id(args.model)
-    out = Path(args.output_dir)
-    head_path, res_path = out / "lp_head.pt", out / "lp_results.json"
-    cfg = {k: v for k, v in vars(args).items() if k not in ("overwrite", "overwrite_cache")}
-    if res_path.exists() and head_path.exists() and not args.overwrite:
-        old = json.loads(res_path.read_text())
-        if old.get("config") == cfg:
-            print(f"{head_path}: already fit (C={old['C']}, test {old['metrics']['test']}); --overwrite to refit")
-            return old
-        die(f"{head_path} holds a head for another setting (task {old['config']['task']}); "
-            f"pass --output_dir DIR for this one, or --overwrite to replace it")
-
-    splits = data.load_task(args.task, args.data_dir)
-    splits["train"] = data.first_n(splits["train"], args.max_train_samples, args.seed)
-    for s in [k for k in splits if k != "train"]:
-        splits[s] = data.first_n(splits[s], args.max_eval_samples, 0)
-    feats = features(args, splits)
+    y = splits["train"].labels
+    feats = features(args, splits, fp)
     print(f"fitting logistic regression on {feats['train'].shape} features of {args.task}")
-    W, b, C, clf = fit(feats["train"], splits["train"].labels, args.C, len(task.labels))
+    W, b, C, clf = fit(feats["train"], y, args.C, len(task.labels), folds or MAX_FOLDS)
 
     logits = {s: (torch.from_numpy(f) @ W.T + b).numpy() for s, f in feats.items()}
     m = {s: data.metrics(args.task, lg, splits[s].labels) for s, lg in logits.items()}
     gap = np.abs(torch.softmax(torch.from_numpy(logits["test"]), -1).numpy() - clf.predict_proba(feats["test"]))
     norm = float(W.norm())
-    res = {"config": cfg, "C": C, "head_norm": norm, "metrics": m, "max_prob_gap_vs_sklearn": float(gap.max()),
-           "history": [], "best_epoch": 0, "finished": True}
+    res = {"config": {k: v for k, v in vars(args).items() if k not in ("overwrite", "overwrite_cache")},
+           "fingerprint": fp, "C": C, "cv_folds": folds, "head_norm": norm, "metrics": m,
+           "max_prob_gap_vs_sklearn": float(gap.max()), "history": [], "best_epoch": 0, "finished": True}
+    if folds is not None and folds < MAX_FOLDS:
+        res["cv_note"] = (f"C chosen by {folds}-fold cross-validation, not {MAX_FOLDS}: the smallest class has "
+                          f"{folds} examples in the train subset")
+        print(f"warning: {res['cv_note']}")
     if args.norm_curve:
-        res["norm_curve"] = norm_curve(feats["train"], splits["train"].labels, len(task.labels), C, args.norm_curve)
+        res["norm_curve"] = norm_curve(feats["train"], y, len(task.labels), C, args.norm_curve)
         plot_curve(res["norm_curve"], norm, out / "lp_norm_curve.png")
 
     head = {"weight": W, "bias": b, "task": args.task, "model": args.model, "max_len": args.max_len,
             "pooling": args.pooling, "labels": task.labels, "C": C, "head_norm": norm,
             "metrics": {s: v["accuracy"] for s, v in m.items()}}
-    atomic(head_path, lambda t: torch.save(head, t))
-    arrays = {f"{s}_{k}": v for s in logits for k, v in (("logits", logits[s]), ("labels", splits[s].labels))}
-    atomic(out / "logits.npz", lambda t: save_np(t, arrays))
-    atomic(res_path, lambda t: Path(t).write_text(json.dumps(res, indent=2)))
+    data.save_torch(out / "lp_head.pt", head)
+    data.save_npz(out / "logits.npz", **{f"{s}_{k}": v for s in logits
+                                          for k, v in (("logits", logits[s]), ("labels", splits[s].labels))})
+    data.save_json(out / "lp_results.json", res)  # last: its presence means the head and logits are complete
     sel = task.select_metric
     print(f"LP {args.task}: C={C:.4g} ||V||_F={norm:.3f}  " + "  ".join(f"{s} {v[sel]:.4f}" for s, v in m.items()))
-    print(f"wrote {head_path}")
+    print(f"wrote {out / 'lp_head.pt'}")
     return res
+
+
+@data.cli
+def main(argv=None):
+    args = parse(argv)
+    out = Path(args.output_dir)
+    fp = fingerprint(args)
+    old = finished_head(out, fp, args.overwrite)
+    if old is not None:
+        say_fit(old, out / "lp_head.pt")
+        return old
+    splits = data.study_splits(args.task, args.data_dir, args.max_train_samples, args.max_eval_samples, args.seed)
+    folds = cv_folds(splits["train"].labels, args.task, args.C)  # a subset no head can be fit on stops here
+    start = time.time()
+    with data.RunLock(out, wait=True):  # parallel jobs needing the same head: one fits it, the others wait
+        old = fit_since(out, fp, start) if args.overwrite else finished_head(out, fp, False)
+        if old is not None:
+            say_fit(old, out / "lp_head.pt", "fit by another process while this one waited")
+            return old
+        return fit_and_save(args, out, fp, splits, folds)
+
+
+def fit_since(out, fp, start):
+    """--overwrite: a head for this fingerprint written after `start` (by a job this one waited for) is kept."""
+    res_path = out / "lp_results.json"
+    if not res_path.exists() or res_path.stat().st_mtime < start:
+        return None
+    old = data.read_json(res_path, "lp_results.json")
+    same = old.get("fingerprint") == fp and old.get("finished") and (out / "lp_head.pt").exists()
+    return old if same else None
 
 
 def plot_curve(curve, final, path):
@@ -184,7 +305,7 @@ def plot_curve(curve, final, path):
     ax.set(xlabel="LBFGS iteration", ylabel="||V||_F", title="head norm during LP")
     ax.legend()
     fig.tight_layout()
-    atomic(path, lambda t: fig.savefig(t, format="png", dpi=120))
+    data.atomic(path, lambda t: fig.savefig(t, format="png", dpi=120))
     plt.close(fig)
 
 

@@ -1,0 +1,201 @@
+"""lp.py faults: every bad flag, folder or subset stops with one line before any model or file is touched, the
+feature cache and the skip check follow the data's content, and parallel jobs wait for one head."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+import data
+import lp
+
+T = ["--task", "cb", "--max_train_samples", "16", "--max_eval_samples", "16"]
+
+
+def snapshot(folder):
+    """{path: bytes} of every file under folder: what a failed run must leave as it was."""
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def lp_cli(*argv, cwd=ROOT):
+    """`python lp.py ...` -> (exit code, stdout, stderr)."""
+    r = subprocess.run([sys.executable, "lp.py", *argv], cwd=cwd, capture_output=True, text=True)
+    return r.returncode, r.stdout, r.stderr
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Faults must be found before the encoder is loaded."""
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+    monkeypatch.setattr(data, "load_encoder", boom)
+
+
+@pytest.fixture
+def old_run(tmp_path):
+    """An output folder that already holds files (they must survive every failure, --overwrite included)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("lp_head.pt", "logits.npz", "lp_results.json"):
+        (out / name).write_bytes(b"earlier run's " + name.encode())
+    return out
+
+
+def one_line_error(argv, match):
+    with pytest.raises(SystemExit) as e:
+        lp.main(argv)
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg and match in msg, msg
+    return msg
+
+
+# ---------------------------------------------------------------- flags and folders, checked first
+@pytest.mark.parametrize("flags,match", [
+    (["--C", "0"], "--C 0.0: must be > 0"),
+    (["--C", "-1"], "--C -1.0: must be > 0"),
+    (["--C", "nan"], "--C nan: must be > 0 and finite"),
+    (["--C", "inf"], "--C inf"),
+    (["--max_train_samples", "0"], "--max_train_samples 0"),
+    (["--max_train_samples", "-1"], "--max_train_samples -1"),
+    (["--max_eval_samples", "0"], "--max_eval_samples 0"),
+    (["--eval_batch_size", "0"], "--eval_batch_size 0"),
+    (["--norm_curve", "-1"], "--norm_curve -1: must be >= 0"),
+    (["--max_len", "600"], "exceeds the 512 positions"),
+    (["--max_len", "2"], "--max_len 2: too short"),
+    (["--task", "xyz"], "unknown task 'xyz'"),
+])
+def test_bad_flag_stops_before_anything(old_run, tmp_path, no_model, flags, match):
+    before = snapshot(tmp_path)
+    one_line_error([*T, "--output_dir", str(old_run), "--cache_dir", str(tmp_path / "c"), "--overwrite", *flags],
+                   match)
+    assert snapshot(tmp_path) == before and not (tmp_path / "c").exists()
+
+
+def test_output_dir_that_is_a_file_or_under_one(tmp_path, no_model):
+    f = tmp_path / "file"
+    f.write_text("mine")
+    one_line_error([*T, "--output_dir", str(f), "--cache_dir", str(tmp_path / "c")], "is a file")
+    one_line_error([*T, "--output_dir", str(f / "sub"), "--cache_dir", str(tmp_path / "c")], "lies under the file")
+    one_line_error([*T, "--output_dir", str(tmp_path / "o"), "--cache_dir", str(f)], "--cache_dir")
+    assert f.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_corrupt_lp_results_is_one_line(old_run, tmp_path, no_model):
+    (old_run / "lp_results.json").write_text('{"config": {"task": "cb"')  # truncated
+    before = snapshot(tmp_path)
+    one_line_error([*T, "--output_dir", str(old_run), "--cache_dir", str(tmp_path / "c")], "corrupt")
+    (old_run / "lp_results.json").write_text("[1, 2]")
+    before = snapshot(tmp_path)
+    one_line_error([*T, "--output_dir", str(old_run), "--cache_dir", str(tmp_path / "c")], "not the lp_results.json")
+    assert snapshot(tmp_path) == before
+
+
+def test_output_dir_of_another_script_is_refused(tmp_path, no_model):
+    (tmp_path / "results.json").write_text("{}")  # an ft.py run: its logits.npz must not be replaced
+    before = snapshot(tmp_path)
+    one_line_error([*T, "--output_dir", str(tmp_path), "--cache_dir", str(tmp_path / "c")], "holds a run of ft.py")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--C", "0"], "--C 0.0: must be > 0"),
+    (["--max_len", "600"], "exceeds the 512 positions"),
+    (["--max_train_samples", "1"], "has only class 'contradiction', no 'entailment', 'neutral'"),
+])
+def test_cli_prints_one_line_and_keeps_files(old_run, tmp_path, flags, match):
+    before = snapshot(tmp_path)
+    rc, out, err = lp_cli(*T, "--output_dir", str(old_run), "--cache_dir", str(tmp_path / "c"), "--overwrite", *flags)
+    assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1 and match in err, err
+    assert snapshot(tmp_path) == before
+
+
+# ---------------------------------------------------------------- train subsets the head cannot be fit on
+def test_one_class_names_the_missing_ones(tmp_path, no_model):
+    one_line_error([*T, "--max_train_samples", "1", "--output_dir", str(tmp_path), "--cache_dir", str(tmp_path)],
+                   "has only class 'contradiction', no 'entailment', 'neutral'; a cb head needs all 3 classes: "
+                   "pass a larger --max_train_samples")
+    one_line_error([*T, "--max_train_samples", "4", "--output_dir", str(tmp_path), "--cache_dir", str(tmp_path)],
+                   "no 'neutral'")  # 2 classes of 3: the head would lack a row
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_too_few_for_cross_validation(tmp_path, no_model):
+    # 8 examples: 3 / 4 / 1 per class; a fold split needs >= 2 of each
+    one_line_error([*T, "--max_train_samples", "8", "--output_dir", str(tmp_path), "--cache_dir", str(tmp_path)],
+                   "class 'neutral' has 1 example in the train subset; choosing C by cross-validation needs at "
+                   "least 2 per class")
+    assert list(tmp_path.iterdir()) == []
+    assert lp.cv_folds(np.array([0, 0, 1, 1, 2, 2, 2]), "cb", None) == 2  # as many folds as the smallest class
+    assert lp.cv_folds(np.array([0] * 9 + [1] * 9 + [2] * 9), "cb", None) == lp.MAX_FOLDS
+    assert lp.cv_folds(np.array([0, 1, 2]), "cb", 1.0) is None  # a fixed C needs one of each only
+
+
+# ---------------------------------------------------------------- the data's content decides reuse
+@pytest.fixture
+def two_data_dirs(tmp_path, data_dir):
+    """A: the official CB files; B: the same names with other text and labels; A2: a copy of A elsewhere."""
+    dirs = {}
+    for name in ("A", "B", "A2"):
+        d = tmp_path / name / "superglue/CB"
+        shutil.copytree(data_dir / "superglue/CB", d)
+        dirs[name] = tmp_path / name
+    swap = {"entailment": "contradiction", "contradiction": "entailment", "neutral": "neutral"}
+    f = dirs["B"] / "superglue/CB/train.jsonl"
+    rows = [json.loads(line) for line in f.read_text().splitlines()]
+    f.write_text("".join(json.dumps(r | {"premise": "Indeed, " + r["premise"], "label": swap[r["label"]]}) + "\n"
+                         for r in rows))
+    return dirs
+
+
+def test_other_data_same_task_is_never_reused(two_data_dirs, tmp_path, monkeypatch, capsys):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    a = lp.main([*T, "--data_dir", str(two_data_dirs["A"]), "--output_dir", str(out), "--cache_dir", str(cache)])
+    assert a["cv_folds"] == 2 and "2-fold" in a["cv_note"]  # 2 'neutral' of 16: fewer folds, and it says so
+    assert a["fingerprint"]["data:train"] == data.file_sha256(two_data_dirs["A"] / "superglue/CB/train.jsonl")
+    cached = sorted(cache.rglob("*.npy"))
+    assert len(cached) == 3
+
+    # B into the same folder: the fingerprint differs, nothing is loaded or written
+    before = snapshot(tmp_path / "out") | snapshot(cache)
+    with monkeypatch.context() as m:
+        m.setattr(data, "load_encoder", lambda *a: pytest.fail("the model was loaded"))
+        msg = one_line_error([*T, "--data_dir", str(two_data_dirs["B"]), "--output_dir", str(out), "--cache_dir",
+                              str(cache)], "holds a head for another setting (data:train: ")
+        assert "--overwrite" in msg and "data:test" not in msg  # only the file that differs is named
+        # the same content under another path is the same data: skipped
+        again = lp.main([*T, "--data_dir", str(two_data_dirs["A2"]), "--output_dir", str(out), "--cache_dir",
+                         str(cache)])
+    assert again == a and "already fit" in capsys.readouterr().out
+    assert snapshot(tmp_path / "out") | snapshot(cache) == before
+
+    # B into a fresh folder with the same cache: train/val features are computed again, test (same file) reused
+    b = lp.main([*T, "--data_dir", str(two_data_dirs["B"]), "--output_dir", str(tmp_path / "outB"),
+                 "--cache_dir", str(cache)])
+    new = sorted(set(cache.rglob("*.npy")) - set(cached))
+    assert sorted(p.name.split("_")[0] for p in new) == ["train", "val"]
+    assert b["fingerprint"]["data:test"] == a["fingerprint"]["data:test"]
+    xa = np.load([p for p in cached if p.name.startswith("train")][0])
+    xb = np.load([p for p in new if p.name.startswith("train")][0])
+    assert xa.shape == xb.shape and not np.allclose(xa, xb)  # B's text, not A's features
+
+
+def test_parallel_jobs_fit_one_head(tmp_path):
+    """Two lp.py for the same head at once (run_all --print_jobs under xargs -P): both succeed, one fits."""
+    argv = [sys.executable, "lp.py", *T, "--C", "1", "--output_dir", str(tmp_path / "lp"),
+            "--cache_dir", str(tmp_path / "cache")]
+    jobs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outs = [j.communicate() for j in jobs]
+    assert [j.returncode for j in jobs] == [0, 0], outs
+    fitted = [o for o, e in outs if "fitting logistic regression" in o]
+    assert len(fitted) == 1, outs
+    other = next(o for o, e in outs if "fitting logistic regression" not in o)
+    assert "already fit" in other or "fit by another process while this one waited" in other
+    assert all("Traceback" not in e for o, e in outs)
+    res = json.loads((tmp_path / "lp" / "lp_results.json").read_text())
+    assert res["finished"] and (tmp_path / "lp" / "lp_head.pt").exists()
+    assert not list((tmp_path / "lp").glob(".*.tmp")) and not list((tmp_path / "cache").rglob(".*.tmp"))
