@@ -6,7 +6,10 @@
 Reads results.json (ft.py, lora.py), lp_results.json (lp.py), calibration.json (calibrate.py) and
 ntk_results.json (ntk.py). Learning rates are chosen per task and method by the best mean validation
 metric over seeds (CoLA: MCC; ties: the lowest learning rate); test scores are never used to choose.
-A run that diverged counts as a failed point. Missing runs show as "–".
+A run that diverged counts as a failed point. Missing runs show as "–". Every file the report could not use
+(corrupt, truncated, unfinished, of another shape) and every (task, method, lr) with fewer seeds than the
+study are listed under "Runs not used" at the top of report.md and on stderr; a mean over fewer seeds than
+the study says so with (n=k).
 """
 
 import argparse
@@ -15,7 +18,9 @@ import io
 import json
 import math
 import os
+import sys
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +30,8 @@ import data
 METHODS = ["lp", "ft", "lp_ft", "lora", "lp_lora"]
 NAMES = {"lp": "LP", "ft": "FT", "lp_ft": "LP-FT", "lora": "LoRA", "lp_lora": "LP-LoRA"}
 DASH = "–"
+RESULTS = ("results.json", "lp_results.json", "ntk_results.json")
+ARTIFACTS = ("ckpt.pt", "model.safetensors", "meta.json", "logits.npz", "lp_head.pt", "kernels.npz")
 
 
 def parse(argv=None):
@@ -33,55 +40,216 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
+# ---------------------------------------------------------------- reading and checking files
+def num(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def read(path):
+    """-> (object, None) or (None, why it cannot be read)."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        return json.loads(Path(path).read_text()), None
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"cannot read ({type(e).__name__})"
+    except ValueError as e:
+        return None, f"corrupt or truncated JSON ({e.msg if hasattr(e, 'msg') else e})"
+
+
+def run_problem(r, name):
+    """Why a results.json / lp_results.json cannot be used, or None. A failed (diverged) run is usable."""
+    if not isinstance(r, dict):
+        return f"a JSON {type(r).__name__}, not a results object"
+    c = r.get("config")
+    if not isinstance(c, dict):
+        return "no config"
+    if c.get("task") not in data.TASKS:
+        return f"unknown task {c.get('task')!r}"
+    method = "lp" if name == "lp_results.json" else c.get("method")
+    if method not in METHODS:
+        return f"unknown method {method!r}"
+    if not isinstance(c.get("seed"), int) or not (c.get("lr") is None or num(c["lr"])) \
+            or not num(c.get("head_scale", 1.0)):
+        return "config lacks an integer seed or has a non-numeric lr or head_scale"
+    if r.get("failed"):
         return None
+    if r.get("finished") is not True:
+        return "unfinished run (not marked finished)"
+    m, sel = r.get("metrics"), data.TASKS[c["task"]].select_metric
+    if not isinstance(m, dict) or not all(isinstance(v, dict) and all(num(x) for x in v.values()) for v in m.values()):
+        return "metrics are missing or not numbers"
+    if not all(num((m.get(s) or {}).get(sel)) for s in ("val", "test")) or not num(r.get("head_norm")):
+        return f"no val/test {sel} or head_norm"
+    if method == "lp":
+        curve = r.get("norm_curve")
+        return None if curve is None or isinstance(curve, list) and all(num(x) for x in curve) \
+            else "norm_curve is not a list of numbers"
+    return history_problem(r)
+
+
+def history_problem(r):
+    hist = r.get("history")
+    if not isinstance(hist, list) or not hist or not all(
+            isinstance(h, dict) and num(h.get("epoch")) and num(h.get("head_norm")) for h in hist):
+        return "history is missing or lacks epoch/head_norm numbers"
+    best = next((h for h in hist if h["epoch"] == r.get("best_epoch")), None)
+    if best is None or not all(num(best.get(k)) for k in ("diff_f", "cs_f", "fdr_f")):
+        return "the best epoch's diff_f/cs_f/fdr_f are missing"
+    return None
+
+
+def calibration_problem(cal):
+    import calibrate
+
+    return None if calibrate.well_formed(cal) else "not the layout calibrate.py writes"
+
+
+def ntk_problem(k):
+    """Why an ntk_results.json cannot be used, or None."""
+    if not isinstance(k, dict) or not isinstance(k.get("config"), dict):
+        return "not an ntk.py result (no config)"
+    if k["config"].get("task") not in data.TASKS:
+        return f"unknown task {k['config'].get('task')!r}"
+    kern = k.get("kernels")
+    if not isinstance(kern, dict) or not all(isinstance(kern.get(K), dict) for K in ("P", "F", "P+F")):
+        return "no kernels P, F, P+F"
+    pf = kern["P+F"]
+    stats = {"ft_ratio": k.get("ft_ratio"), "head_norm": k.get("head_norm"),
+             "config.n_train": k["config"].get("n_train"), "kernels.P.fro": kern["P"].get("fro"),
+             "kernels.F.fro": kern["F"].get("fro"), "kernels.P+F.rank": pf.get("rank")}
+    for solver in ("kernel_regression", "pair_logreg"):
+        v = pf.get(solver) or {}
+        stats[f"kernels.P+F.{solver}.test"] = v.get("test") if isinstance(v, dict) else v
+    bad = [f"{name} = {x!r}" for name, x in stats.items() if not (x is None or num(x))]
+    return f"not a number: {', '.join(bad)}" if bad else None
 
 
 # ---------------------------------------------------------------- collecting runs
-def load_runs(root):
-    """-> list of dicts, one per training run (LP included), with what the tables need."""
-    rows = []
-    for f in sorted(Path(root).rglob("*results.json")):
-        if f.name not in ("results.json", "lp_results.json") or "cache" in f.parts:
+@dataclass
+class Study:
+    """Everything the tables read: usable runs, NTK results, what was left out and why."""
+    root: Path
+    rows: list = field(default_factory=list)
+    ntk: dict = field(default_factory=dict)  # run dir -> ntk_results.json
+    problems: list = field(default_factory=list)  # (path under root, why it was not used)
+    seeds: list = field(default_factory=list)  # every seed of the study (head scale 1)
+    short: list = field(default_factory=list)  # "task method lr: seeds ... (missing ...)"
+    # filled by build: runs at the chosen lr per (task, method), the lr grids and choices, what is present
+    chosen: dict = field(default_factory=dict)
+    grids: dict = field(default_factory=dict)
+    lrs: dict = field(default_factory=dict)
+    tasks: list = field(default_factory=list)
+    methods: list = field(default_factory=list)
+
+
+def collect(root):
+    s = Study(Path(root))
+    s.rows = load_runs(root, s.problems)
+    for f in result_files(root, "ntk_results.json"):
+        k, why = read(f)
+        why = why or ntk_problem(k)
+        if why:
+            s.problems.append((rel(f, root), why))
+        else:
+            s.ntk[str(f.parent)] = k
+    s.problems += unfinished(root)
+    s.seeds, s.short = seed_gaps(s.rows)
+    return s
+
+
+def rel(path, root):
+    return os.path.relpath(path, root)
+
+
+def result_files(root, name):
+    return [f for f in sorted(Path(root).rglob(name)) if "cache" not in f.relative_to(root).parts]
+
+
+def unfinished(root):
+    """Run folders with a job's files but no results file: killed or still running."""
+    out = []
+    for d in sorted({f.parent for a in ARTIFACTS for f in Path(root).rglob(a)}):
+        if "cache" not in d.relative_to(root).parts and not any((d / n).exists() for n in RESULTS):
+            out.append((rel(d, root) + "/", "unfinished run (no results file; still running or killed)"))
+    return out
+
+
+def load_runs(root, problems=None):
+    """-> list of dicts, one per usable training run (LP included), with what the tables need. What cannot be
+    used is appended to `problems` as (path, why)."""
+    problems = [] if problems is None else problems
+    rows, seen = [], {}
+    files = result_files(root, "results.json") + result_files(root, "lp_results.json")
+    for f in sorted(files):
+        r, why = read(f)
+        why = why or run_problem(r, f.name)
+        if why:
+            problems.append((rel(f, root), why))
             continue
-        r = read(f)
-        if not r or "config" not in r:
+        row = run_row(r, f)
+        key = (row["task"], row["method"], row["lr"], row["scale"], row["seed"])
+        if key in seen:
+            problems.append((rel(f, root), f"the same task, method, lr, head scale and seed as {seen[key]}; "
+                                           f"not counted twice"))
             continue
-        c = r["config"]
-        task = c.get("task")
-        if task not in data.TASKS:
-            continue
-        sel = data.TASKS[task].select_metric
-        method = "lp" if f.name == "lp_results.json" else c.get("method")
-        row = {"dir": str(f.parent), "task": task, "method": method, "seed": c.get("seed"),
-               "lr": c.get("lr"), "scale": c.get("head_scale", 1.0), "failed": r.get("failed"), "sel": sel}
-        if not row["failed"]:
-            m = r.get("metrics", {})
-            row |= {"metrics": m, "val": m.get("val", {}).get(sel), "test": m.get("test", {}).get(sel),
-                    "head_norm": r.get("head_norm")}
-            hist = r.get("history") or []
-            best = next((h for h in hist if h.get("epoch") == r.get("best_epoch")), None)
-            if method != "lp" and best:
-                row |= {k: best.get(k) for k in ("diff_f", "cs_f", "fdr_f")}
-                row |= {"head_norm0": hist[0].get("head_norm"), "history": hist}
-            if method == "lp":
-                row["norm_curve"] = r.get("norm_curve")
-        cal = read(f.parent / "calibration.json")
-        if cal:
-            row["calibration"] = cal
+        seen[key] = rel(f, root)
+        cal_path = f.parent / "calibration.json"
+        if cal_path.exists():
+            cal, why = read(cal_path)
+            why = why or calibration_problem(cal)
+            if why:
+                problems.append((rel(cal_path, root), why))
+            else:
+                row["calibration"] = cal
         rows.append(row)
     return rows
 
 
-def mean_std(xs):
+def run_row(r, f):
+    c = r["config"]
+    task, method = c["task"], "lp" if f.name == "lp_results.json" else c["method"]
+    sel = data.TASKS[task].select_metric
+    row = {"dir": str(f.parent), "task": task, "method": method, "seed": c["seed"], "lr": c.get("lr"),
+           "scale": c.get("head_scale", 1.0), "failed": r.get("failed"), "sel": sel}
+    if row["failed"]:
+        return row
+    m = r["metrics"]
+    row |= {"metrics": m, "val": m["val"][sel], "test": m["test"][sel], "head_norm": r["head_norm"]}
+    if method == "lp":
+        row["norm_curve"] = r.get("norm_curve")
+    else:
+        hist = r["history"]
+        best = next(h for h in hist if h["epoch"] == r["best_epoch"])
+        row |= {k: best[k] for k in ("diff_f", "cs_f", "fdr_f")}
+        row |= {"head_norm0": hist[0]["head_norm"], "history": hist}
+    return row
+
+
+def seed_gaps(rows):
+    """-> (the study's seeds, one line per (task, method, lr) with fewer of them than the study)."""
+    groups = defaultdict(set)
+    for r in rows:
+        if r["scale"] == 1.0:
+            groups[(r["task"], r["method"], r["lr"])].add(r["seed"])
+    seeds = sorted(set().union(*groups.values())) if groups else []
+    short = []
+    for (t, m, lr), have in sorted(groups.items(), key=lambda x: (x[0][0], x[0][1], x[0][2] or 0)):
+        if len(have) < len(seeds):
+            lr_txt = "" if lr is None else f" lr {lr:g}"
+            short.append(f"{t} {NAMES[m]}{lr_txt}: seeds {', '.join(map(str, sorted(have)))} "
+                         f"(missing {', '.join(map(str, sorted(set(seeds) - have)))})")
+    return seeds, short
+
+
+# ---------------------------------------------------------------- statistics
+def mean_std(xs, expect=0):
+    """'mean ± std' in percent over seeds; '(n=k)' when fewer than `expect` seeds (or one) are left."""
     xs = [x for x in xs if x is not None]
     if not xs:
         return DASH
-    sd = float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
-    return f"{100 * np.mean(xs):.1f} ± {100 * sd:.1f}"
+    if len(xs) == 1:
+        return f"{100 * xs[0]:.1f} (n=1)"
+    n = f" (n={len(xs)})" if len(xs) < expect else ""
+    return f"{100 * np.mean(xs):.1f} ± {100 * float(np.std(xs, ddof=1)):.1f}{n}"
 
 
 def select_lr(rows):
@@ -139,125 +307,158 @@ def chosen_runs(rows):
     return chosen, grids, lrs
 
 
-# ---------------------------------------------------------------- tables
+# ---------------------------------------------------------------- tables: each returns (title, header, body, note)
 def table(header, body):
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(x) for x in row) + " |" for row in body]
     return "\n".join(out)
 
 
-def build(rows, root):
-    chosen, grids, lrs = chosen_runs(rows)
-    tasks = [t for t in data.TASKS if any(r["task"] == t for r in rows)]
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    md, csvrows = [f"# LP-FT kit report ({root})", ""], []
+def test_table(s):  # Table 8: test accuracy (CoLA: MCC)
+    body = [[t] + [mean_std([r["test"] for r in s.chosen.get((t, m), [])], len(s.seeds)) for m in s.methods]
+            for t in s.tasks]
+    return ("Test performance (mean ± std over seeds; Table 8)", ["task"] + [NAMES[m] for m in s.methods], body,
+            "Accuracy in percent, CoLA Matthews correlation x100; learning rate chosen on validation; (n=k): only "
+            "k seeds (see Runs not used).")
 
-    def emit(title, header, body, note=""):
-        md.extend([f"## {title}", "", table(header, body), ""] + ([note, ""] if note else []))
-        for row in body:
-            for h, v in zip(header[1:], row[1:]):
-                csvrows.append([title, row[0], h, v])
 
-    # Table 8: test accuracy (CoLA: MCC)
-    body = [[t] + [mean_std([r["test"] for r in chosen.get((t, m), [])]) for m in methods] for t in tasks]
-    emit("Test performance (mean ± std over seeds; Table 8)", ["task"] + [NAMES[m] for m in methods], body,
-         "Accuracy in percent, CoLA Matthews correlation x100; learning rate chosen on validation.")
+def amazon_table(s):  # Table 10: Amazon in- and out-of-distribution
+    if "amazon" not in s.tasks:
+        return None
+    ood = ["test"] + list(data.TASKS["amazon"].ood)
+    body = [[NAMES[m]] + [mean_std([r["metrics"].get(sp, {}).get("accuracy") for r in s.chosen.get(("amazon", m), [])],
+                                   len(s.seeds)) for sp in ood] for m in s.methods]
+    return "Amazon: ID and OOD accuracy (Table 10)", ["method", "Amazon (ID)"] + ood[1:], body, ""
 
-    # Table 10: Amazon in- and out-of-distribution
-    if "amazon" in tasks:
-        ood = ["test"] + list(data.TASKS["amazon"].ood)
-        body = [[NAMES[m]] + [mean_std([r["metrics"].get(s, {}).get("accuracy") for r in chosen.get(("amazon", m), [])])
-                              for s in ood] for m in methods]
-        emit("Amazon: ID and OOD accuracy (Table 10)", ["method", "Amazon (ID)"] + ood[1:], body)
 
-    # Table 13: head norms
+def norm_table(s):  # Table 13: head norms
     body = []
-    for t in tasks:
-        for m in methods:
-            rs = chosen.get((t, m), [])
+    for t in s.tasks:
+        for m in s.methods:
+            rs = s.chosen.get((t, m), [])
             if rs:
                 n0 = [r.get("head_norm0") for r in rs if r.get("head_norm0") is not None]
                 body.append([f"{t} {NAMES[m]}", f"{np.mean(n0):.3f}" if n0 else DASH,
                              f"{np.mean([r['head_norm'] for r in rs]):.3f}"])
-    emit("Head norm ||V||_F (Table 13)", ["run", "at start of FT", "at best epoch (LP: fitted)"], body)
+    return "Head norm ||V||_F (Table 13)", ["run", "at start of FT", "at best epoch (LP: fitted)"], body, ""
 
-    # Tables 1 and 12: feature change
+
+def feature_table(s):  # Tables 1 and 12: feature change
     body = []
-    for t in tasks:
-        for m in [m for m in methods if m != "lp"]:
-            rs = chosen.get((t, m), [])
+    for t in s.tasks:
+        for m in [m for m in s.methods if m != "lp"]:
+            rs = s.chosen.get((t, m), [])
             body.append([f"{t} {NAMES[m]}"] + [f"{np.mean([r[k] for r in rs]):.4f}" if rs else DASH
                                               for k in ("diff_f", "cs_f", "fdr_f")])
-    emit("Feature change on test examples (Tables 1, 12)", ["run", "Diff(F)", "CS(F)", "FDR"], body,
-         "Diff(F): mean ||phi_t(x) - phi_0(x)||; CS(F): mean pairwise cosine similarity; "
-         "FDR (the kit's definition): tr(S_B)/tr(S_W).")
+    return ("Feature change on test examples (Tables 1, 12)", ["run", "Diff(F)", "CS(F)", "FDR"], body,
+            "Diff(F): mean ||phi_t(x) - phi_0(x)||; CS(F): mean pairwise cosine similarity; "
+            "FDR (the kit's definition): tr(S_B)/tr(S_W).")
 
-    # Table 3: calibration on test
+
+def calibration_table(s):  # Table 3: calibration on test
     body = []
-    for t in tasks:
-        for m in methods:
-            cals = [r["calibration"] for r in chosen.get((t, m), []) if r.get("calibration")]
+    for t in s.tasks:
+        for m in s.methods:
+            cals = [r["calibration"] for r in s.chosen.get((t, m), []) if r.get("calibration")]
+            if not cals:
+                continue
             vals = [[c_split(c, k) for c in cals] for k in (("before", "ece"), ("after", "ece"),
                                                              ("before", "mce"), ("after", "mce"))]
-            if cals:
-                body.append([f"{t} {NAMES[m]}"] + [f"{np.mean(v):.2f}" if None not in v else DASH for v in vals]
-                            + [f"{np.mean([c.get('temperature', np.nan) for c in cals]):.3f}"
-                               + ("" if all(c.get("converged", True) for c in cals) else "*")])
-    emit("Calibration on test, percent (Table 3)", ["run", "ECE", "ECE (TS)", "MCE", "MCE (TS)", "T"], body,
-         "T: mean fitted temperature over seeds; * a fit did not converge (T not identified, e.g. chance-level "
-         "logits on val, whose NLL keeps falling as T grows; see calibration.json).")
+            body.append([f"{t} {NAMES[m]}"] + [f"{np.mean(v):.2f}" if None not in v else DASH for v in vals]
+                        + [f"{np.mean([c['temperature'] for c in cals]):.3f}"
+                           + ("" if all(c["converged"] for c in cals) else "*")])
+    return ("Calibration on test, percent (Table 3)", ["run", "ECE", "ECE (TS)", "MCE", "MCE (TS)", "T"], body,
+            "T: mean fitted temperature over seeds; * a fit did not converge (T not identified, e.g. chance-level "
+            "logits on val, whose NLL keeps falling as T grows; see calibration.json).")
 
-    # Table 2: kernel statistics
-    body = []
-    for f in sorted(Path(root).rglob("ntk_results.json")):
-        k = read(f)
-        if k:
-            body.append(ntk_row(f.parent.name, k))
-    if body:
-        emit("eNTK at the start of fine-tuning (Table 2)",
-             ["run", "N", "rank P+F", "||P||_F", "||F||_F", "FT ratio", "||V||", "kernel reg.", "pair logreg"],
-             body, "Test accuracy of kernel regression on P+F (classes) and of the paper's pair-level logistic "
-             "regression (pairs); FT ratio = mean ||F delta|| / ||(P+F) delta||.")
 
-    # norm scaling (Figure 3)
+def ntk_table(s):  # Table 2: kernel statistics
+    body = [ntk_row(Path(d).name, k) for d, k in sorted(s.ntk.items())]
+    if not body:
+        return None
+    return ("eNTK at the start of fine-tuning (Table 2)",
+            ["run", "N", "rank P+F", "||P||_F", "||F||_F", "FT ratio", "||V||", "kernel reg.", "pair logreg"], body,
+            "Test accuracy of kernel regression on P+F (classes) and of the paper's pair-level logistic "
+            "regression (pairs); FT ratio = mean ||F delta|| / ||(P+F) delta||.")
+
+
+def scaling_table(s):  # Figure 3: norm scaling
+    first = min((r["seed"] for r in s.rows), default=None)
     body = [[f"{r['task']} {NAMES[r['method']]}", r["scale"], f"{r['head_norm0']:.3f}", f"{r['diff_f']:.4f}",
              f"{100 * r['test']:.1f}"]
-            for r in sorted(rows, key=lambda r: (r["task"], r["method"], r["scale"]))
-            if r["method"] != "lp" and not r["failed"] and r.get("diff_f") is not None
-            and r["seed"] == min(x["seed"] for x in rows) and scaled_task(rows, r["task"])]
-    if body:
-        emit("Norm scaling: initial head norm vs feature change (Figure 3)",
-             ["run", "head scale", "||V|| at start", "Diff(F)", "test"], body)
+            for r in sorted(s.rows, key=lambda r: (r["task"], r["method"], r["scale"]))
+            if r["method"] != "lp" and not r["failed"] and r["seed"] == first and scaled_task(s.rows, r["task"])]
+    if not body:
+        return None
+    return ("Norm scaling: initial head norm vs feature change (Figure 3)",
+            ["run", "head scale", "||V|| at start", "Diff(F)", "test"], body, "")
 
-    # learning-rate grid and paired comparisons
+
+def lr_table(s):  # the learning-rate grid
     body = []
-    for (t, m), summ in sorted(grids.items()):
+    for (t, m), summ in sorted(s.grids.items()):
         if m == "lp":
             continue
-        for lr, s in sorted(summ.items(), key=lambda x: x[0] or 0):
-            mark = "**chosen**" if lr == lrs[(t, m)] else ("failed" if s["failed"] else "")
-            body.append([f"{t} {NAMES[m]}", f"{lr:g}", f"{100 * s['val']:.1f}" if s["val"] is not None else DASH,
-                         mean_std(s["test"]), f"{s['seeds'] - s['failed']}/{s['seeds']}", mark])
-    emit("Learning rates: mean val and test over seeds (chosen on val)",
-         ["run", "lr", "val", "test", "seeds ok", ""], body)
+        for lr, g in sorted(summ.items(), key=lambda x: x[0] or 0):
+            mark = "**chosen**" if lr == s.lrs[(t, m)] else ("failed" if g["failed"] else "")
+            body.append([f"{t} {NAMES[m]}", f"{lr:g}", f"{100 * g['val']:.1f}" if g["val"] is not None else DASH,
+                         mean_std(g["test"], len(s.seeds)), f"{g['seeds'] - g['failed']}/{g['seeds']}", mark])
+    return ("Learning rates: mean val and test over seeds (chosen on val)",
+            ["run", "lr", "val", "test", "seeds ok", ""], body, "")
+
+
+def paired_table(s):  # paired differences by seed
     body = []
-    for t in tasks:
+    for t in s.tasks:
         for a, b in (("lp_ft", "ft"), ("lp_lora", "lora")):
-            A = {r["seed"]: r["test"] for r in chosen.get((t, a), [])}
-            B = {r["seed"]: r["test"] for r in chosen.get((t, b), [])}
+            A = {r["seed"]: r["test"] for r in s.chosen.get((t, a), [])}
+            B = {r["seed"]: r["test"] for r in s.chosen.get((t, b), [])}
             if A or B:
                 body.append([t, f"{NAMES[a]} − {NAMES[b]}", fmt_pair(paired(A, B))])
-        for m in methods:
-            cal = {r["seed"]: r["calibration"] for r in chosen.get((t, m), []) if r.get("calibration")}
-            after = {s: c_split(c, ("after", "ece")) for s, c in cal.items()}
-            before = {s: c_split(c, ("before", "ece")) for s, c in cal.items()}
+        for m in s.methods:
+            cal = {r["seed"]: r["calibration"] for r in s.chosen.get((t, m), []) if r.get("calibration")}
+            after = {sd: c_split(c, ("after", "ece")) for sd, c in cal.items()}
+            before = {sd: c_split(c, ("before", "ece")) for sd, c in cal.items()}
             if cal and None not in after.values() and None not in before.values():
                 body.append([t, f"{NAMES[m]} ECE after − before TS", fmt_pair(paired(after, before), 1)])
-    emit("Paired differences by seed (mean [95% t interval])", ["task", "comparison", "difference"], body,
-         "Test metric in points (x100); ECE in percentage points. An interval that excludes 0 is larger "
-         "than the seed noise.")
+    return ("Paired differences by seed (mean [95% t interval])", ["task", "comparison", "difference"], body,
+            "Test metric in points (x100); ECE in percentage points. An interval that excludes 0 is larger "
+            "than the seed noise.")
 
-    md += claims(rows, chosen, root)
+
+TABLES = [test_table, amazon_table, norm_table, feature_table, calibration_table, ntk_table, scaling_table,
+          lr_table, paired_table]
+
+
+def not_used(s):
+    """The section that says what the tables leave out, so a mean over fewer seeds never passes unnoticed."""
+    if not s.problems and not s.short:
+        return []
+    md = ["## Runs not used", ""]
+    if s.problems:
+        md += ["Files that could not be used (the tables ignore them; rerun those jobs):", ""]
+        md += [f"- `{path}`: {why}" for path, why in s.problems] + [""]
+    if s.short:
+        md += [f"Groups with fewer seeds than the study ({', '.join(map(str, s.seeds))}); their means say (n=k):",
+               ""]
+        md += [f"- {g}" for g in s.short] + [""]
+    return md
+
+
+def build(s):
+    """-> (report.md text, report.csv rows): the title, what was not used, each table, the claims."""
+    s.chosen, s.grids, s.lrs = chosen_runs(s.rows)
+    s.tasks = [t for t in data.TASKS if any(r["task"] == t for r in s.rows)]
+    s.methods = [m for m in METHODS if any(r["method"] == m for r in s.rows)]
+    md, csvrows = [f"# LP-FT kit report ({s.root})", ""] + not_used(s), []
+    for make in TABLES:
+        t = make(s)
+        if t is None:
+            continue
+        title, header, body, note = t
+        md.extend([f"## {title}", "", table(header, body), ""] + ([note, ""] if note else []))
+        csvrows += [[title, row[0], h, v] for row in body for h, v in zip(header[1:], row[1:])]
+    md += claims(s)
     return "\n".join(md) + "\n", csvrows
 
 
@@ -267,47 +468,46 @@ def scaled_task(rows, task):
 
 def c_split(cal, key, split="test"):
     """calibration.json value for (before|after, metric) on a split, or None."""
-    s = (cal.get("splits") or {}).get(split) or {}
-    return (s.get(key[0]) or {}).get(key[1])
+    sp = cal["splits"].get(split)
+    return None if sp is None else sp[key[0]][key[1]]
 
 
 def ntk_row(name, k):
     """One row of Table 2 from ntk_results.json: kernels.{P,F,P+F}.{rank, fro, kernel_regression, ...}."""
-    kern = lambda K: k.get("kernels", {}).get(K) or {}  # noqa: E731
-    kr, pl = kern("P+F").get("kernel_regression") or {}, kern("P+F").get("pair_logreg") or {}
+    kern = k["kernels"]
+    kr, pl = kern["P+F"].get("kernel_regression") or {}, kern["P+F"].get("pair_logreg") or {}
     f = lambda x, p=3: DASH if x is None else (f"{x:.{p}g}" if isinstance(x, float) else str(x))  # noqa: E731
-    cfg = k.get("config", {})
-    return [f"{cfg.get('task', '?')} {name}", f(cfg.get("n_train")), f(kern("P+F").get("rank")),
-            f(kern("P").get("fro")), f(kern("F").get("fro")), f(k.get("ft_ratio")), f(k.get("head_norm")),
-            f(kr.get("test")), f(pl.get("test"))]
+    cfg = k["config"]
+    return [f"{cfg['task']} {name}", f(cfg.get("n_train")), f(kern["P+F"].get("rank")), f(kern["P"].get("fro")),
+            f(kern["F"].get("fro")), f(k.get("ft_ratio")), f(k.get("head_norm")), f(kr.get("test")),
+            f(pl.get("test"))]
 
 
-def claims(rows, chosen, root):
+def claims(s):
     """The paper's claims, checked on these runs (yes / no / – when the runs are missing)."""
     out = ["## The paper's claims on these runs", ""]
-    for t in sorted({r["task"] for r in rows}):
-        ft_ = [r["diff_f"] for r in chosen.get((t, "ft"), [])]
-        lpft = [r["diff_f"] for r in chosen.get((t, "lp_ft"), [])]
+    for t in sorted({r["task"] for r in s.rows}):
+        ft_ = [r["diff_f"] for r in s.chosen.get((t, "ft"), [])]
+        lpft = [r["diff_f"] for r in s.chosen.get((t, "lp_ft"), [])]
         if ft_ and lpft:
             out.append(f"- {t}: LP-FT changes features less than FT (Diff(F) {np.mean(lpft):.4f} vs "
                        f"{np.mean(ft_):.4f}): {'yes' if np.mean(lpft) < np.mean(ft_) else 'no'}")
-        lp = chosen.get((t, "lp"), [])
-        fresh = [r["head_norm0"] for r in chosen.get((t, "ft"), []) if r.get("head_norm0")]
+        lp = s.chosen.get((t, "lp"), [])
+        fresh = [r["head_norm0"] for r in s.chosen.get((t, "ft"), []) if r.get("head_norm0")]
         if lp and fresh:
             ratio = np.mean([r["head_norm"] for r in lp]) / np.mean(fresh)
             out.append(f"- {t}: the LP head norm is far larger than a fresh head's ({ratio:.1f}x): "
                        f"{'yes' if ratio > 3 else 'no'}")
         for m in ("lp", "lp_ft"):
-            cals = [r["calibration"] for r in chosen.get((t, m), []) if r.get("calibration")]
+            cals = [r["calibration"] for r in s.chosen.get((t, m), []) if r.get("calibration")]
             eb = [c_split(c, ("before", "ece")) for c in cals]
             ea = [c_split(c, ("after", "ece")) for c in cals]
             if cals and None not in eb + ea:
                 out.append(f"- {t} {NAMES[m]}: temperature scaling lowers test ECE ({np.mean(eb):.2f} -> "
                            f"{np.mean(ea):.2f}): {'yes' if np.mean(ea) < np.mean(eb) else 'no'}")
-    ntk = {p.parent.name: read(p) for p in Path(root).rglob("ntk_results.json")}
-    for t in sorted({r["task"] for r in rows}):
-        a, b = ([v.get("ft_ratio") for n, v in ntk.items()
-                 if v and n.startswith(pre) and v.get("config", {}).get("task") == t]
+    for t in sorted({r["task"] for r in s.rows}):
+        a, b = ([v.get("ft_ratio") for d, v in s.ntk.items()
+                 if Path(d).name.startswith(pre) and v["config"]["task"] == t]
                 for pre in ("ntk-ft-", "ntk-lp_ft-"))
         if a and b and None not in a + b:
             out.append(f"- {t}: the FT ratio is larger after LP ({np.mean(b):.3f} vs {np.mean(a):.3f}): "
@@ -353,34 +553,36 @@ def plots(rows, root):
 
 
 def save(fig, path):
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    os.replace(tmp, path)
     import matplotlib.pyplot as plt
 
+    fig.tight_layout()
+    data.atomic(path, lambda t: fig.savefig(t, format="png", dpi=120))
     plt.close(fig)
     return path
 
 
+@data.cli
 def main(argv=None):
     args = parse(argv)
-    root = Path(args.root)
+    root = data.check_output_dir(args.root, "--root")  # a file, or a folder we cannot write, stops here
     if not root.is_dir():
         data.die(f"no output root {root}; run bash run_all.sh first (or pass --root DIR)")
-    rows = load_runs(root)
-    md, csvrows = build(rows, root)
-    figs = plots(rows, root)
+    s = collect(root)
+    for path, why in s.problems:
+        print(f"report: not used: {root / path}: {why}", file=sys.stderr)
+    for line in s.short:
+        print(f"report: fewer seeds: {line}", file=sys.stderr)
+    md, csvrows = build(s)
+    figs = plots(s.rows, root)
     pngs = sorted(root.rglob("reliability_test.png"))[:2] + sorted(root.rglob("spectrum.png"))[:1]
     md += "\n## Figures\n\n" + "\n".join(f"![{p.stem}]({os.path.relpath(p, root)})" for p in figs + pngs) + "\n"
     buf = io.StringIO()
     csv.writer(buf).writerows([["table", "row", "column", "value"]] + csvrows)
     for name, text in (("report.md", md), ("report.csv", buf.getvalue())):
-        tmp = root / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, root / name)
+        data.atomic(root / name, lambda t, text=text: Path(t).write_text(text))
     print(md)
-    print(f"wrote {root / 'report.md'}, {root / 'report.csv'} ({len(rows)} runs)")
+    left_out = f"; {len(s.problems)} files not used, see 'Runs not used'" if s.problems else ""
+    print(f"wrote {root / 'report.md'}, {root / 'report.csv'} ({len(s.rows)} runs{left_out})")
     return md
 
 

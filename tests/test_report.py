@@ -1,8 +1,11 @@
 """report.py on hand-made results files: selection on val, failed points, paired intervals, tables."""
 
 import json
+import subprocess
+import sys
 
 import pytest
+from conftest import ROOT
 
 import report
 
@@ -42,7 +45,7 @@ def test_failed_points_are_marked_not_chosen(tmp_path):
     lr, summ = report.select_lr(report.load_runs(tmp_path))
     assert lr == 1e-5 and summ[1e-3]["failed"] == 1
     md = report.main(["--root", str(tmp_path)])
-    assert "| cb FT | 0.001 | 90.0 | 90.0 ± 0.0 | 1/2 | failed |" in md
+    assert "| cb FT | 0.001 | 90.0 | 90.0 (n=1) | 1/2 | failed |" in md  # one seed left: no spread to show
     assert "| cb FT | 1e-05 | 55.0 | 50.0 ± 0.0 | 2/2 | **chosen** |" in md
 
 
@@ -78,3 +81,92 @@ def test_amazon_id_and_ood_table(tmp_path):
     assert "| method | Amazon (ID) | dynasent | semeval | sst5 |" in table
     assert "| LP-FT | 85.0 ± 7.1 | 50.0 ± 14.1 | 70.0 ± 0.0 | 30.0 ± 0.0 |" in table
     assert "| FT | 70.0 ± 0.0 | 50.0 ± 0.0 | – | – |" in table  # a missing OOD set is shown as missing
+
+
+# ---------------------------------------------------------------- damaged runs are named, never silently dropped
+def snapshot(root):
+    """{path: bytes} of every file under root (what a report must leave as it was)."""
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def run_report(root):
+    """report.py in a subprocess: -> (exit code, stdout, stderr)."""
+    r = subprocess.run([sys.executable, "report.py", "--root", str(root)], cwd=ROOT, capture_output=True, text=True)
+    return r.returncode, r.stdout, r.stderr
+
+
+def test_damaged_runs_and_missing_seeds_are_listed(tmp_path, capsys):
+    for seed in (1, 2):
+        write_run(tmp_path, "rte", "ft", seed, 1e-5, val=0.6, test=0.5 + seed / 10)
+        write_run(tmp_path, "rte", "lp_ft", seed, 1e-5, val=0.7, test=0.7)
+    cut = tmp_path / "rte/ft-lr1e-05-scale1.0-seed2/results.json"
+    cut.write_text(cut.read_text()[:40])  # one of two seeds truncated (a full disk, a killed copy)
+    (write_run(tmp_path, "rte", "lp_ft", 3, 1e-4, val=0.7, test=0.7) / "results.json").write_text("{corrupt")
+    d = write_run(tmp_path, "rte", "ft", 9, 1e-3, val=0.6, test=0.6)
+    (d / "results.json").write_text(json.dumps({"history": []}))  # no config
+    d = write_run(tmp_path, "xyz", "ft", 1, 1e-5, val=0.6, test=0.6)  # unknown task
+    d = write_run(tmp_path, "rte", "lora", 1, 1e-4, val=0.6, test=0.6)
+    res = json.loads((d / "results.json").read_text())
+    (d / "results.json").write_text(json.dumps(res | {"finished": False}))  # neither finished nor failed
+    (tmp_path / "rte/ft-lr5e-05-seed1").mkdir()
+    (tmp_path / "rte/ft-lr5e-05-seed1/ckpt.pt").write_bytes(b"x")  # killed before results.json
+    before = snapshot(tmp_path)
+
+    md = report.main(["--root", str(tmp_path)])
+    err = capsys.readouterr().err
+    section = md.split("## Runs not used")[1].split("\n## ")[0]
+    assert md.index("## Runs not used") < md.index("## Test performance")
+    for path, why in (("rte/ft-lr1e-05-scale1.0-seed2/results.json", "corrupt or truncated JSON"),
+                      ("rte/lp_ft-lr0.0001-scale1.0-seed3/results.json", "corrupt or truncated JSON"),
+                      ("rte/ft-lr0.001-scale1.0-seed9/results.json", "no config"),
+                      ("xyz/ft-lr1e-05-scale1.0-seed1/results.json", "unknown task 'xyz'"),
+                      ("rte/lora-lr0.0001-scale1.0-seed1/results.json", "unfinished run"),
+                      ("rte/ft-lr5e-05-seed1/", "unfinished run")):
+        assert f"- `{path}`: {why}" in section
+        assert f"report: not used: {tmp_path / path}: {why}" in err
+    assert "- rte FT lr 1e-05: seeds 1 (missing 2)" in section  # the truncated seed leaves a group short
+    assert "report: fewer seeds: rte FT lr 1e-05: seeds 1 (missing 2)" in err
+    assert "| rte | 60.0 (n=1) | 70.0 ± 0.0 |" in md  # never '± 0.0' from the one seed left
+    assert "Traceback" not in err and all(line.startswith("report: ") for line in err.splitlines())
+    assert all(snapshot(tmp_path)[p] == b for p, b in before.items())  # the runs are read, never changed
+
+
+def test_malformed_calibration_and_ntk_files_are_named_not_fatal(tmp_path):
+    for seed in (1, 2):
+        write_run(tmp_path, "cb", "lp_ft", seed, 1e-5, val=0.7, test=0.7)
+    good = {"temperature": 1.5, "converged": True,
+            "splits": {"test": {"n": 5, **{w: {"accuracy": 0.7, "nll": 0.5, "brier": 0.3, "ece": e, "mce": 2 * e}
+                                           for w, e in (("before", 8.0), ("after", 3.0))}}}}
+    (tmp_path / "cb/lp_ft-lr1e-05-scale1.0-seed1/calibration.json").write_text(json.dumps(good))
+    (tmp_path / "cb/lp_ft-lr1e-05-scale1.0-seed2/calibration.json").write_text("[]")
+    d = write_run(tmp_path, "cb", "ft", 1, 1e-5, val=0.7, test=0.7)
+    (d / "calibration.json").write_text(json.dumps({"splits": 5}))
+    ntk = tmp_path / "cb/ntk-ft-seed1"
+    ntk.mkdir()
+    (ntk / "ntk_results.json").write_text(json.dumps({
+        "config": {"task": "cb", "n_train": 16}, "ft_ratio": "big", "head_norm": 1.0,
+        "kernels": {K: {"fro": 1.0, "rank": 3} for K in ("P", "F", "P+F")}}))
+    ntk2 = tmp_path / "cb/ntk-lp_ft-seed1"
+    ntk2.mkdir()
+    (ntk2 / "ntk_results.json").write_text(json.dumps({"config": [], "kernels": 3}))
+    before = snapshot(tmp_path)
+
+    rc, out, err = run_report(tmp_path)
+    assert rc == 0 and "Traceback" not in err, err
+    md = (tmp_path / "report.md").read_text()
+    for path, why in (("cb/lp_ft-lr1e-05-scale1.0-seed2/calibration.json", "not the layout calibrate.py writes"),
+                      ("cb/ft-lr1e-05-scale1.0-seed1/calibration.json", "not the layout calibrate.py writes"),
+                      ("cb/ntk-ft-seed1/ntk_results.json", "not a number: ft_ratio = 'big'"),
+                      ("cb/ntk-lp_ft-seed1/ntk_results.json", "not an ntk.py result")):
+        assert f"- `{path}`: {why}" in md and f"report: not used: {tmp_path / path}: {why}" in err
+    assert "| cb LP-FT | 8.00 | 3.00 | 16.00 | 6.00 | 1.500 |" in md  # the well-formed calibration is used
+    assert "eNTK at the start" not in md  # no usable NTK result: no table
+    assert all(snapshot(tmp_path)[p] == b for p, b in before.items())
+
+
+def test_root_that_is_a_file_or_missing_is_one_line(tmp_path):
+    f = tmp_path / "runs"
+    f.write_text("x")
+    for root in (f, tmp_path / "absent"):
+        rc, out, err = run_report(root)
+        assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
