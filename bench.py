@@ -26,6 +26,7 @@ import copy
 import gc
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -75,7 +76,15 @@ def parse(argv=None):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             die(f"--{k} must be >= 1")
     data.check_positive(args, ("lr", "peak_tflops"))
+    check_output_file(args.output, "--output")
     return args
+
+
+def check_output_file(path, flag):
+    """Before any timing: the JSON's folder must be writable and the path itself not a folder."""
+    if Path(path).is_dir():
+        die(f"{flag} {path} is a folder; pass a file name such as {Path(path) / 'bench.json'}")
+    data.check_output_dir(Path(path).parent, flag)
 
 
 # ---------------------------------------------------------------- models
@@ -520,11 +529,11 @@ def main(argv=None):
     if args.max_len > (cfg.max_position_embeddings - 2 if cfg is not None else 512):
         die(f"--max_len {args.max_len} exceeds the model's positions")
     cuda = dev.type == "cuda"
-    args.steps = args.steps or (50 if cuda else 5)
+    args.steps = (50 if cuda else 5) if args.steps is None else args.steps  # --steps 0 is refused below
     args.warmup = (10 if cuda else 2) if args.warmup is None else args.warmup
-    args.infer_examples = args.infer_examples or (4096 if cuda else 64)
-    if args.steps < 1 or args.infer_examples < 1:
-        die("--steps and --infer_examples must be >= 1")
+    args.infer_examples = (4096 if cuda else 64) if args.infer_examples is None else args.infer_examples
+    if args.steps < 1 or args.infer_examples < 1 or args.warmup < 0:
+        die("--steps and --infer_examples must be >= 1, --warmup >= 0")
     tok = tokenizer(name, cfg)
     res = {"config": {k: v for k, v in vars(args).items()} | {
         "model": name, "random_init": cfg is not None, "device": torch.cuda.get_device_name() if cuda else "cpu",

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import bench
 import data
 import ft
 import ntk
@@ -58,9 +59,10 @@ def parse(argv=None):
         data.die(f"--methods: unknown engine {bad[0] if bad else '(none)'}; choose from {', '.join(ntk.ENGINES)}")
     if args.task == "cb" and args.model_config != "embedded":
         data.die("--task cb tokenises with the embedded model's tokenizer: use --model_config embedded")
-    args.n = args.n or (64 if args.task == "cb" else 250)
+    args.n = (64 if args.task == "cb" else 250) if args.n is None else args.n  # --n 0 is refused, not the default
     data.check_positive(args, ("n", "max_len", "C", "batch_size", "max_memory_gb", "paper_n", "paper_chunk",
                                "paper_dims"), allow_zero=("paper_n",))
+    bench.check_output_file(args.out, "--out")
     return args
 
 

@@ -93,6 +93,18 @@ def test_bad_suite():
         bench.main(["--suite", "fast"])
 
 
+@pytest.mark.parametrize("flags,words", [(["--steps", "0"], "--steps"), (["--lr", "-1"], "--lr -1"),
+                                         (["--max_train_samples", "0"], "--max_train_samples")])
+def test_bad_flags_stop_before_timing(flags, words):
+    with pytest.raises(SystemExit, match=f"error: {words}"):
+        bench.main(SMALL + flags)
+
+
+def test_output_that_is_a_folder(tmp_path):
+    with pytest.raises(SystemExit, match="is a folder"):
+        bench.main(SMALL + ["--output", str(tmp_path)])
+
+
 # ---------------------------------------------------------------- the speed options change nothing they should not
 def rte_slice(n=24):
     tok = bench.tokenizer("tiny", bench.tiny_config())

@@ -339,6 +339,8 @@ def test_bench_ntk_methods(tmp_path, data_dir):
     assert json.loads((tmp_path / "cb.json").read_text())["task"] == "cb"
     with pytest.raises(SystemExit, match="embedded"):
         bench_ntk.main(["--task", "cb", "--model_config", "tiny"])
+    with pytest.raises(SystemExit, match="--n 0"):  # not the default 250
+        bench_ntk.main(["--n", "0"])
 
 
 # ---------------------------------------------------------------- runs that cannot lie: ntk.py as a user runs it
