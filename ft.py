@@ -222,16 +222,16 @@ def check_flags(args):
         die(f"--warmup_ratio {args.warmup_ratio}: must be in [0, 1) (a share of the training steps)")
 
 
-def resolve(args, method, table):
-    """Fill task/model/max_len/pooling from the head (only those not given), lr/batch from the table; validate
-    every flag, the head and the model's config (no weights loaded). -> the head or None."""
-    check_flags(args)
+def fill_from_head(args):
+    """--init's head (or None) -> task, model, max_len and pooling the user did not give come from it, the rest from
+    the kit's defaults; then the head is checked against them and --max_len against the model's config (no weights
+    loaded). Shared by ft.py, lora.py and ntk.py."""
     head = load_head(args.init) if args.init else None
     if head is not None:
         args.task = args.task or head["task"]
         args.model = args.model or head["model"]
-        args.max_len = head.get("max_len", data.MAX_LEN) if args.max_len is None else args.max_len
-        args.pooling = args.pooling or head.get("pooling", data.POOLING)
+        args.max_len = head.get("max_len") if args.max_len is None else args.max_len
+        args.pooling = args.pooling or head.get("pooling")
     if not args.task:
         die("no task: pass --task (e.g. --task rte) or --init lp_head.pt")
     data.get_task(args.task)
@@ -241,6 +241,14 @@ def resolve(args, method, table):
     data.check_max_len(args.model, args.max_len)
     if head is not None:
         check_head(head, args.init, args.task, args.model, model_width(args.model), args.max_len, args.pooling)
+    return head
+
+
+def resolve(args, method, table):
+    """Fill task/model/max_len/pooling from the head (only those not given), lr/batch from the table; validate
+    every flag, the head and the model's config (no weights loaded). -> the head or None."""
+    check_flags(args)
+    head = fill_from_head(args)
     if head is not None and not torch.isfinite(head["weight"] * args.head_scale).all():
         die(f"--head_scale {args.head_scale} makes the head {args.init} overflow; pass a smaller one")
     bs, lr = table[args.task][method]
@@ -301,6 +309,11 @@ def open_run_dir(out, fp, overwrite):
     if res is not None and res.get("failed"):
         die(f"{out} failed earlier ({res['failed']}); change the flags and pass --overwrite to retry")
     if res is not None and res.get("finished"):
+        ok = isinstance(res.get("metrics"), dict) and isinstance(res["metrics"].get("test"), dict) and \
+            isinstance(res.get("config"), dict) and "best_epoch" in res
+        if not ok:
+            die(f"{out / 'results.json'} says finished but lacks its config, best epoch or test metrics (damaged); "
+                f"pass --overwrite to redo the run")
         return res, None
     return None, load_checkpoint(out / "ckpt.pt")
 

@@ -367,36 +367,14 @@ def default_memory_gb():
 def resolve(args):
     """Fill task/model/max_len/pooling from the --init head, then check every flag and the head, loading no model
     and touching no file -> (head or None, the NTK's method name)."""
-    head = ft.load_head(args.init) if args.init else None
-    if head is not None:
-        args.task = args.task or head["task"]
-        args.model = args.model or head["model"]
-        args.max_len = head.get("max_len") if args.max_len is None else args.max_len
-        args.pooling = args.pooling or head.get("pooling")
-    if not args.task:
-        die("no task: pass --task (e.g. --task cb) or --init lp_head.pt")
-    data.get_task(args.task)
-    args.max_len = data.MAX_LEN if args.max_len is None else args.max_len
-    args.pooling = args.pooling or data.POOLING
-    args.model = data.model_id(args.model)
+    head = ft.fill_from_head(args)
     args.max_memory_gb = default_memory_gb() if args.max_memory_gb is None else args.max_memory_gb
     data.check_positive(args, ("n", "n_test", "k_shot", "batch_size", "max_memory_gb", "head_scale", "ridge")
                         + (("r", "alpha") if args.lora else ()), allow_zero=("ridge",))
-    data.check_max_len(args.model, args.max_len)
-    if head is not None:
-        check_init(head, args)
     method = ("lp_" if args.init else "") + ("lora" if args.lora else "ft")
     args.output_dir = args.output_dir or f"runs/{args.task}/ntk-{method}-seed{args.seed}"
     data.check_output_dir(args.output_dir)
     return head, method
-
-
-def check_init(head, args):
-    """The --init head before the model loads: its task, model, labels, max_len and pooling must be the run's and
-    its values finite (ft.init_head then checks its width against the model's features)."""
-    ft.check_head(head, args.init, args.task, args.model, head["weight"].shape[1], args.max_len, args.pooling)
-    if not all(torch.isfinite(head[k]).all() for k in ("weight", "bias")):
-        die(f"head {args.init} has NaN or infinite values; refit it with lp.py")
 
 
 def run_record(args, method):
