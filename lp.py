@@ -27,7 +27,8 @@ from data import die
 MAX_FOLDS = 5  # LogisticRegressionCV's folds when every class has that many examples
 # the flags that change the head, logits or lp_results.json (not where files go, nor the batch size)
 RESULT_FLAGS = ("task", "model", "max_len", "pooling", "seed", "C", "max_train_samples", "max_eval_samples",
-                "norm_curve")
+                "norm_curve", "binary_head")
+CS = np.logspace(-4, 4, 10)  # LogisticRegressionCV's default grid (Cs=10), the authors' too
 
 
 def parse(argv=None):
@@ -48,6 +49,10 @@ def parse(argv=None):
     a("--max_train_samples", type=int, help="seeded random subset of the train split")
     a("--max_eval_samples", type=int, help="seeded random subset of val/test (and OOD) splits")
     a("--eval_batch_size", type=int, default=64)
+    a("--binary_head", choices=["exact", "paper"], default="exact",
+      help="two classes: 'exact' writes +-w/2 of scikit-learn's binomial fit at C (the head's logit gap is the LP "
+           "model's); 'paper' the authors' head: rows +-u/2 of the symmetric multinomial fit at C (gap u.x, half of "
+           "their LP model's), which is half the exact head at 2C")
     a("--norm_curve", type=int, default=0, metavar="STEPS",
       help="also log ||V||_F along a full-batch gradient LP of STEPS steps (paper Fig. 1); 0: off")
     args = p.parse_args(argv)
@@ -185,25 +190,35 @@ def cv_folds(labels, task, C):
     return int(min(MAX_FOLDS, counts[least]))
 
 
-def fit(x, y, C, n_classes, folds=MAX_FOLDS):
-    """sklearn logistic regression -> (W [C,d], b [C], chosen C, classifier) as a softmax head."""
+def fit(x, y, C, n_classes, folds=MAX_FOLDS, binary_head="exact"):
+    """sklearn logistic regression -> (W [C,d], b [C], chosen C, classifier, logit_scale) as a softmax head;
+    softmax(logit_scale * (W phi + b)) is the fitted LP model's probability.
+
+    Two classes. scikit-learn fits one row w (binomial objective 0.5|w|^2 + C sum log(1 + exp(-y (w.x + b)))).
+    'exact' writes the rows -w/2, +w/2: logit gap w.x + b, the LP model itself. 'paper' reproduces the authors'
+    scikit-learn 1.0.1 LogisticRegressionCV(multi_class="multinomial"): the symmetric softmax fit with rows -u, +u
+    (0.5 * 2|u|^2 + C sum CE, gap 2u.x) is the binomial fit at 2C with w = 2u, and their coef_to_tensor writes
+    -u/2, +u/2, i.e. -w/4, +w/4 of the binomial fit at 2C: gap u.x, half their LP model's (logit_scale 2)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 
+    paper = n_classes == 2 and binary_head == "paper"
+    k = 2.0 if paper else 1.0  # the multinomial objective at C is the binomial one at 2C (see above)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         if C is None:
-            clf = LogisticRegressionCV(Cs=10, cv=folds, l1_ratios=(0.0,), scoring="accuracy", solver="lbfgs",
+            clf = LogisticRegressionCV(Cs=k * CS, cv=folds, l1_ratios=(0.0,), scoring="accuracy", solver="lbfgs",
                                        max_iter=5000, use_legacy_attributes=False).fit(x, y)
-            C = float(clf.C_)
+            C = float(clf.C_) / k
         else:
-            clf = LogisticRegression(C=C, l1_ratio=0.0, solver="lbfgs", max_iter=5000).fit(x, y)
+            clf = LogisticRegression(C=k * C, l1_ratio=0.0, solver="lbfgs", max_iter=5000).fit(x, y)
     W, b = clf.coef_.astype(np.float32), clf.intercept_.astype(np.float32)
     if len(clf.classes_) != n_classes:  # cv_folds checks this first; kept for callers of fit alone
         die(f"the train split has {len(clf.classes_)} classes, the task {n_classes}; use more --max_train_samples")
-    if n_classes == 2:  # sklearn's one row -> two logits whose softmax is its sigmoid
-        W, b = np.concatenate([-W / 2, W / 2]), np.concatenate([-b / 2, b / 2])
-    return torch.from_numpy(W), torch.from_numpy(b), C, clf
+    if n_classes == 2:  # sklearn's one row -> two logits: +-w/2 (softmax = its sigmoid), or the authors' +-w/4
+        h = 4 if paper else 2
+        W, b = np.concatenate([-W / h, W / h]), np.concatenate([-b / h, b / h])
+    return torch.from_numpy(W), torch.from_numpy(b), C, clf, k
 
 
 def norm_curve(x, y, n_classes, C, steps):
@@ -233,14 +248,15 @@ def fit_and_save(args, out, fp, splits, folds):
     y = splits["train"].labels
     feats = features(args, splits, fp)
     print(f"fitting logistic regression on {feats['train'].shape} features of {args.task}")
-    W, b, C, clf = fit(feats["train"], y, args.C, len(task.labels), folds or MAX_FOLDS)
+    W, b, C, clf, scale = fit(feats["train"], y, args.C, len(task.labels), folds or MAX_FOLDS, args.binary_head)
 
     logits = {s: (torch.from_numpy(f) @ W.T + b).numpy() for s, f in feats.items()}
     m = {s: data.metrics(args.task, lg, splits[s].labels) for s, lg in logits.items()}
-    gap = np.abs(torch.softmax(torch.from_numpy(logits["test"]), -1).numpy() - clf.predict_proba(feats["test"]))
+    gap = np.abs(torch.softmax(scale * torch.from_numpy(logits["test"]), -1).numpy()
+                 - clf.predict_proba(feats["test"]))
     norm = float(W.norm())
     res = {"config": {k: v for k, v in vars(args).items() if k not in ("overwrite", "overwrite_cache")},
-           "fingerprint": fp, "C": C, "cv_folds": folds, "head_norm": norm, "metrics": m,
+           "fingerprint": fp, "C": C, "cv_folds": folds, "head_norm": norm, "metrics": m, "logit_scale": scale,
            "max_prob_gap_vs_sklearn": float(gap.max()), "history": [], "best_epoch": 0, "finished": True}
     if folds is not None and folds < MAX_FOLDS:
         res["cv_note"] = (f"C chosen by {folds}-fold cross-validation, not {MAX_FOLDS}: the smallest class has "
@@ -251,7 +267,7 @@ def fit_and_save(args, out, fp, splits, folds):
         plot_curve(res["norm_curve"], norm, out / "lp_norm_curve.png")
 
     head = {"weight": W, "bias": b, "task": args.task, "model": args.model, "max_len": args.max_len,
-            "pooling": args.pooling, "labels": task.labels, "C": C, "head_norm": norm,
+            "pooling": args.pooling, "labels": task.labels, "C": C, "head_norm": norm, "binary_head": args.binary_head,
             "metrics": {s: v["accuracy"] for s, v in m.items()}}
     data.save_torch(out / "lp_head.pt", head)
     data.save_npz(out / "logits.npz", **{f"{s}_{k}": v for s in logits

@@ -156,6 +156,7 @@ train_flags() {
 lp_cmd() {  # LP for (task, seed): its head feeds LP-FT, LP-LoRA and the LP NTK
   local d="$out/$1/lp-seed$2" f=""
   [ $force = 1 ] && f=" --overwrite"
+  [ $paper = 1 ] && f+=" --binary_head paper"  # the authors' binary LP head (README, Conventions)
   echo "$PY lp.py $(common "$1" "$2") --output_dir $d --cache_dir $out/cache --norm_curve 100$f"
 }
 

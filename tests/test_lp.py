@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT
 
 import data
@@ -199,3 +200,37 @@ def test_parallel_jobs_fit_one_head(tmp_path):
     res = json.loads((tmp_path / "lp" / "lp_results.json").read_text())
     assert res["finished"] and (tmp_path / "lp" / "lp_head.pt").exists()
     assert not list((tmp_path / "lp").glob(".*.tmp")) and not list((tmp_path / "cache").rglob(".*.tmp"))
+
+
+# ---------------------------------------------------------------- the binary head: the kit's exact one and the paper's
+def test_paper_binary_head_is_the_authors_symmetric_softmax_fit(tmp_path):
+    """--binary_head paper at C: the rows +-u/2 of the symmetric two-row softmax fit at C (the authors' scikit-learn
+    1.0.1 multinomial head), which is exactly half of the exact head at 2C."""
+    T = ["--task", "sst2", "--max_train_samples", "64", "--max_eval_samples", "16", "--cache_dir", str(tmp_path / "c")]
+    lp.main(T + ["--C", "0.5", "--binary_head", "paper", "--output_dir", str(tmp_path / "paper")])
+    lp.main(T + ["--C", "1.0", "--output_dir", str(tmp_path / "exact")])
+    load = lambda d: torch.load(tmp_path / d / "lp_head.pt", weights_only=True)  # noqa: E731
+    paper, exact = load("paper"), load("exact")
+    assert paper["binary_head"] == "paper" and paper["C"] == 0.5
+    torch.testing.assert_close(paper["weight"], exact["weight"] / 2, rtol=0, atol=1e-7)
+    torch.testing.assert_close(paper["bias"], exact["bias"] / 2, rtol=0, atol=1e-7)
+    assert json.loads((tmp_path / "paper/lp_results.json").read_text())["logit_scale"] == 2.0
+
+    # an independent fit of the authors' objective: two softmax rows, 0.5 |W|^2 + C sum CE, float64 LBFGS
+    x = torch.from_numpy(np.load(next((tmp_path / "c").rglob("train_*.npy")))).double()
+    y = torch.from_numpy(data.study_splits("sst2", None, 64, 16, data.SEED)["train"].labels)
+    W = torch.zeros(2, x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=5000, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * W.square().sum() + 0.5 * torch.nn.functional.cross_entropy(x @ W.T + b, y, reduction="sum")
+        loss.backward()
+        return loss
+    opt.step(closure)
+    u, c = (W[1] - W[0]).detach() / 2, (b[1] - b[0]).detach() / 2  # the class-1 row of the symmetric solution
+    want = torch.stack([-u / 2, u / 2]).float()
+    assert torch.linalg.norm(paper["weight"] - want) < 1e-3 * torch.linalg.norm(want)
+    torch.testing.assert_close(paper["bias"], torch.stack([-c / 2, c / 2]).float(), rtol=1e-3, atol=1e-4)
