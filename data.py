@@ -14,11 +14,13 @@ import errno
 import fcntl
 import functools
 import hashlib
+import io
 import json
 import math
 import os
 import random
 import re
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -132,9 +134,15 @@ def read_text(path, encoding="utf-8"):
         die(f"{path}: cannot read ({e.strerror}); check the file or pass another --data_dir")
 
 
+def lines(text):
+    """Lines split on \n (and \r\n) only, as iterating over a file does: str.splitlines would also split on \x85,
+    \u2028 and other characters that occur inside real sentences."""
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in text.split("\n")]
+
+
 def read_jsonl(path):
     rows = []
-    for i, line in enumerate(read_text(path).splitlines(), 1):
+    for i, line in enumerate(lines(read_text(path)), 1):
         if not line.strip():
             continue
         try:
@@ -150,7 +158,8 @@ def read_jsonl(path):
 
 def read_tsv(path, header=True):
     # QUOTE_NONE: GLUE files contain bare quotes; default quoting drops or alters rows.
-    rows = list(csv.reader(read_text(path, "utf-8-sig").splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = list(csv.reader(io.StringIO(read_text(path, "utf-8-sig"), newline=""), delimiter="\t",
+                           quoting=csv.QUOTE_NONE))
     rows = [r for r in rows if r]
     if not header:
         return rows
@@ -160,7 +169,7 @@ def read_tsv(path, header=True):
 def read_pubmed(path):
     """PubMed 20k RCT: '###id' lines, then 'LABEL<TAB>sentence' lines, blank line between abstracts."""
     rows = []
-    for line in read_text(path).splitlines():
+    for line in lines(read_text(path)):
         if not line.strip() or line.startswith("###"):
             continue
         label, _, sent = line.partition("\t")
@@ -297,7 +306,7 @@ def data_files(task, data_dir=None):
 
 
 @functools.lru_cache(maxsize=64)
-def _sha256(path, size, mtime_ns):  # keyed by size and mtime: a file edited in place is hashed again
+def _sha256(path, size, mtime_ns, ctime_ns, ino):  # a file edited or replaced in place is hashed again
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -307,7 +316,7 @@ def _sha256(path, size, mtime_ns):  # keyed by size and mtime: a file edited in 
 
 def file_sha256(path):
     st = os.stat(path)
-    return _sha256(str(path), st.st_size, st.st_mtime_ns)
+    return _sha256(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 def data_fingerprint(task, data_dir=None):
@@ -553,7 +562,7 @@ def atomic(path, write):
     pid, so parallel jobs never share one and an orphan (kill -9 mid-write) is recognised and removed later."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}@{HOST}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -574,7 +583,10 @@ def save_npz(path, **arrays):
 
 
 def save_torch(path, obj):
-    atomic(path, lambda t: torch.save(obj, t))
+    def write(t):
+        with open(t, "wb") as f:  # a file object: torch.save(name) puts the (temporary) name inside the archive,
+            torch.save(obj, f)    # so the same head would hash differently each time it is written
+    atomic(path, write)
 
 
 def read_json(path, what="file"):
@@ -607,6 +619,9 @@ def check_output_dir(path, flag="--output_dir"):
     return path
 
 
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]) or "host"
+
+
 def pid_alive(pid):
     try:
         os.kill(pid, 0)
@@ -618,10 +633,13 @@ def pid_alive(pid):
 
 
 def clean_orphans(folder):
-    """Remove `.name.<pid>.tmp` files whose writer is dead (a kill -9 during a write)."""
+    """Remove `.name.<pid>@<host>.tmp` files of this host whose writer is dead (a kill -9 during a write). Another
+    host's (a shared file system under a Slurm array) are left alone: their pids mean nothing here."""
     for f in Path(folder).glob(".*.tmp"):
-        m = re.fullmatch(r"\..+\.(\d+)\.tmp", f.name)
-        if m and f.is_file() and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+        m = re.fullmatch(r"\..+\.(\d+)(?:@([A-Za-z0-9-]+))?\.tmp", f.name)
+        if not m or not f.is_file() or m.group(2) not in (None, HOST):
+            continue
+        if int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
             f.unlink(missing_ok=True)
 
 
@@ -670,7 +688,7 @@ def config_diff(saved, now):
             if saved.get(k) != now.get(k)]
 
 
-def check_positive(args, names, allow_zero=(), integer=True):
+def check_positive(args, names, allow_zero=()):
     """Flags that must be finite and > 0 (>= 0 for those in allow_zero); None means 'not given'."""
     for n in names:
         v = getattr(args, n, None)

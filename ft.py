@@ -292,9 +292,12 @@ def describe_diff(saved, now, most=3):
 def open_run_dir(out, fp, overwrite):
     """Under the run's lock: -> (this configuration's finished results or None, the resume state or None).
     Refuses a directory holding results of another configuration or of an unrecorded one; records fp first."""
+    lp_files = [f for f in ("lp_results.json", "lp_head.pt") if (out / f).exists()]
+    if lp_files:
+        die(f"{out} holds lp.py's {', '.join(lp_files)}; give this run its own --output_dir")
     if overwrite:  # only now, after every check: the files this run rewrites
-        for f in (*RESULT_FILES, "run.json"):
-            (out / f).unlink(missing_ok=True)
+        for f in (*RESULT_FILES, "run.json", "calibration.json", *(p.name for p in out.glob("reliability_*.png"))):
+            (out / f).unlink(missing_ok=True)  # calibration too: it described the logits being replaced
     held = [f for f in RESULT_FILES if (out / f).exists()]
     saved = data.read_json(out / "run.json", "run record")
     if held and saved is None:

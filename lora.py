@@ -254,7 +254,8 @@ def main(argv=None):
     res = ft.run(args, "lp_lora" if args.init else "lora", TABLE6, setup=add_lora,
                  extra_meta={"lora": lora_config(args)}, check=check_lora_args)
     if args.merge_to:
-        export_merged(args.output_dir, args.merge_to)
+        with data.RunLock(args.output_dir):  # no --overwrite of this run may delete what is being exported
+            export_merged(args.output_dir, args.merge_to)
     return res
 
 

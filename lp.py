@@ -94,8 +94,9 @@ def finished_head(out, fp, overwrite):
     """-> the saved result when `out` already holds the head for this fingerprint, else None (fit it).
     Stops with one line when `out` holds another setting's head or another script's run."""
     head_path, res_path = out / "lp_head.pt", out / "lp_results.json"
-    if (out / "results.json").exists():
-        die(f"{out} holds a run of ft.py or lora.py (results.json); pass lp.py its own --output_dir")
+    other = [f for f in ("results.json", "run.json", "ckpt.pt") if (out / f).exists()]
+    if other:
+        die(f"{out} holds a run of ft.py or lora.py ({', '.join(other)}); pass lp.py its own --output_dir")
     if overwrite:
         return None
     old = data.read_json(res_path, "lp_results.json")
@@ -222,8 +223,8 @@ def fit(x, y, C, n_classes, folds=MAX_FOLDS, binary_head="exact"):
 
 
 def norm_curve(x, y, n_classes, C, steps):
-    """||V||_F along full-batch gradient descent on the same L2-regularised softmax loss that
-    sklearn minimises (loss = sum CE / (C n) * ... scaled to the mean), from a zero head."""
+    """||V||_F along full-batch LBFGS on the L2-regularised softmax loss 0.5 |V|^2 + C sum CE (scaled to the
+    mean), from a zero head: scikit-learn's multinomial objective at C."""
     x, y = torch.from_numpy(x).double(), torch.from_numpy(y)
     W = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
@@ -263,7 +264,12 @@ def fit_and_save(args, out, fp, splits, folds):
                           f"{folds} examples in the train subset")
         print(f"warning: {res['cv_note']}")
     if args.norm_curve:
-        res["norm_curve"] = norm_curve(feats["train"], y, len(task.labels), C, args.norm_curve)
+        # two classes: the two-row softmax objective at C' is the binomial one at 2C', so the curve runs at C/2 to
+        # end at the exact head (the paper head is half of the model fit at C: its curve is halved)
+        binary, paper = len(task.labels) == 2, args.binary_head == "paper"
+        c_curve = C if (paper or not binary) else C / 2
+        res["norm_curve"] = [v / (scale if binary else 1.0) for v in
+                             norm_curve(feats["train"], y, len(task.labels), c_curve, args.norm_curve)]
         plot_curve(res["norm_curve"], norm, out / "lp_norm_curve.png")
 
     head = {"weight": W, "bias": b, "task": args.task, "model": args.model, "max_len": args.max_len,
@@ -296,6 +302,7 @@ def main(argv=None):
         if old is not None:
             say_fit(old, out / "lp_head.pt", "fit by another process while this one waited")
             return old
+        (out / "lp_results.json").unlink(missing_ok=True)  # first: never an old record beside a new head
         return fit_and_save(args, out, fp, splits, folds)
 
 

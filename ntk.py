@@ -22,9 +22,10 @@ and the same --init head contents; one process at a time writes it.
 Outputs in runs/<task>/ntk-<ft|lp_ft|lora|lp_lora>-seed<seed>/:
   kernels.npz       P_train, F_train [N,C,N,C]; P_test, F_test [M,C,N,C]; train_idx, test_idx (rows of
                     the train / test split), train_labels, test_labels, train_logits (f at the start)
-  ntk_results.json  per kernel (P, F, P+F): Frobenius norm, numerical rank (numpy's tolerance
-                    S.max() * N*C * eps on the [N*C, N*C] train kernel), singular values / largest;
-                    the FT ratio; kernel regression and the paper's pair-level logistic regression
+  ntk_results.json  per kernel (P, F, P+F): Frobenius norm, numerical rank of the [N*C, N*C] train kernel
+                    (singular values above --rank_rtol times the largest; also at 1e-3, 1e-4, 1e-6) and
+                    its effective rank, singular values / largest; the FT ratio; kernel regression and
+                    the paper's pair-level logistic regression (raw kernel rows, as the authors' code)
   spectrum.png      normalised singular values of the three train kernels
 """
 
@@ -71,6 +72,8 @@ def parse(argv=None):
     a("--max_memory_gb", type=float, help="most Jacobian (func) or recorded factors and buffers (structured) held "
       "at once (default: 30%% of the GPU's memory, 4 on CPU)")
     a("--ridge", type=float, default=1e-3, help="kernel regression ridge, times the kernel's largest singular value")
+    a("--rank_rtol", type=float, help="numerical rank: singular values above this times the largest (default 1e-4 "
+      "on CPU, 1e-2 on CUDA: what float32 / TF32 kernel entries resolve; see default_rank_rtol)")
     return p.parse_args(argv)
 
 
@@ -280,13 +283,30 @@ def flat(K):
     return K.reshape(a * c, b * d)
 
 
-def spectrum(K):
-    """Frobenius norm, numerical rank (numpy's default tolerance), singular values / largest."""
+RANK_RTOLS = (1e-3, 1e-4, 1e-6)  # ranks also reported at these tolerances, for comparison
+
+
+def default_rank_rtol():
+    """The tolerance the kernel's own precision allows. Its entries are float32 sums (TF32 on CUDA), accurate to
+    about eps = 1e-6 relative on CPU (func and structured agree to 4e-7) and 1e-3 on CUDA. A perturbation E moves each
+    singular value by at most ||E||_2 <= ||E||_F ~ eps ||K||_F <= eps sqrt(NC) S_max, about 1e-5 S_max (CPU) for
+    the kit's N*C of a few hundred, so a singular value below 1e-4 S_max (10x that) is not told apart from rounding;
+    on CUDA the same argument gives 1e-2."""
+    return 1e-2 if torch.cuda.is_available() else 1e-4
+
+
+def spectrum(K, rtol):
+    """Frobenius norm, numerical rank at rtol * the largest singular value (and at RANK_RTOLS), the effective rank
+    exp(entropy of S / sum S) (Roy & Vetterli 2007), singular values / largest."""
     M = flat(K)
     S = np.linalg.svd(M, compute_uv=False)
-    tol = S.max() * max(M.shape) * np.finfo(np.float64).eps
-    return {"fro": float(np.linalg.norm(M)), "rank": int((S > tol).sum()), "size": M.shape[0],
-            "rank_tol": float(tol), "sv_max": float(S.max()), "sv_normalised": (S / max(S.max(), 1e-300)).tolist()}
+    smax = max(S.max(), 1e-300)
+    p = S / max(S.sum(), 1e-300)
+    p = p[p > 0]
+    return {"fro": float(np.linalg.norm(M)), "rank": int((S > rtol * smax).sum()), "rank_rtol": rtol,
+            "ranks_at": {f"{r:g}": int((S > r * smax).sum()) for r in RANK_RTOLS},
+            "effective_rank": float(np.exp(-(p * np.log(p)).sum())), "size": M.shape[0], "sv_max": float(S.max()),
+            "sv_normalised": (S / smax).tolist()}
 
 
 def softmax(z):
@@ -317,13 +337,14 @@ def pair_logreg(K_tr, K_te, y_tr, y_te):
     """The paper's metric (its kernel_solvers 'logistic'): one sample per (example, class) pair, features its
     kernel row, target 1 if the class is the example's label. Accuracy is over PAIRS, not examples (with C
     classes, 'never the label' alone scores 1 - 1/C); argmax of the pair scores gives a class accuracy too.
-    Rows are divided by the train kernel's largest |entry| (units only; the C grid is cross-validated)."""
+    Fit as the authors' code does: LogisticRegressionCV(max_iter=10000, random_state=0) on the raw kernel rows
+    (scikit-learn's default grid of 10 Cs and 5 stratified folds; fewer folds only when the rarer target has fewer
+    than 5 pairs)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegressionCV
 
     n, C = K_tr.shape[:2]
-    s = max(np.abs(K_tr).max(), 1e-300)
-    X_tr, X_te = flat(K_tr) / s, flat(K_te) / s
+    X_tr, X_te = flat(K_tr), flat(K_te)
     t_tr, t_te = np.eye(C)[y_tr].ravel(), np.eye(C)[y_te].ravel()
     if len(np.unique(t_tr)) < 2:
         return {"train": None, "test": None, "train_class": None, "test_class": None}
@@ -331,7 +352,7 @@ def pair_logreg(K_tr, K_te, y_tr, y_te):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", FutureWarning)  # sklearn 1.9's notices about its attributes
-        clf = LogisticRegressionCV(max_iter=10000, cv=max(folds, 2), scoring="accuracy", random_state=0)
+        clf = LogisticRegressionCV(max_iter=10000, cv=max(folds, 2), random_state=0)
         clf.fit(X_tr, t_tr)
     cls = lambda X, y: float((clf.decision_function(X).reshape(len(y), C).argmax(1) == y).mean())
     return {"train": float(clf.score(X_tr, t_tr)), "test": float(clf.score(X_te, t_te)),
@@ -348,6 +369,8 @@ def plot_spectrum(path, stats, title):
     for name, st in stats.items():
         sv = np.asarray(st["sv_normalised"])
         ax.semilogy(np.arange(1, len(sv) + 1), np.maximum(sv, 1e-18), label=f"{name} (rank {st['rank']})")
+    rtol = next(iter(stats.values()))["rank_rtol"]
+    ax.axhline(rtol, color="gray", ls="--", lw=1, label=f"rank tolerance {rtol:g}")
     ax.set_xlabel("index")
     ax.set_ylabel("singular value / largest")
     ax.set_title(title, fontsize=9)
@@ -369,6 +392,12 @@ def resolve(args):
     and touching no file -> (head or None, the NTK's method name)."""
     head = ft.fill_from_head(args)
     args.max_memory_gb = default_memory_gb() if args.max_memory_gb is None else args.max_memory_gb
+    args.n_test = args.n if args.n_test is None else args.n_test  # recorded as used: unset and = --n are one run
+    if args.lora and set(args.targets) - {"query", "key", "value"}:
+        die(f"--targets {' '.join(args.targets)}: pick from query, key, value (the attention.self linears)")
+    args.rank_rtol = default_rank_rtol() if args.rank_rtol is None else args.rank_rtol
+    if not 0 < args.rank_rtol < 1:
+        die(f"--rank_rtol {args.rank_rtol}: must be in (0, 1), a fraction of the largest singular value")
     data.check_positive(args, ("n", "n_test", "k_shot", "batch_size", "max_memory_gb", "head_scale", "ridge")
                         + (("r", "alpha") if args.lora else ()), allow_zero=("ridge",))
     method = ("lp_" if args.init else "") + ("lora" if args.lora else "ft")
@@ -379,7 +408,8 @@ def resolve(args):
 
 def run_record(args, method):
     """What determines the result: every flag but NOT_IN_RESULT, the content of the data files and of the head."""
-    return {k: v for k, v in vars(args).items() if k not in NOT_IN_RESULT} | {
+    lora_only = () if args.lora else ("r", "alpha", "targets")  # no LoRA: its flags change nothing
+    return {k: v for k, v in vars(args).items() if k not in NOT_IN_RESULT + lora_only} | {
         "ntk_method": method, "data": data.data_fingerprint(args.task, args.data_dir),
         "init_sha256": data.file_sha256(args.init) if args.init else None}
 
@@ -418,7 +448,8 @@ def print_table(res):
         print(f"  {k:<7}{st['fro']:>12.4g}{st['rank']:>6}/{st['size']:<4}{kr['train']:>10.4f}{kr['test']:>9.4f}"
               f"{fmt(lr['train']):>9}{fmt(lr['test']):>9}")
     print(f"  FT ratio {res['ft_ratio']:.4f}   ||F||_F / ||P+F||_F {res['fro_ratio']:.4f}   "
-          f"|V| {res['head_norm']:.4f}   rank tolerance S.max*N*C*eps; pair = (example, class) accuracy")
+          f"|V| {res['head_norm']:.4f}   rank: singular values > {res['config']['rank_rtol']:g} S_max; "
+          f"pair = (example, class) accuracy")
 
 
 def compute(args, head, method, record):
@@ -453,7 +484,7 @@ def compute(args, head, method, record):
     logits = logits_of(model, features(model, xs_tr, pad))
     stats = {}
     for name, K_tr, K_te in (("P", P_tr, P_te), ("F", F_tr, F_te), ("P+F", P_tr + F_tr, P_te + F_te)):
-        st = spectrum(K_tr)
+        st = spectrum(K_tr, args.rank_rtol)
         st["kernel_regression"] = kernel_regression(K_tr, K_te, tr.labels, te.labels, args.ridge)
         st["pair_logreg"] = pair_logreg(K_tr, K_te, tr.labels, te.labels)
         stats[name] = st
@@ -463,7 +494,8 @@ def compute(args, head, method, record):
            "ft_ratio": ft_ratio(F_tr, P_tr + F_tr, logits, tr.labels),
            "fro_ratio": stats["F"]["fro"] / max(stats["P+F"]["fro"], 1e-300),
            "head_norm": float(model.head.weight.detach().double().norm()),
-           "notes": {"rank": "numpy default tolerance S.max() * N*C * eps(float64) on the [N*C, N*C] train kernel",
+           "notes": {"rank": "singular values above --rank_rtol times the largest, on the [N*C, N*C] train kernel "
+                             "(ranks_at: the same at other tolerances; effective_rank: exp(entropy of S / sum S))",
                      "kernel_regression": "class accuracy (argmax over classes), ridge * largest singular value",
                      "pair_logreg": "the paper's metric: accuracy over (example, class) pairs, not class accuracy; "
                                     "*_class: argmax of its pair scores per example"}}

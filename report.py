@@ -196,6 +196,9 @@ def load_runs(root, problems=None):
         if cal_path.exists():
             cal, why = read(cal_path)
             why = why or calibration_problem(cal)
+            logits = f.parent / "logits.npz"
+            if not why and logits.exists() and cal_path.stat().st_mtime_ns < logits.stat().st_mtime_ns:
+                why = "older than its logits.npz (the run was redone after calibration); rerun calibrate.py"
             if why:
                 problems.append((rel(cal_path, root), why))
             else:

@@ -164,7 +164,7 @@ lp_first() {  # "lp.py ... && " before a job that needs the LP head of (task, se
   # A sequential run that lists that LP job has already run it: skip a second python start-up.
   # Printed jobs keep it, so each line stands alone (its LP is fit first, or skipped as done).
   if [ $print_jobs = 0 ] && has lp "$methods" && has "$1" "$tasks" && has "$2" "$seeds"; then return; fi
-  echo "$(lp_cmd "$1" "$2") && "
+  echo "$(lp_cmd "$1" "$2" | sed 's/ --overwrite//') && "  # never refit a head other jobs may be using
 }
 
 method_cmd() {  # method task seed lr(optional) scale(optional)
@@ -188,11 +188,14 @@ ntk_cmd() {
   echo "$c"
 }
 
+ordered=""  # LP first, whatever the order of --methods: the other methods start from its head
+has lp "$methods" && ordered=lp
+for m in $methods; do if [ "$m" != lp ]; then ordered+=" $m"; fi; done
 jobs=() names=()
 add() { names+=("$1"); jobs+=("$2"); }
 for t in $tasks; do
   for s in $seeds; do
-    for m in $methods; do
+    for m in $ordered; do
       if [ "$m" = lp ]; then add "lp $t seed $s" "$(lp_cmd "$t" "$s")"; continue; fi
       lrs=${grid[$m]:-$lr_grid}
       if [ -z "$lrs" ]; then add "$m $t seed $s" "$(method_cmd "$m" "$t" "$s")"

@@ -423,3 +423,37 @@ def test_rerun_on_altered_data_is_refused(tmp_path, data_dir):
     rows = test_file.read_text().splitlines()
     test_file.write_text("\n".join(rows[1:] + rows[:1]) + "\n")  # the same examples in another order
     refused(argv, tmp_path, "the data files' content")
+
+
+# ---------------------------------------------------------------- ranks at a tolerance; the authors' pair regression
+def test_ranks_at_tolerance_on_a_known_spectrum():
+    rng = np.random.default_rng(0)
+    n, C = 5, 2  # a [10, 10] kernel with singular values 1, 0.5, 5e-4, 5e-5, 5e-7, then 1e-9 (x5)
+    S = np.array([1, 0.5, 5e-4, 5e-5, 5e-7] + [1e-9] * 5)
+    U, _ = np.linalg.qr(rng.standard_normal((n * C, n * C)))
+    K = (U * S) @ U.T
+    st = ntk.spectrum(K.reshape(n, C, n, C), 1e-4)
+    assert st["rank"] == 3 and st["rank_rtol"] == 1e-4 and st["size"] == 10
+    assert st["ranks_at"] == {"0.001": 2, "0.0001": 3, "1e-06": 4}
+    p = S / S.sum()
+    assert st["effective_rank"] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-9)
+    np.testing.assert_allclose(st["sv_normalised"], S, rtol=1e-6, atol=1e-12)
+    assert ntk.default_rank_rtol() == (1e-2 if torch.cuda.is_available() else 1e-4)
+
+
+def test_pair_logreg_is_the_authors_procedure():
+    """Raw kernel rows (no rescaling), LogisticRegressionCV(max_iter=10000, random_state=0): the same fit as theirs."""
+    from sklearn.linear_model import LogisticRegressionCV
+
+    rng = np.random.default_rng(1)
+    n, m, C, d = 12, 6, 2, 4
+    X = rng.standard_normal((n + m, C, d)) * 30  # raw scale matters for a fixed C grid: keep it large
+    K = np.einsum("icx,jdx->icjd", X, X[:n])
+    y_tr, y_te = np.arange(n) % C, rng.integers(0, C, m)
+    got = ntk.pair_logreg(K[:n], K[n:], y_tr, y_te)
+    t_tr, t_te = np.eye(C)[y_tr].ravel(), np.eye(C)[y_te].ravel()
+    ref = LogisticRegressionCV(max_iter=10000, random_state=0).fit(K[:n].reshape(n * C, n * C), t_tr)
+    assert got["train"] == ref.score(K[:n].reshape(n * C, n * C), t_tr)
+    assert got["test"] == ref.score(K[n:].reshape(m * C, n * C), t_te)
+    scores = ref.decision_function(K[n:].reshape(m * C, n * C)).reshape(m, C)
+    assert got["test_class"] == float((scores.argmax(1) == y_te).mean())
