@@ -275,3 +275,20 @@ def test_cli_turns_kit_errors_into_one_line():
         data.die("something is wrong; do this")
     with pytest.raises(SystemExit, match="^error: something is wrong; do this$"):
         main([])
+
+
+def test_saved_bytes_do_not_depend_on_the_writer(tmp_path):
+    """A run records the sha256 of its --init head: the same head written twice (other temp names, other pids) must
+    hash the same, or an identical refit would make every LP-FT directory refuse itself."""
+    head = {"weight": torch.arange(6.0).reshape(2, 3), "bias": torch.zeros(2), "task": "rte", "labels": ["a", "b"]}
+    data.save_torch(tmp_path / "a" / "lp_head.pt", head)
+    data.save_torch(tmp_path / "b" / "lp_head.pt", head)
+    assert data.file_sha256(tmp_path / "a/lp_head.pt") == data.file_sha256(tmp_path / "b/lp_head.pt")
+
+
+def test_lines_split_on_newlines_only(tmp_path):
+    (tmp_path / "boss/amazon").mkdir(parents=True)
+    (tmp_path / "boss/amazon/train.tsv").write_text("Text\tLabel\r\nfine\u2028text \x85 here\t1\r\nok\t0\n",
+                                                   encoding="utf-8")
+    sp = data.read_file("amazon", tmp_path / "boss/amazon/train.tsv")
+    assert sp.texts == [("fine\u2028text \x85 here", None), ("ok", None)] and sp.labels.tolist() == [1, 0]
