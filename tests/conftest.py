@@ -1,5 +1,6 @@
 """Tests run offline on the embedded model and the real data in ../shared/data (or $LPFT_DATA)."""
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -19,3 +20,10 @@ DATA = Path(os.environ["LPFT_DATA"])
 @pytest.fixture(scope="session")
 def data_dir():
     return DATA
+
+
+def snapshot(folder, lock=False):
+    """{path: sha256} of every file under folder: what a refused run must leave as it was. A run's .lock records
+    whoever last held it, so it is left out unless lock=True."""
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and (lock or p.name != ".lock")}

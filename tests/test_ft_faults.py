@@ -1,7 +1,7 @@
 """ft.py's faults: each stops with one line (exit status 1, no traceback) and leaves every file as it was;
 a run directory is reused, resumed or skipped only for the configuration it records, by one process at a time."""
 
-import hashlib
+
 import json
 import os
 import shutil
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import snapshot
 
 import ft
 import lora
@@ -20,11 +21,6 @@ import lora
 ROOT = Path(__file__).resolve().parents[1]
 T = ["--task", "cb", "--max_train_samples", "16", "--max_eval_samples", "16", "--eval_batch_size", "16"]
 
-
-def snapshot(folder):
-    """Every file under folder -> its sha256; .lock is left out (it records whoever holds the lock)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def ft_cli(*argv, wait=True):

@@ -9,17 +9,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, snapshot
 
 import data
 import lp
 
 T = ["--task", "cb", "--max_train_samples", "16", "--max_eval_samples", "16"]
 
-
-def snapshot(folder):
-    """{path: bytes} of every file under folder: what a failed run must leave as it was."""
-    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def lp_cli(*argv, cwd=ROOT):
@@ -70,10 +66,10 @@ def one_line_error(argv, match):
     (["--task", "xyz"], "unknown task 'xyz'"),
 ])
 def test_bad_flag_stops_before_anything(old_run, tmp_path, no_model, flags, match):
-    before = snapshot(tmp_path)
+    before = snapshot(tmp_path, lock=True)
     one_line_error([*T, "--output_dir", str(old_run), "--cache_dir", str(tmp_path / "c"), "--overwrite", *flags],
                    match)
-    assert snapshot(tmp_path) == before and not (tmp_path / "c").exists()
+    assert snapshot(tmp_path, lock=True) == before and not (tmp_path / "c").exists()
 
 
 def test_output_dir_that_is_a_file_or_under_one(tmp_path, no_model):
@@ -87,19 +83,19 @@ def test_output_dir_that_is_a_file_or_under_one(tmp_path, no_model):
 
 def test_corrupt_lp_results_is_one_line(old_run, tmp_path, no_model):
     (old_run / "lp_results.json").write_text('{"config": {"task": "cb"')  # truncated
-    before = snapshot(tmp_path)
+    before = snapshot(tmp_path, lock=True)
     one_line_error([*T, "--output_dir", str(old_run), "--cache_dir", str(tmp_path / "c")], "corrupt")
     (old_run / "lp_results.json").write_text("[1, 2]")
-    before = snapshot(tmp_path)
+    before = snapshot(tmp_path, lock=True)
     one_line_error([*T, "--output_dir", str(old_run), "--cache_dir", str(tmp_path / "c")], "not the lp_results.json")
-    assert snapshot(tmp_path) == before
+    assert snapshot(tmp_path, lock=True) == before
 
 
 def test_output_dir_of_another_script_is_refused(tmp_path, no_model):
     (tmp_path / "results.json").write_text("{}")  # an ft.py run: its logits.npz must not be replaced
-    before = snapshot(tmp_path)
+    before = snapshot(tmp_path, lock=True)
     one_line_error([*T, "--output_dir", str(tmp_path), "--cache_dir", str(tmp_path / "c")], "holds a run of ft.py")
-    assert snapshot(tmp_path) == before
+    assert snapshot(tmp_path, lock=True) == before
 
 
 @pytest.mark.parametrize("flags,match", [
@@ -108,10 +104,10 @@ def test_output_dir_of_another_script_is_refused(tmp_path, no_model):
     (["--max_train_samples", "1"], "has only class 'contradiction', no 'entailment', 'neutral'"),
 ])
 def test_cli_prints_one_line_and_keeps_files(old_run, tmp_path, flags, match):
-    before = snapshot(tmp_path)
+    before = snapshot(tmp_path, lock=True)
     rc, out, err = lp_cli(*T, "--output_dir", str(old_run), "--cache_dir", str(tmp_path / "c"), "--overwrite", *flags)
     assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1 and match in err, err
-    assert snapshot(tmp_path) == before
+    assert snapshot(tmp_path, lock=True) == before
 
 
 # ---------------------------------------------------------------- train subsets the head cannot be fit on
@@ -161,7 +157,7 @@ def test_other_data_same_task_is_never_reused(two_data_dirs, tmp_path, monkeypat
     assert len(cached) == 3
 
     # B into the same folder: the fingerprint differs, nothing is loaded or written
-    before = snapshot(tmp_path / "out") | snapshot(cache)
+    before = snapshot(tmp_path / "out", lock=True) | snapshot(cache, lock=True)
     with monkeypatch.context() as m:
         m.setattr(data, "load_encoder", lambda *a: pytest.fail("the model was loaded"))
         msg = one_line_error([*T, "--data_dir", str(two_data_dirs["B"]), "--output_dir", str(out), "--cache_dir",
@@ -171,7 +167,7 @@ def test_other_data_same_task_is_never_reused(two_data_dirs, tmp_path, monkeypat
         again = lp.main([*T, "--data_dir", str(two_data_dirs["A2"]), "--output_dir", str(out), "--cache_dir",
                          str(cache)])
     assert again == a and "already fit" in capsys.readouterr().out
-    assert snapshot(tmp_path / "out") | snapshot(cache) == before
+    assert snapshot(tmp_path / "out", lock=True) | snapshot(cache, lock=True) == before
 
     # B into a fresh folder with the same cache: train/val features are computed again, test (same file) reused
     b = lp.main([*T, "--data_dir", str(two_data_dirs["B"]), "--output_dir", str(tmp_path / "outB"),

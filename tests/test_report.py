@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, snapshot
 
 import report
 
@@ -84,10 +84,6 @@ def test_amazon_id_and_ood_table(tmp_path):
 
 
 # ---------------------------------------------------------------- damaged runs are named, never silently dropped
-def snapshot(root):
-    """{path: bytes} of every file under root (what a report must leave as it was)."""
-    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
 
 def run_report(root):
     """report.py in a subprocess: -> (exit code, stdout, stderr)."""
@@ -110,7 +106,7 @@ def test_damaged_runs_and_missing_seeds_are_listed(tmp_path, capsys):
     (d / "results.json").write_text(json.dumps(res | {"finished": False}))  # neither finished nor failed
     (tmp_path / "rte/ft-lr5e-05-seed1").mkdir()
     (tmp_path / "rte/ft-lr5e-05-seed1/ckpt.pt").write_bytes(b"x")  # killed before results.json
-    before = snapshot(tmp_path)
+    before = snapshot(tmp_path, lock=True)
 
     md = report.main(["--root", str(tmp_path)])
     err = capsys.readouterr().err
@@ -128,7 +124,7 @@ def test_damaged_runs_and_missing_seeds_are_listed(tmp_path, capsys):
     assert "report: fewer seeds: rte FT lr 1e-05: seeds 1 (missing 2)" in err
     assert "| rte | 60.0 (n=1) | 70.0 ± 0.0 |" in md  # never '± 0.0' from the one seed left
     assert "Traceback" not in err and all(line.startswith("report: ") for line in err.splitlines())
-    assert all(snapshot(tmp_path)[p] == b for p, b in before.items())  # the runs are read, never changed
+    assert all(snapshot(tmp_path, lock=True)[p] == b for p, b in before.items())  # the runs are read, never changed
 
 
 def test_malformed_calibration_and_ntk_files_are_named_not_fatal(tmp_path):
@@ -149,7 +145,7 @@ def test_malformed_calibration_and_ntk_files_are_named_not_fatal(tmp_path):
     ntk2 = tmp_path / "cb/ntk-lp_ft-seed1"
     ntk2.mkdir()
     (ntk2 / "ntk_results.json").write_text(json.dumps({"config": [], "kernels": 3}))
-    before = snapshot(tmp_path)
+    before = snapshot(tmp_path, lock=True)
 
     rc, out, err = run_report(tmp_path)
     assert rc == 0 and "Traceback" not in err, err
@@ -161,7 +157,7 @@ def test_malformed_calibration_and_ntk_files_are_named_not_fatal(tmp_path):
         assert f"- `{path}`: {why}" in md and f"report: not used: {tmp_path / path}: {why}" in err
     assert "| cb LP-FT | 8.00 | 3.00 | 16.00 | 6.00 | 1.500 |" in md  # the well-formed calibration is used
     assert "eNTK at the start" not in md  # no usable NTK result: no table
-    assert all(snapshot(tmp_path)[p] == b for p, b in before.items())
+    assert all(snapshot(tmp_path, lock=True)[p] == b for p, b in before.items())
 
 
 def test_root_that_is_a_file_or_missing_is_one_line(tmp_path):
