@@ -40,6 +40,17 @@ TABLE6 = {
     "pubmed": {"ft": (8, 5e-6), "lp_ft": (8, 5e-6)},
 }
 
+# The embedded all-MiniLM-L6-v2 is not roberta-base: its learning rates are the kit's own, chosen on validation by
+# the grid at the default study's sizes and epochs (batch sizes stay Table 6's); README, "Learning rates for the
+# embedded model", shows val per learning rate. Chosen by:
+#   bash run_all.sh --no_ntk --no_scale --seeds 1001 --methods "lp ft lp_ft lora lp_lora" --lr_table table6 \
+#       --lr_grid_ft "..." --lr_grid_lpft "..." --lr_grid_lora "..." --lr_grid_lplora "..." --out runs_grid
+# task -> method -> learning rate
+MINILM_LR = {
+    "sst2": {"ft": None, "lp_ft": None},
+    "mrpc": {"ft": None, "lp_ft": None},
+}
+
 
 # ---------------------------------------------------------------- the model
 class Classifier(nn.Module):
@@ -200,7 +211,10 @@ def make_parser(description=__doc__):
     a("--output_dir", help="default runs/<task>/<method>-seed<seed>")
     a("--overwrite", action="store_true", help="start afresh, replacing this directory's results and checkpoint")
     a("--init", help="lp_head.pt from lp.py: start from the LP head (LP-FT, LP-LoRA) instead of a fresh one")
-    a("--lr", type=float, help="default: paper Table 6 for the task and method")
+    a("--lr", type=float, help="default: from --lr_table for the task and method")
+    a("--lr_table", choices=["minilm", "table6"],
+      help="where the default --lr comes from: minilm (the kit's grid on validation for the embedded model; its "
+           "default where it has the task) or table6 (the paper's Table 6, for roberta-base; default otherwise)")
     a("--batch_size", type=int, help="default: paper Table 6 for the task and method")
     a("--epochs", type=int, default=10)
     a("--max_steps", type=int, help="stop after this many optimizer steps")
@@ -244,16 +258,32 @@ def fill_from_head(args):
     return head
 
 
-def resolve(args, method, table):
-    """Fill task/model/max_len/pooling from the head (only those not given), lr/batch from the table; validate
+def default_lr(args, method, table, minilm):
+    """-> (table name, lr) when --lr is not given: the kit's grid choice for the embedded model where it has one
+    (--lr_table minilm), else the paper's Table 6 (--lr_table table6; always for other models)."""
+    have = args.task in minilm and minilm[args.task].get(method) is not None
+    name = args.lr_table or ("minilm" if args.model == data.EMBEDDED and have else "table6")
+    if name == "minilm" and not have:
+        die(f"--lr_table minilm has no {method} learning rate for {args.task} (it has "
+            f"{', '.join(sorted(minilm))}); pass --lr or --lr_table table6")
+    if name == "table6" and args.model == data.EMBEDDED and args.lr_table is None:
+        print(f"note: no MiniLM learning rate for {method} on {args.task}: using roberta-base's Table 6 value; "
+              f"choose one with bash run_all.sh --lr_grid")
+    return name, minilm[args.task][method] if name == "minilm" else table[args.task][method][1]
+
+
+def resolve(args, method, table, minilm):
+    """Fill task/model/max_len/pooling from the head (only those not given), lr/batch from the tables; validate
     every flag, the head and the model's config (no weights loaded). -> the head or None."""
     check_flags(args)
     head = fill_from_head(args)
     if head is not None and not torch.isfinite(head["weight"] * args.head_scale).all():
         die(f"--head_scale {args.head_scale} makes the head {args.init} overflow; pass a smaller one")
-    bs, lr = table[args.task][method]
-    args.batch_size = bs if args.batch_size is None else args.batch_size
-    args.lr = lr if args.lr is None else args.lr
+    args.batch_size = table[args.task][method][0] if args.batch_size is None else args.batch_size
+    if args.lr is None:
+        args.lr_table, args.lr = default_lr(args, method, table, minilm)
+    else:
+        args.lr_table = None  # the user's --lr: no table
     args.output_dir = args.output_dir or f"runs/{args.task}/{method}-seed{args.seed}"
     return head
 
@@ -413,7 +443,8 @@ def build(args, method, head, splits, fp, setup=None, extra_meta=None):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: s / max(warm, 1) if s < warm else max(0.0, (total - s) / max(total - warm, 1)))
     counts = {"trainable_params": sum(p.numel() for p in params),
-              "total_params": sum(p.numel() for p in model.parameters()), "device": str(dev)}
+              "total_params": sum(p.numel() for p in model.parameters()), "device": str(dev),
+              "threads": torch.get_num_threads()}  # CPU numbers are exact for a given thread count
     meta = {"task": args.task, "model": args.model, "max_len": args.max_len, "pooling": args.pooling,
             "labels": task.labels, "method": method} | (extra_meta or {})
     return Setup(out=Path(args.output_dir), task=args.task, model=model,
@@ -488,12 +519,24 @@ def finish(s, hist, best, peak):
     return res
 
 
+def estimate(s, args, seconds, epoch):
+    """After this process's first epoch: the whole run's time at that epoch's pace, and what is left of it."""
+    epochs = min(args.epochs, math.ceil(s.total / math.ceil(len(s.train_tokens) / args.batch_size)))
+    return (f"  estimated total: {fmt_time(seconds * epochs)} for {epochs} epochs of {seconds:.0f} s "
+            f"(with evaluation), {fmt_time(seconds * (epochs - epoch))} left")
+
+
+def fmt_time(sec):
+    return f"{sec / 60:.1f} min" if sec >= 90 else f"{sec:.0f} s"
+
+
 def train(args, s, state):
-    """The loop: epochs of shuffled length-grouped batches, an evaluation and a checkpoint after each."""
+    """The loop: epochs of shuffled length-grouped batches; after each an evaluation and (but the last) a resume
+    checkpoint; after the first the estimated total time."""
     hist, best, step, phi0 = resume(s, state) if state else start(s, args)
     since_best = hist[-1]["epoch"] - best["epoch"] if best["epoch"] else 0
-    peak = 0.0
-    for epoch in range(hist[-1]["epoch"] + 1, args.epochs + 1):
+    peak, first = 0.0, hist[-1]["epoch"] + 1
+    for epoch in range(first, args.epochs + 1):
         if step >= s.total or (args.patience and since_best >= args.patience):
             break
         s.model.train()
@@ -529,15 +572,18 @@ def train(args, s, state):
         r = hist[-1]
         print(f"  epoch {epoch}: loss {avg:.4f} val {r['val'][s.sel]:.4f} test {r['test'][s.sel]:.4f} "
               f"|V| {r['head_norm']:.3f} Diff(F) {r['diff_f']:.4f} ({r['seconds']:.0f}s)")
-        save_checkpoint(s, hist, best, step, phi0)
+        if epoch == first:
+            print(estimate(s, args, r["seconds"], epoch))
+        if step < s.total and epoch < args.epochs:  # after the last epoch the run finishes: no resume state
+            save_checkpoint(s, hist, best, step, phi0)
     return finish(s, hist, best, peak)
 
 
-def run(args, method, table=TABLE6, setup=None, extra_meta=None, check=None):
+def run(args, method, table=TABLE6, minilm=MINILM_LR, setup=None, extra_meta=None, check=None):
     """The kit's one training loop (FT, LP-FT; LoRA and LP-LoRA through `setup`, which changes the built model,
     and `check`, which validates their own flags). Every flag, the head, the data and the output directory are
     checked before the model is built or any file is touched; one process at a time writes the directory."""
-    head = resolve(args, method, table)
+    head = resolve(args, method, table, minilm)
     if check is not None:
         check(args)
     splits = data.study_splits(args.task, args.data_dir, args.max_train_samples, args.max_eval_samples, args.seed)

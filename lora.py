@@ -48,6 +48,12 @@ TABLE6 = {
     "pubmed": {"lora": (8, 5e-4), "lp_lora": (8, 1e-3)},
 }
 
+# The embedded all-MiniLM-L6-v2: the kit's grid choice on validation (ft.MINILM_LR says by which command).
+MINILM_LR = {
+    "sst2": {"lora": None, "lp_lora": None},
+    "mrpc": {"lora": None, "lp_lora": None},
+}
+
 
 def lora_flags(a):
     """The LoRA flags lora.py and ntk.py share (the paper's r = alpha = 8 on query and value)."""
@@ -251,7 +257,7 @@ def main(argv=None):
     def add_lora(model):  # ft.run's setup hook: after the initial head, before the move to the device
         inject_lora(model, args.targets, args.r, args.alpha, args.lora_dropout)
 
-    res = ft.run(args, "lp_lora" if args.init else "lora", TABLE6, setup=add_lora,
+    res = ft.run(args, "lp_lora" if args.init else "lora", TABLE6, MINILM_LR, setup=add_lora,
                  extra_meta={"lora": lora_config(args)}, check=check_lora_args)
     if args.merge_to:
         with data.RunLock(args.output_dir):  # no --overwrite of this run may delete what is being exported

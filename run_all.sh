@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole study in one command: LP, FT, LP-FT, LoRA, LP-LoRA; calibration; NTK; norm scaling; report.
 #
-#   bash run_all.sh                                  # default study: embedded model, CB/RTE/SST-2, 2-core CPU
+#   bash run_all.sh                                  # default study: embedded model, SST-2/MRPC, 2-core CPU
 #   bash run_all.sh --paper --model roberta-base     # the paper's full study (13 datasets, 5 seeds; a GPU)
 #   bash run_all.sh --lr_grid "1e-5 5e-5 1e-4"       # every method and seed at every learning rate
 #   bash run_all.sh --print_jobs > jobs.txt          # independent jobs, one per line (GNU parallel / Slurm array)
@@ -16,6 +16,7 @@
 #          --no_ntk --no_scale
 #          --lr_grid "..." and per method --lr_grid_ft --lr_grid_lpft --lr_grid_lora --lr_grid_lplora
 #          --patience N --force --print_jobs --report_only (only calibrate the runs under --out and report)
+#          --jobs N (jobs at once, each with its share of the cores; default 2 on a CPU study, 1 with --paper)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
@@ -23,13 +24,13 @@ PY=${PYTHON:-python}
 paper=0 force=0 print_jobs=0 no_ntk=0 no_scale=0 report_only=0
 tasks="" methods="lp ft lp_ft lora lp_lora" seeds="" model="" data_dir="" out=runs
 epochs="" max_steps="" max_train="" max_eval="" ntk_tasks="" ntk_n="" ntk_method="" scale_tasks="" scales=""
-patience=""
+patience="" par=""
 lr_grid=""
 declare -A grid=()
 die() { echo "error: $*" >&2; exit 2; }
 has() { [[ " $2 " == *" $1 "* ]]; }
 VALUED="--tasks --methods --seeds --model --data_dir --out --output_root --epochs --max_steps --max_train_samples
-  --max_eval_samples --ntk_tasks --ntk_n --ntk_method --scale_tasks --scales --patience --lr_grid --lr_grid_ft
+  --max_eval_samples --ntk_tasks --ntk_n --ntk_method --scale_tasks --scales --patience --jobs --lr_grid --lr_grid_ft
   --lr_grid_lpft --lr_grid_lp_ft --lr_grid_lora --lr_grid_lplora --lr_grid_lp_lora"
 while [ $# -gt 0 ]; do
   if has "$1" "$(echo $VALUED)" && [ $# -lt 2 ]; then die "$1 needs a value (see bash run_all.sh --help)"; fi
@@ -56,6 +57,7 @@ while [ $# -gt 0 ]; do
     --scale_tasks) scale_tasks=$2; shift ;;
     --scales) scales=$2; shift ;;
     --patience) patience=$2; shift ;;
+    --jobs) par=$2; shift ;;
     --lr_grid) lr_grid=$2; shift ;;
     --lr_grid_ft) grid[ft]=$2; shift ;;
     --lr_grid_lpft|--lr_grid_lp_ft) grid[lp_ft]=$2; shift ;;
@@ -73,15 +75,19 @@ if [ $paper = 1 ]; then
   epochs=${epochs:-10}
   ntk_tasks=${ntk_tasks:-"cb rte boolq wic"} ntk_n=${ntk_n:-250} ntk_method=${ntk_method:-func}
   scale_tasks=${scale_tasks:-"cb rte amazon"} scales=${scales:-"0.1 0.5 2 5 10 50 100"}
-else  # default study, sized for <= 30 minutes on a 2-core CPU (measured: 23 min 12 s on a quiet one)
-  tasks=${tasks:-"cb rte sst2"}
-  seeds=${seeds:-"1001 2002"}
+else  # default study, sized by measurement for <= 30 minutes on a 2-core CPU (README, "Results")
+  tasks=${tasks:-"cb sst2"}
+  seeds=${seeds:-"1001 2002 3003"}
   epochs=${epochs:-3}
-  max_eval=${max_eval:-250}
-  ntk_tasks=${ntk_tasks:-"cb"} ntk_n=${ntk_n:-48} ntk_method=${ntk_method:-structured}  # exact, 2x func on CPU
-  scale_tasks=${scale_tasks:-"cb"} scales=${scales:-"0.1 10"}
+  max_eval=${max_eval:-300}
+  ntk_tasks=${ntk_tasks:-$tasks} ntk_n=${ntk_n:-32} ntk_method=${ntk_method:-structured}  # 2x func on CPU
+  scale_tasks=${scale_tasks:-$tasks} scales=${scales:-"10"}
 fi
 first_seed=${seeds%% *}
+# Jobs at once: 2 on a CPU study (each with half the cores: measured 1.2x the throughput of one job with all of
+# them, start-up and evaluation overlapping the other's training; README, "Speed"), 1 for the paper's GPU study.
+cores=$(nproc 2>/dev/null || echo 1)
+if [ -z "$par" ]; then if [ $paper = 1 ] || [ "$cores" -lt 2 ]; then par=1; else par=2; fi; fi
 
 # Every value is checked here, before any job starts: a typo stops the study at once with one line, instead of
 # failing inside every job (or, printed with --print_jobs, on some other machine later).
@@ -117,6 +123,7 @@ check_int --max_train_samples "$max_train" 1
 check_int --max_eval_samples "$max_eval" 1
 check_int --ntk_n "$ntk_n" 1
 check_int --patience "$patience" 0
+check_int --jobs "$par" 1
 check_num --scales "$scales"
 check_num --lr_grid "$lr_grid"
 for m in "${!grid[@]}"; do check_num "--lr_grid_${m/_/}" "${grid[$m]}"; done
@@ -127,7 +134,7 @@ done
 
 train_cap() {  # default study: training subsets per task (the paper: all of it)
   if [ -n "$max_train" ]; then echo "$max_train"; elif [ $paper = 1 ]; then echo ""
-  else case $1 in rte) echo 192 ;; sst2) echo 384 ;; *) echo "" ;; esac; fi
+  else case $1 in sst2) echo 1000 ;; *) echo "" ;; esac; fi  # CB: all 225
 }
 
 base() {  # flags every script shares: task, seed, model, data
@@ -174,6 +181,7 @@ method_cmd() {  # method task seed lr(optional) scale(optional)
   [ -n "$sc" ] && name+="-scale$sc"
   c="$PY $script $(common "$t" "$s") $(train_flags) --output_dir $out/$t/$name-seed$s"
   [ -n "$lr" ] && c+=" --lr $lr"
+  [ -z "$lr" ] && [ $paper = 1 ] && c+=" --lr_table table6"  # the paper's learning rates, whatever the model
   [ -n "$sc" ] && c+=" --head_scale $sc"
   case $m in lp_ft|lp_lora) c="$(lp_first "$t" "$s")$c --init $out/$t/lp-seed$s/lp_head.pt" ;; esac
   echo "$c"
@@ -203,18 +211,25 @@ for t in $tasks; do
     done
   done
 done
-if [ $no_scale = 0 ]; then
+if [ $no_scale = 0 ]; then  # norm scaling: every seed, the head scaled at the start (scale 1 = the runs above)
   for t in $scale_tasks; do
     ms="ft lp_ft"; case $t in cb|rte) ms="ft lp_ft lora lp_lora" ;; esac
-    [ $paper = 0 ] && ms="ft lp_ft"
-    for m in $ms; do
-      for sc in $scales; do add "norm scaling $m $t x$sc" "$(method_cmd "$m" "$t" "$first_seed" "" "$sc")"; done
+    [ $paper = 0 ] && ms="ft"  # default study: FT's fresh head x10 against x1, claim c6 (README)
+    for s in $seeds; do
+      for m in $ms; do
+        for sc in $scales; do add "norm scaling $m $t seed $s x$sc" "$(method_cmd "$m" "$t" "$s" "" "$sc")"; done
+      done
     done
   done
 fi
-if [ $no_ntk = 0 ]; then
+if [ $no_ntk = 0 ]; then  # FT and LP-FT kernels for every seed (claim c5 is paired by seed); LoRA's for the first
   for t in $ntk_tasks; do
-    for m in ft lp_ft lora lp_lora; do add "ntk $m $t" "$(ntk_cmd "$m" "$t" "$first_seed")"; done
+    for s in $seeds; do
+      for m in ft lp_ft lora lp_lora; do
+        case $m in lora|lp_lora) [ "$s" = "$first_seed" ] || continue ;; esac
+        add "ntk $m $t seed $s" "$(ntk_cmd "$m" "$t" "$s")"
+      done
+    done
   done
 fi
 
@@ -227,6 +242,7 @@ finish() {  # calibrate every run under $out, then the report; a failure is repo
   mapfile -t dirs < <(find "$out" -name logits.npz -not -path "*/cache/*" -printf '%h\n' | sort)
   local cal=""
   [ $force = 1 ] && cal="--overwrite"
+  [ $paper = 1 ] && cal+=" --optimizer adam"  # the paper's fit of T (Adam, lr 1e-3, patience 10); LBFGS otherwise
   if [ ${#dirs[@]} -gt 0 ]; then
     $PY calibrate.py $cal "${dirs[@]}" || { echo "warning: calibration failed" >&2; failed+=("calibrate.py"); }
   fi
@@ -234,22 +250,55 @@ finish() {  # calibrate every run under $out, then the report; a failure is repo
   $PY report.py --root "$out" || failed+=("report.py --root $out")
 }
 
-start=$SECONDS
 failed=()
+run_one() {  # job index: run it; with --jobs > 1 its output goes to a log file, and a line says when it is done
+  local i=$1 t0=$SECONDS log k
+  echo "[$((i + 1))/$n $(( (SECONDS - start) / 60 ))m] ${names[$i]}"
+  log="$logs/$(printf '%02d' $((i + 1)))-${names[$i]// /-}.log"
+  if [ "$par" = 1 ]; then eval "${jobs[$i]}"; else eval "${jobs[$i]}" > "$log" 2>&1; fi && {
+    echo "$i" >> "$logs/done"
+    k=$(wc -l < "$logs/done")
+    [ "$par" = 1 ] || echo "  done: ${names[$i]} ($((SECONDS - t0)) s); $k of $n jobs, about" \
+      "$(( (SECONDS - start) * (n - k) / k / 60 )) min left at this pace"
+    return 0
+  }
+  [ "$par" = 1 ] || tail -n 2 "$log" >&2
+  echo "warning: job failed: ${names[$i]}${log:+ (log: $log)}" >&2  # a diverged lr, say: the study goes on
+  echo "${jobs[$i]}" >> "$logs/failed"  # a file, not an array: with --jobs > 1 this runs in a subshell
+}
+
+run_phase() {  # job indices, at most $par at once
+  local i
+  for i in "$@"; do
+    if [ "$par" = 1 ]; then run_one "$i"; continue; fi
+    while [ "$(jobs -pr | wc -l)" -ge "$par" ]; do wait -n || true; done
+    run_one "$i" &
+  done
+  wait
+}
+
+if [ "$par" -gt 1 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then  # the cores shared out, not oversubscribed
+  export OMP_NUM_THREADS=$(( cores / par > 0 ? cores / par : 1 ))
+fi
+start=$SECONDS
+logs=$out/logs
 if [ $report_only = 1 ]; then
+  mkdir -p "$logs" && rm -f "$logs/failed"
   finish
 else
   n=${#jobs[@]}
-  echo "run_all: ${n} jobs (tasks: $tasks; methods: $methods; seeds: $seeds; epochs: $epochs) -> $out/"
+  mkdir -p "$logs" && rm -f "$logs/failed" "$logs/done"
+  echo "run_all: ${n} jobs, $par at a time (tasks: $tasks; methods: $methods; seeds: $seeds; epochs: $epochs)" \
+    "-> $out/ (logs: $logs/)"
   [ $paper = 0 ] && echo "estimate: about 25 minutes on a 2-core CPU for the default study (finished jobs are skipped)"
-  for i in "${!jobs[@]}"; do
-    echo "[$((i + 1))/$n $(( (SECONDS - start) / 60 ))m] ${names[$i]}"
-    # a failed job (say, a diverged learning rate) is reported, and the study goes on
-    eval "${jobs[$i]}" || { echo "warning: job failed: ${names[$i]}" >&2; failed+=("${jobs[$i]}"); }
-  done
+  lps=() rest=()  # LP first, all of it: every other job may start from an LP head
+  for i in "${!jobs[@]}"; do if [[ ${names[$i]} == "lp "* ]]; then lps+=("$i"); else rest+=("$i"); fi; done
+  run_phase "${lps[@]}"
+  run_phase "${rest[@]}"
   echo "[calibration $(( (SECONDS - start) / 60 ))m]"
   finish
 fi
+[ -f "$logs/failed" ] && mapfile -t -O ${#failed[@]} failed < "$logs/failed"
 echo "done in $(( (SECONDS - start) / 60 )) min: $out/report.md"
 if [ ${#failed[@]} -gt 0 ]; then
   printf 'failed jobs (%d), shown as failed in the report:\n' "${#failed[@]}" >&2

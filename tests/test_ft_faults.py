@@ -223,3 +223,17 @@ def test_cli_bad_flag_with_overwrite_is_one_line(finished):
     assert_one_line_error(ft_cli(*T, "--epochs", "1", "--output_dir", finished, "--overwrite", "--lr", "-1"),
                           "--lr -1.0: must be > 0")
     assert snapshot(finished) == before
+
+
+def test_resume_state_after_every_epoch_but_the_last_and_one_estimate(tmp_path, monkeypatch, capsys):
+    saved, save = [], ft.save_checkpoint
+
+    def counting(s, hist, *rest):
+        saved.append(hist[-1]["epoch"])
+        save(s, hist, *rest)
+
+    monkeypatch.setattr(ft, "save_checkpoint", counting)
+    res = ft.main([*T, "--epochs", "3", "--output_dir", str(tmp_path)])
+    assert saved == [1, 2] and res["finished"] and not (tmp_path / "ckpt.pt").exists()
+    out = capsys.readouterr().out
+    assert out.count("estimated total: ") == 1 and " for 3 epochs of " in out

@@ -64,7 +64,8 @@ def test_report_tables_and_missing_runs(tmp_path):
     md = report.main(["--root", str(tmp_path)])
     assert "| cola | 35.0 ± 7.1 | 40.0 ± 0.0 |" in md  # FT: tests 0.3 and 0.4 (MCC), LP-FT 0.4
     assert "| cola LP-FT | 0.1000 | 0.8000 | 0.2000 |" in md
-    assert "LP-FT changes features less than FT (Diff(F) 0.1000 vs 0.8000): yes" in md
+    assert "| cola | c2 LP-FT changes features less than FT | Diff(F) LP-FT − FT | -0.7 [-0.7, -0.7] (n=2) | holds |" \
+        in md
     assert "| cola | LP-FT − FT | +5.0 [" in md
     assert "Norm scaling" in md and (tmp_path / "feature_change_vs_norm.png").exists()
     assert (tmp_path / "report.csv").read_text().startswith("table,row,column,value")
@@ -130,7 +131,7 @@ def test_damaged_runs_and_missing_seeds_are_listed(tmp_path, capsys):
 def test_malformed_calibration_and_ntk_files_are_named_not_fatal(tmp_path):
     for seed in (1, 2):
         write_run(tmp_path, "cb", "lp_ft", seed, 1e-5, val=0.7, test=0.7)
-    good = {"temperature": 1.5, "converged": True,
+    good = {"temperature": 1.5, "converged": True, "optimizer": "lbfgs",
             "splits": {"test": {"n": 5, **{w: {"accuracy": 0.7, "nll": 0.5, "brier": 0.3, "ece": e, "mce": 2 * e}
                                            for w, e in (("before", 8.0), ("after", 3.0))}}}}
     (tmp_path / "cb/lp_ft-lr1e-05-scale1.0-seed1/calibration.json").write_text(json.dumps(good))
@@ -155,8 +156,8 @@ def test_malformed_calibration_and_ntk_files_are_named_not_fatal(tmp_path):
                       ("cb/ntk-ft-seed1/ntk_results.json", "not a number: ft_ratio = 'big'"),
                       ("cb/ntk-lp_ft-seed1/ntk_results.json", "not an ntk.py result")):
         assert f"- `{path}`: {why}" in md and f"report: not used: {tmp_path / path}: {why}" in err
-    assert "| cb LP-FT | 8.00 | 3.00 | 16.00 | 6.00 | 1.500 |" in md  # the well-formed calibration is used
-    assert "eNTK at the start" not in md  # no usable NTK result: no table
+    assert "| cb LP-FT | 8.00 | 3.00 | 16.00 | 6.00 | 1.500 | lbfgs |" in md  # the well-formed calibration is used
+    assert "## eNTK at the start" not in md  # no usable NTK result: no table
     assert all(snapshot(tmp_path, lock=True)[p] == b for p, b in before.items())
 
 
@@ -166,3 +167,47 @@ def test_root_that_is_a_file_or_missing_is_one_line(tmp_path):
     for root in (f, tmp_path / "absent"):
         rc, out, err = run_report(root)
         assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- the claims table
+def test_claims_are_decided_by_paired_intervals(tmp_path):
+    """c1-c6 on three hand-made seeds; each verdict follows from the numbers written here (see comments)."""
+    for seed in (1, 2, 3):
+        write_run(tmp_path, "sst2", "lp", seed, None, val=0.6, test=0.60 + seed / 100, norm=5 + seed / 10)
+        write_run(tmp_path, "sst2", "ft", seed, 1e-4, val=0.8, test=[0.80, 0.82, 0.79][seed - 1],
+                  diff=0.7 + seed / 10)
+        d = write_run(tmp_path, "sst2", "lp_ft", seed, 1e-4, val=0.8, test=[0.81, 0.80, 0.83][seed - 1],
+                      diff=[0.1, 0.2, 0.15][seed - 1])
+        ece = {w: {"accuracy": 0.8, "nll": 0.5, "brier": 0.3, "ece": e, "mce": e} for w, e in
+               (("before", 7.0 + seed), ("after", [3.0, 3.5, 2.5][seed - 1]))}
+        (d / "calibration.json").write_text(json.dumps({"temperature": 2.0, "converged": True,
+                                                        "splits": {"test": {"n": 400, **ece}}}))
+        write_run(tmp_path, "sst2", "lora", seed, 1e-3, val=0.7, test=0.7, diff=0.3)
+        write_run(tmp_path, "sst2", "lp_lora", seed, 1e-3, val=0.7, test=0.7, diff=[0.5, 0.55, 0.6][seed - 1])
+        write_run(tmp_path, "sst2", "lp_ft", seed, 1e-4, val=0.8, test=0.8, scale=10,
+                  diff=[0.0, 0.09, 0.06][seed - 1])  # 0.1 less each
+        for m, ratio in (("ft", 0.2 + seed / 100), ("lp_ft", [0.9, 1.0, 0.95][seed - 1])):
+            k = tmp_path / f"sst2/ntk-{m}-seed{seed}"
+            k.mkdir()
+            (k / "ntk_results.json").write_text(json.dumps({
+                "config": {"task": "sst2", "seed": seed, "n_train": 16}, "ft_ratio": ratio, "head_norm": 1.0,
+                "kernels": {K: {"fro": 1.0, "rank": 3} for K in ("P", "F", "P+F")}}))
+    md = report.main(["--root", str(tmp_path)])
+    rows = {line.split(" | ")[1] + " / " + line.split(" | ")[2]: line.split(" | ")[-1].rstrip(" |")
+            for line in md.split("## The paper's claims on these runs")[1].split("\n## ")[0].splitlines()
+            if line.startswith("| sst2 |")}
+    assert rows["c1 LP head norm > fresh head's / ‖V‖ LP − ‖V‖ fresh (FT's start)"] == "holds"  # 5.1.. vs 0.02
+    assert rows["c2 LP-FT changes features less than FT / Diff(F) LP-FT − FT"] == "holds"
+    # LP-LoRA − LoRA = +0.2, +0.25, +0.3: mean 0.25, half-width 4.303 * 0.05 / sqrt 3 = 0.124, all above 0
+    assert rows["c2 LP-LoRA changes features less than LoRA / Diff(F) LP-LoRA − LoRA"] == "does not hold"
+    # LP-FT − FT = +1, -2, +4 points: the interval contains 0
+    assert rows["c3 LP-FT at least as accurate as FT / test LP-FT − FT, points"] == "inside the noise"
+    assert rows["c3 FT beats LP / test FT − LP, points"] == "holds"  # +19, +20, +16
+    assert rows["c4 temperature scaling lowers LP-FT's ECE / test ECE after − before TS, % points"] == "holds"
+    assert rows["c5 FT ratio larger after LP / FT ratio LP-FT − FT (eNTK at the start)"] == "holds"
+    assert rows["c6 larger initial head norm, less feature change / Diff(F) at head scale 1 − at 10, LP-FT"] == "holds"
+    assert "| sst2 | c3 LP-FT at least as accurate as FT | test LP-FT − FT, points | +1.0 [" in md
+    assert report.verdict((0.1, None, 1)) == "one seed: no interval"
+    assert report.verdict((None, None, 0)) == "missing runs"
+    assert report.verdict((-0.5, 0.1, 3), side=-1) == "holds"
+    assert report.verdict((0.5, 0.1, 3), side=-1) == "does not hold"

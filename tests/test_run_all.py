@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--tasks", "cb", "--seeds", "1001", "--epochs", "1", "--max_steps", "2", "--max_train_samples", "32",
-        "--max_eval_samples", "16"]
+        "--max_eval_samples", "16", "--jobs", "1"]  # one at a time: every job's output in the log
 
 
 def run_all(*args):
@@ -54,7 +54,8 @@ def test_second_run_does_no_work(study):
     before = mtimes(out)
     log = run_all(*TINY, "--methods", "lp ft lp_ft", "--ntk_n", "4", "--scales", "10", "--out", str(out))
     assert mtimes(out) == before
-    assert log.count("already finished") >= 4 and "already fit" in log and "calibration.json is up to date" in log
+    assert log.count("already finished") == 3  # FT, LP-FT, FT x10
+    assert "already fit" in log and "calibration.json is up to date" in log
 
 
 def test_print_jobs_respects_dependencies(tmp_path):
@@ -67,13 +68,27 @@ def test_print_jobs_respects_dependencies(tmp_path):
     paper = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--paper", "--print_jobs"], capture_output=True,
                            text=True, check=True).stdout.splitlines()
     assert sum("--seed 5005" in j and "ft.py" in j for j in paper) > 0
+    trains = [j.split(" && ")[-1] for j in paper if " ft.py " in f" {j}" or "lora.py" in j]
+    assert trains and all("--lr_table table6" in j for j in trains)  # Table 6 under --paper, whatever the model
+    scaled = {s for j in paper for s in ("1001", "5005") if "--head_scale" in j and f"--seed {s}" in j}
+    assert scaled == {"1001", "5005"}  # norm scaling over every seed
+    # the default study: FT/LP-FT kernels for every seed (claim c5 is paired by seed), LoRA's for the first
+    ntk = [j.split(" && ")[-1] for j in jobs if "ntk.py" in j]
+    assert sum("--seed 3003" in j for j in ntk) == 2 * len({j.split("--task ")[1].split()[0] for j in ntk})
+    assert not any("--lora" in j and "--seed 1001" not in j for j in ntk)
     assert {t for j in paper for t in ["boolq", "pubmed", "amazon"] if f"--task {t} " in j} == {
         "boolq", "pubmed", "amazon"}
 
 
-def test_lr_grid_end_to_end(tmp_path):
-    run_all(*TINY, "--methods", "ft lp_ft", "--no_ntk", "--no_scale", "--lr_grid", "1e-5 1e-4",
-            "--out", str(tmp_path))
+def test_lr_grid_end_to_end_two_jobs_at_once(tmp_path):
+    log = run_all(*TINY, "--methods", "lp ft lp_ft", "--no_ntk", "--no_scale", "--lr_grid", "1e-5 1e-4",
+                  "--out", str(tmp_path), "--jobs", "2")  # the last --jobs wins
+    assert "2 at a time" in log and log.count("  done: ") == 5 and "min left at this pace" in log
+    logs = sorted(p.name for p in (tmp_path / "logs").glob("*.log"))
+    assert logs[0] == "01-lp-cb-seed-1001.log" and len(logs) == 5  # LP first (its own phase), then the rest
+    assert "estimated total" in (tmp_path / "logs" / logs[1]).read_text()  # ft.py's estimate after its first epoch
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, len(os.sched_getaffinity(0)) // 2))
+    assert json.loads((tmp_path / "cb/ft-lr1e-5-seed1001/results.json").read_text())["config"]["threads"] == threads
     dirs = sorted(p.name for p in (tmp_path / "cb").iterdir())
     assert {"ft-lr1e-5-seed1001", "ft-lr1e-4-seed1001", "lp_ft-lr1e-5-seed1001", "lp_ft-lr1e-4-seed1001"} <= set(dirs)
     lrs = {json.loads((tmp_path / "cb" / d / "results.json").read_text())["config"]["lr"] for d in dirs
@@ -82,6 +97,7 @@ def test_lr_grid_end_to_end(tmp_path):
     md = (tmp_path / "report.md").read_text()
     grid = md.split("## Learning rates")[1].split("##")[0]
     assert grid.count("| cb FT |") == 2 and grid.count("| cb LP-FT |") == 2 and grid.count("**chosen**") == 2
+    assert not (tmp_path / "logs/failed").exists()
 
 
 def test_bad_ntk_method_is_a_one_line_error(tmp_path):
