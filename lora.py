@@ -50,8 +50,8 @@ TABLE6 = {
 
 # The embedded all-MiniLM-L6-v2: the kit's grid choice on validation (ft.MINILM_LR says by which command).
 MINILM_LR = {
-    "sst2": {"lora": None, "lp_lora": None},
-    "mrpc": {"lora": None, "lp_lora": None},
+    "cb": {"lora": 1e-2, "lp_lora": 3e-3},
+    "sst2": {"lora": 3e-3, "lp_lora": 3e-3},
 }
 
 

@@ -327,7 +327,7 @@ def test_table(s):  # Table 8: test accuracy (CoLA: MCC)
 
 def amazon_table(s):  # Table 10: Amazon in- and out-of-distribution
     if "amazon" not in s.tasks:
-        return None
+        return "Amazon: ID and OOD accuracy (Table 10)", None, None, "Missing: no Amazon runs (run_all.sh --paper)."
     ood = ["test"] + list(data.TASKS["amazon"].ood)
     body = [[NAMES[m]] + [mean_std([r["metrics"].get(sp, {}).get("accuracy") for r in s.chosen.get(("amazon", m), [])],
                                    len(s.seeds)) for sp in ood] for m in s.methods]
@@ -380,7 +380,7 @@ def calibration_table(s):  # Table 3: calibration on test
 def ntk_table(s):  # Table 2: kernel statistics
     body = [ntk_row(Path(d).name, k) for d, k in sorted(s.ntk.items())]
     if not body:
-        return None
+        return "eNTK at the start of fine-tuning (Table 2)", None, None, "Missing: no usable ntk_results.json."
     return ("eNTK at the start of fine-tuning (Table 2)",
             ["run", "N", "rank P+F", "||P||_F", "||F||_F", "FT ratio", "||V||", "kernel reg.", "pair logreg"], body,
             "Test accuracy of kernel regression on P+F (classes) and of the paper's pair-level logistic "
@@ -394,7 +394,8 @@ def scaling_table(s):  # Figure 3: norm scaling
             for r in sorted(s.rows, key=lambda r: (r["task"], r["method"], r["scale"]))
             if r["method"] != "lp" and not r["failed"] and r["seed"] == first and scaled_task(s.rows, r["task"])]
     if not body:
-        return None
+        return ("Norm scaling: initial head norm vs feature change (Figure 3)", None, None,
+                "Missing: no runs with --head_scale other than 1.")
     return ("Norm scaling: initial head norm vs feature change (Figure 3)",
             ["run", "head scale", "||V|| at start", "Diff(F)", "test"], body, "")
 
@@ -457,6 +458,9 @@ def build(s):
         if t is None:
             continue
         title, header, body, note = t
+        if body is None:  # its runs are missing: one line says so, the table does not vanish
+            md.extend([f"## {title}", "", note, ""])
+            continue
         md.extend([f"## {title}", "", table(header, body), ""] + ([note, ""] if note else []))
         csvrows += [[title, row[0], h, v] for row in body for h, v in zip(header[1:], row[1:])]
     return "\n".join(md) + "\n", csvrows

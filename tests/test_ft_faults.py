@@ -101,7 +101,7 @@ def test_bad_head_keeps_the_finished_run(finished, tmp_path, change, flags, matc
 
 def test_head_flags_come_from_the_head_only_when_not_given(tmp_path):
     args = ft.make_parser().parse_args(["--init", fake_head(tmp_path / "h.pt", max_len=64, pooling="mean")])
-    ft.resolve(args, "lp_ft", ft.TABLE6)
+    ft.resolve(args, "lp_ft", ft.TABLE6, ft.MINILM_LR)
     assert (args.task, args.max_len, args.pooling) == ("cb", 64, "mean")
 
 
@@ -187,7 +187,8 @@ def test_killed_run_resumes_only_with_its_own_flags(tmp_path):
         p.communicate()
     assert p.returncode == -signal.SIGKILL and not (out / "results.json").exists()
     before = snapshot(out)
-    assert_one_line_error(ft_cli(*argv, "--lr", "1e-4"), "lr: 5e-05 -> 0.0001")
+    lr = ft.MINILM_LR["cb"]["ft"]  # the default: the embedded model's grid choice for CB
+    assert_one_line_error(ft_cli(*argv, "--lr", str(2 * lr)), f"lr: {lr} -> {2 * lr}")
     assert snapshot(out) == before
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -197,7 +198,7 @@ def test_killed_run_resumes_only_with_its_own_flags(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming after epoch 1" in done.stdout and not orphan.exists() and not (out / "ckpt.pt").exists()
     res = json.loads((out / "results.json").read_text())
-    assert res["finished"] and [h["epoch"] for h in res["history"]] == [0, 1, 2] and res["config"]["lr"] == 5e-5
+    assert res["finished"] and [h["epoch"] for h in res["history"]] == [0, 1, 2] and res["config"]["lr"] == lr
 
 
 def test_second_writer_stops_and_first_finishes(tmp_path):

@@ -157,7 +157,7 @@ def test_malformed_calibration_and_ntk_files_are_named_not_fatal(tmp_path):
                       ("cb/ntk-lp_ft-seed1/ntk_results.json", "not an ntk.py result")):
         assert f"- `{path}`: {why}" in md and f"report: not used: {tmp_path / path}: {why}" in err
     assert "| cb LP-FT | 8.00 | 3.00 | 16.00 | 6.00 | 1.500 | lbfgs |" in md  # the well-formed calibration is used
-    assert "## eNTK at the start" not in md  # no usable NTK result: no table
+    assert "## eNTK at the start of fine-tuning (Table 2)\n\nMissing: no usable ntk_results.json." in md
     assert all(snapshot(tmp_path, lock=True)[p] == b for p, b in before.items())
 
 
