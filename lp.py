@@ -228,7 +228,9 @@ def norm_curve(x, y, n_classes, C, steps):
     x, y = torch.from_numpy(x).double(), torch.from_numpy(y)
     W = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
+    # one iteration per step, but room for its line search: with max_iter=1 torch's default max_eval is 1, and a
+    # line search that needs a second evaluation leaves W at 0 for ever (seen on SST-2's features)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=1, max_eval=25, history_size=20, line_search_fn="strong_wolfe")
     lam = 1.0 / (C * len(x))
 
     def closure():

@@ -387,17 +387,29 @@ def ntk_table(s):  # Table 2: kernel statistics
             "regression (pairs); FT ratio = mean ||F delta|| / ||(P+F) delta||.")
 
 
-def scaling_table(s):  # Figure 3: norm scaling
-    first = min((r["seed"] for r in s.rows), default=None)
-    body = [[f"{r['task']} {NAMES[r['method']]}", r["scale"], f"{r['head_norm0']:.3f}", f"{r['diff_f']:.4f}",
-             f"{100 * r['test']:.1f}"]
-            for r in sorted(s.rows, key=lambda r: (r["task"], r["method"], r["scale"]))
-            if r["method"] != "lp" and not r["failed"] and r["seed"] == first and scaled_task(s.rows, r["task"])]
+def scaling_groups(rows):
+    """Norm scaling: {(task, method): {scale: [runs over seeds]}} for the methods with head-scaled runs (scale 1 =
+    the study's own runs at that method's learning rate)."""
+    scaled = {(r["task"], r["method"], r["lr"]) for r in rows if r["scale"] != 1.0 and not r["failed"]}
+    out = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if (r["task"], r["method"], r["lr"]) in scaled and not r["failed"] and r["method"] != "lp":
+            out[(r["task"], r["method"])][r["scale"]].append(r)
+    return out
+
+
+def scaling_table(s):  # Figure 3: norm scaling, mean +- std over seeds
+    groups = scaling_groups(s.rows)
+    body = [[f"{t} {NAMES[m]}", f"{sc:g}", f"{np.mean([r['head_norm0'] for r in rs]):.3f}",
+             f"{np.mean([r['diff_f'] for r in rs]):.3f} ± {np.std([r['diff_f'] for r in rs], ddof=1):.3f}"
+             if len(rs) > 1 else f"{rs[0]['diff_f']:.3f} (n=1)", mean_std([r["test"] for r in rs], len(s.seeds))]
+            for (t, m), by in sorted(groups.items()) for sc, rs in sorted(by.items())]
     if not body:
         return ("Norm scaling: initial head norm vs feature change (Figure 3)", None, None,
                 "Missing: no runs with --head_scale other than 1.")
     return ("Norm scaling: initial head norm vs feature change (Figure 3)",
-            ["run", "head scale", "||V|| at start", "Diff(F)", "test"], body, "")
+            ["run", "head scale", "||V|| at start", "Diff(F) (mean ± std over seeds)", "test"], body,
+            "Scale 1 is the study's own run; feature change on test examples.")
 
 
 def lr_table(s):  # the learning-rate grid
@@ -464,10 +476,6 @@ def build(s):
         md.extend([f"## {title}", "", table(header, body), ""] + ([note, ""] if note else []))
         csvrows += [[title, row[0], h, v] for row in body for h, v in zip(header[1:], row[1:])]
     return "\n".join(md) + "\n", csvrows
-
-
-def scaled_task(rows, task):
-    return any(r["task"] == task and r["scale"] != 1.0 for r in rows)
 
 
 def c_split(cal, key, split="test"):
@@ -602,14 +610,18 @@ def plots(rows, root):
             if a.lines:
                 a.legend(fontsize=6)
         made.append(save(fig, root / "head_norm.png"))
-    sc = [r for r in rows if r["method"] != "lp" and not r["failed"] and r.get("head_norm0")
-          and scaled_task(rows, r["task"])]
-    if sc:
+    groups = scaling_groups(rows)
+    if groups:
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        for key in sorted({(r["task"], r["method"]) for r in sc}):
-            rs = sorted([r for r in sc if (r["task"], r["method"]) == key], key=lambda r: r["head_norm0"])
-            ax.plot([r["head_norm0"] for r in rs], [r["diff_f"] for r in rs], "o-", label=f"{key[0]} {NAMES[key[1]]}")
-        ax.set(xscale="log", xlabel="||V||_F at the start of FT", ylabel="Diff(F)", title="norm scaling")
+        for (t, m), by in sorted(groups.items()):
+            sc = sorted(by)
+            d = [[r["diff_f"] for r in by[x]] for x in sc]
+            ax.errorbar([np.mean([r["head_norm0"] for r in by[x]]) for x in sc], [np.mean(v) for v in d],
+                        yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in d], fmt="o-", capsize=3,
+                        label=f"{t} {NAMES[m]} (n={min(len(v) for v in d)})")
+        ax.set(xscale="log", xlabel="||V||_F at the start of FT", ylabel="Diff(F), mean ± std over seeds",
+               title="norm scaling")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: minor labels overlap
         ax.legend(fontsize=7)
         made.append(save(fig, root / "feature_change_vs_norm.png"))
     return made

@@ -84,7 +84,7 @@ else  # default study, sized by measurement for <= 30 minutes on a 2-core CPU (R
   scale_tasks=${scale_tasks:-$tasks} scales=${scales:-"10"}
 fi
 first_seed=${seeds%% *}
-# Jobs at once: 2 on a CPU study (each with half the cores: measured 1.2x the throughput of one job with all of
+# Jobs at once: 2 on a CPU study (each with half the cores: measured 1.2-1.4x the throughput of one job with all of
 # them, start-up and evaluation overlapping the other's training; README, "Speed"), 1 for the paper's GPU study.
 cores=$(nproc 2>/dev/null || echo 1)
 if [ -z "$par" ]; then if [ $paper = 1 ] || [ "$cores" -lt 2 ]; then par=1; else par=2; fi; fi
@@ -290,7 +290,7 @@ else
   mkdir -p "$logs" && rm -f "$logs/failed" "$logs/done"
   echo "run_all: ${n} jobs, $par at a time (tasks: $tasks; methods: $methods; seeds: $seeds; epochs: $epochs)" \
     "-> $out/ (logs: $logs/)"
-  [ $paper = 0 ] && echo "estimate: about 25 minutes on a 2-core CPU for the default study (finished jobs are skipped)"
+  [ $paper = 0 ] && echo "estimate: about 26 minutes on a 2-core CPU for the default study (finished jobs are skipped)"
   lps=() rest=()  # LP first, all of it: every other job may start from an LP head
   for i in "${!jobs[@]}"; do if [[ ${names[$i]} == "lp "* ]]; then lps+=("$i"); else rest+=("$i"); fi; done
   run_phase "${lps[@]}"

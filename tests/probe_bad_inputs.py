@@ -506,7 +506,7 @@ def ft_cases():
              setup=lambda w: (w / "heads").mkdir()),
         Case("ft_rerun_same_flags", again, "ok", ("ft",), check=skipped),
         Case("ft_rerun_other_epochs", f"{again} --epochs 2", mention="epochs", **fixture),
-        Case("ft_rerun_other_lr", f"{again} --lr 1e-4", mention="lr", **fixture),
+        Case("ft_rerun_other_lr", f"{again} --lr 3e-4", mention="lr", **fixture),
         Case("ft_rerun_other_max_train_samples", f"{again} --max_train_samples 8", mention="max_train_samples",
              **fixture),
         Case("ft_rerun_other_data_content", again, setup=swap_texts, env={"LPFT_DATA": "{w}/data"},
@@ -529,7 +529,7 @@ def ft_cases():
         Case("ft_kill9_then_rerun", f"ft.py {SMALL} --epochs 3 --output_dir {{w}}/out", "ok", run=kill_then_rerun(),
              check=no_orphans, keep=False),
         Case("ft_kill9_then_resume_other_lr", f"ft.py {SMALL} --epochs 3 --output_dir {{w}}/out",
-             run=kill_then_rerun("--lr 1e-4"), keep=False, fresh="none", mention="lr"),
+             run=kill_then_rerun("--lr 3e-4"), keep=False, fresh="none", mention="lr"),
     ]
     return cases
 

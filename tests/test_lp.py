@@ -230,3 +230,26 @@ def test_paper_binary_head_is_the_authors_symmetric_softmax_fit(tmp_path):
     want = torch.stack([-u / 2, u / 2]).float()
     assert torch.linalg.norm(paper["weight"] - want) < 1e-3 * torch.linalg.norm(want)
     torch.testing.assert_close(paper["bias"], torch.stack([-c / 2, c / 2]).float(), rtol=1e-3, atol=1e-4)
+
+
+def test_norm_curve_moves_and_reaches_the_minimiser_on_features_with_a_common_direction():
+    """Features dominated by one shared direction (as MiniLM's CLS features of SST-2): the line search needs more
+    than one evaluation per step; with torch's default max_eval for max_iter=1 the head never left 0."""
+    g = np.random.default_rng(0)
+    y = (g.random(400) < 0.58).astype(np.int64)
+    x = 1.5 + 0.3 * g.standard_normal((400, 16)) + 0.2 * (2 * y[:, None] - 1) * g.random(16)
+    curve = lp.norm_curve(x, y, 2, 0.5, 100)
+    W = torch.zeros(2, 16, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=1000, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+    def closure():  # the same objective, solved to convergence in one call
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xt @ W.T + b, yt) + W.square().sum() / (2 * 0.5 * len(x))
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert curve[1] > 0 and curve[-1] == pytest.approx(float(W.detach().norm()), rel=1e-4)

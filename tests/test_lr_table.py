@@ -40,6 +40,6 @@ def test_other_models_and_tasks_fall_back_to_table6(capsys):
     assert "rte" not in ft.MINILM_LR
     assert ft.default_lr(rte, "ft", ft.TABLE6, ft.MINILM_LR) == ("table6", ft.TABLE6["rte"]["ft"][1])
     assert "no MiniLM learning rate for ft on rte" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--lr_table minilm has no ft learning rate for rte.*pass --lr"):
+    with pytest.raises(data.KitError, match="--lr_table minilm has no ft learning rate for rte.*pass --lr"):
         ft.default_lr(SimpleNamespace(task="rte", model=data.EMBEDDED, lr_table="minilm"), "ft", ft.TABLE6,
                       ft.MINILM_LR)

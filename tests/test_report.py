@@ -207,6 +207,9 @@ def test_claims_are_decided_by_paired_intervals(tmp_path):
     assert rows["c5 FT ratio larger after LP / FT ratio LP-FT − FT (eNTK at the start)"] == "holds"
     assert rows["c6 larger initial head norm, less feature change / Diff(F) at head scale 1 − at 10, LP-FT"] == "holds"
     assert "| sst2 | c3 LP-FT at least as accurate as FT | test LP-FT − FT, points | +1.0 [" in md
+    # norm scaling over every seed: scale 1 is the study's own LP-FT runs, x10 the scaled ones
+    assert "| sst2 LP-FT | 1 | 0.020 | 0.150 ± 0.050 | 81.3 ± 1.5 |" in md
+    assert "| sst2 LP-FT | 10 | 0.200 | 0.050 ± 0.046 | 80.0 ± 0.0 |" in md and "| sst2 FT | 1 |" not in md
     assert report.verdict((0.1, None, 1)) == "one seed: no interval"
     assert report.verdict((None, None, 0)) == "missing runs"
     assert report.verdict((-0.5, 0.1, 3), side=-1) == "holds"
