@@ -223,7 +223,8 @@ def test_lp_lora_starts_at_lp_accuracy(tmp_path):
     res = lora.main(["--init", str(tmp_path / "lp_head.pt"), "--max_steps", "2", "--epochs", "1",
                      "--output_dir", str(tmp_path / "lp_lora"), *sub])
     assert res["config"]["method"] == "lp_lora" and res["config"]["task"] == "cb"
-    assert (res["config"]["batch_size"], res["config"]["lr"]) == (8, 1e-4)  # Table 6, CB LP-LoRA
+    assert (res["config"]["batch_size"], res["config"]["lr"]) == (8, lora.MINILM_LR["cb"]["lp_lora"])  # Table 6 batch
+    assert res["config"]["lr_table"] == "minilm"  # the embedded model's own grid learning rate
     h0 = res["history"][0]
     for s in ("val", "test"):
         assert h0[s]["accuracy"] == lp_res["metrics"][s]["accuracy"]
