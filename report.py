@@ -287,13 +287,14 @@ def paired(a, b):
     return float(d.mean()), float(half), len(d)
 
 
-def fmt_pair(p, scale=100):
+def fmt_pair(p, scale=100, spec="+.1f"):
+    """(mean, half-width, n) -> 'mean [low, high] (n=k)', each value times `scale` in format `spec`."""
     m, h, n = p
     if m is None:
         return DASH
     if h is None:
-        return f"{scale * m:+.1f} (n={n}, no interval)"
-    return f"{scale * m:+.1f} [{scale * (m - h):+.1f}, {scale * (m + h):+.1f}] (n={n})"
+        return f"{scale * m:{spec}} (n={n}, no interval)"
+    return f"{scale * m:{spec}} [{scale * (m - h):{spec}}, {scale * (m + h):{spec}}] (n={n})"
 
 
 def chosen_runs(rows):
@@ -526,14 +527,10 @@ def scaling_pairs(s, task):
     """c6: for each method with head-scaled runs, Diff(F) at the smallest minus at the largest initial head scale
     (scale 1 = the study's own runs), paired by seed. -> [(method, small, large, paired)]"""
     out = []
-    for m in METHODS[1:]:
-        rs = [r for r in s.rows if r["task"] == task and r["method"] == m and not r["failed"]
-              and (r["scale"] != 1.0 or r in s.chosen.get((task, m), []))]
-        scales = sorted({r["scale"] for r in rs})
-        if len(scales) < 2 or scales == [1.0] or not any(r["scale"] != 1.0 for r in rs):
-            continue
-        lo, hi = ({r["seed"]: r["diff_f"] for r in rs if r["scale"] == sc} for sc in (scales[0], scales[-1]))
-        out.append((m, scales[0], scales[-1], paired(lo, hi)))
+    for (t, m), by in sorted(scaling_groups(s.rows).items()):
+        if t == task:
+            lo, hi = ({r["seed"]: r["diff_f"] for r in by[sc]} for sc in (min(by), max(by)))
+            out.append((m, min(by), max(by), paired(lo, hi)))
     return out
 
 
@@ -564,22 +561,13 @@ def claims_table(s):  # the paper's claims, each decided by its paired 95% inter
     body = []
     for t in s.tasks:
         for claim, what, p, side, unit in claim_rows(s, t):
-            body.append([t, claim, what, fmt_pair(p, unit) if unit == 100 else fmt_num_pair(p), verdict(p, side)])
+            body.append([t, claim, what, fmt_pair(p, unit, "+.1f" if unit == 100 else "+.3g"), verdict(p, side)])
     return ("The paper's claims on these runs", ["task", "claim", "difference", "mean [95% interval] (n seeds)",
                                                   "verdict"], body,
             "Each claim is a paired difference by seed with its 95% t interval: **holds** when the interval lies "
             "on the paper's side of 0, **does not hold** when it lies on the other, **inside the noise** when it "
             "contains 0. Learning rates as chosen on val (above); c5 needs ntk.py runs per seed, c6 head-scaled "
             "runs (run_all.sh's norm scaling).")
-
-
-def fmt_num_pair(p):
-    m, h, n = p
-    if m is None:
-        return DASH
-    if h is None:
-        return f"{m:+.3g} (n={n}, no interval)"
-    return f"{m:+.3g} [{m - h:+.3g}, {m + h:+.3g}] (n={n})"
 
 
 TABLES = [claims_table, test_table, amazon_table, norm_table, feature_table, calibration_table, ntk_table,
