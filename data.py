@@ -109,7 +109,7 @@ class Split:
 
     def subset(self, idx):
         idx = list(idx)
-        return Split([self.texts[i] for i in idx], self.labels[idx], self.meta)
+        return Split([self.texts[i] for i in idx], self.labels[idx], dict(self.meta))
 
 
 def get_task(name):
@@ -343,14 +343,77 @@ def load_task(task, data_dir=None):
     return out
 
 
-def k_shot(labels, k, seed):
-    """Indices of k examples per class (seeded, sorted)."""
-    rng = random.Random(seed)
-    idx = []
-    for c in np.unique(labels):
+# ---------------------------------------------------------------- k-shot data (Malladi et al. 2023, after LM-BFF)
+K_SHOT_TEST = 1000  # their test set: the official validation set, capped at 1,000 examples
+DATA_SEEDS = (13, 21, 42, 87, 100)  # their data seeds
+
+
+def k_shot_flags(a):
+    """--k_shot / --data_seed, the same in every script."""
+    a("--k_shot", type=int, metavar="K", help=f"k-shot data (Malladi et al.): K train and another K val examples per "
+      f"label from the official train set; test = the official validation set capped at {K_SHOT_TEST:,}")
+    a("--data_seed", type=int, help=f"which k-shot draw (default {DATA_SEEDS[0]}; theirs: "
+      f"{' '.join(map(str, DATA_SEEDS))}); only with --k_shot")
+
+
+def check_k_shot(args):
+    """k-shot flags: K >= 1; --data_seed only with --k_shot (default the first of theirs); the k-shot sizes are
+    fixed by K, so --max_train_samples / --max_eval_samples do not combine with it."""
+    if args.k_shot is None:
+        if args.data_seed is not None:
+            die(f"--data_seed {args.data_seed} without --k_shot: pass --k_shot K too (e.g. --k_shot 16)")
+        return
+    check_positive(args, ["k_shot"])
+    given = [f for f in ("max_train_samples", "max_eval_samples") if getattr(args, f, None) is not None]
+    if given:
+        die(f"--k_shot fixes the split sizes; drop --{' and --'.join(given)}")
+    args.data_seed = DATA_SEEDS[0] if args.data_seed is None else args.data_seed
+
+
+def k_shot_rows(task, labels, k, data_seed):
+    """-> (train rows, val rows) of the official train set: per label, 2K rows drawn by `data_seed`, the first K
+    for train and the next K for val (disjoint), each list sorted. One draw per (task, K, seed), whatever script."""
+    rng = random.Random(f"{task}/{k}/{data_seed}")
+    tr, va = [], []
+    for c, name in enumerate(TASKS[task].labels):
         pool = np.flatnonzero(labels == c).tolist()
-        idx += rng.sample(pool, min(k, len(pool)))
-    return sorted(idx)
+        if len(pool) < 2 * k:
+            die(f"{task} has {len(pool)} '{name}' training examples; --k_shot {k} needs {2 * k} of each label "
+                f"(K train + K val): pass a smaller --k_shot")
+        pick = rng.sample(pool, 2 * k)
+        tr += pick[:k]
+        va += pick[k:]
+    return sorted(tr), sorted(va)
+
+
+def k_shot_splits(task, data_dir, k, data_seed):
+    """The k-shot splits: train and val drawn from the official train set, test (and OOD sets) capped at
+    K_SHOT_TEST by a fixed seed (the same test examples for every K and data seed). split.meta['rows']: the rows
+    of the official file."""
+    t, root = get_task(task), data_root(data_dir)
+    full = load_file(task, "train", root)
+    tr, va = k_shot_rows(task, full.labels, k, data_seed)
+    out = {"train": full.subset(tr), "val": full.subset(va)}
+    out["train"].meta, out["val"].meta = {"rows": tr}, {"rows": va}
+    for name in ("test",) + t.ood:
+        sp = load_file(task, name, root)
+        rows = subset_indices(len(sp), K_SHOT_TEST, 0)
+        out[name] = sp.subset(rows)
+        out[name].meta = {"rows": rows}
+    return out
+
+
+def load_splits(args):
+    """The splits a script trains and evaluates on: k-shot (--k_shot) or the paper's with the kit's subsets."""
+    if getattr(args, "k_shot", None):
+        return k_shot_splits(args.task, args.data_dir, args.k_shot, args.data_seed)
+    return study_splits(args.task, args.data_dir, args.max_train_samples, args.max_eval_samples, args.seed)
+
+
+def run_name(method, args):
+    """A run directory's name: <method>[-k<K>-data<S>]-seed<seed>."""
+    shot = f"-k{args.k_shot}-data{args.data_seed}" if getattr(args, "k_shot", None) else ""
+    return f"{method}{shot}-seed{args.seed}"
 
 
 def subset_indices(n_total, n, seed=0):

@@ -202,6 +202,7 @@ def common_flags(p):
     a("--data_dir", help="folder with the official files (default: $LPFT_DATA, else ./data)")
     a("--max_len", type=int, help=f"max tokens (default: the head's, else {data.MAX_LEN})")
     a("--pooling", choices=["cls", "mean"], help=f"phi(x) (default: the head's, else {data.POOLING})")
+    data.k_shot_flags(a)
     return a
 
 
@@ -209,7 +210,7 @@ def make_parser(description=__doc__):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = common_flags(p)
     a("--seed", type=int, default=data.SEED)
-    a("--output_dir", help="default runs/<task>/<method>-seed<seed>")
+    a("--output_dir", help="default runs/<task>/<method>[-k<K>-data<S>]-seed<seed>")
     a("--overwrite", action="store_true", help="start afresh, replacing this directory's results and checkpoint")
     a("--init", help="lp_head.pt from lp.py: start from the LP head (LP-FT, LP-LoRA) instead of a fresh one")
     a("--lr", type=float, help="default: from --lr_table for the task and method")
@@ -235,6 +236,7 @@ def check_flags(args):
                                "eval_batch_size", "head_scale", "patience"], allow_zero=["patience"])
     if not 0 <= args.warmup_ratio < 1:
         die(f"--warmup_ratio {args.warmup_ratio}: must be in [0, 1) (a share of the training steps)")
+    data.check_k_shot(args)
 
 
 def fill_from_head(args):
@@ -285,7 +287,7 @@ def resolve(args, method, table, minilm):
         args.lr_table, args.lr = default_lr(args, method, table, minilm)
     else:
         args.lr_table = None  # the user's --lr: no table
-    args.output_dir = args.output_dir or f"runs/{args.task}/{method}-seed{args.seed}"
+    args.output_dir = args.output_dir or f"runs/{args.task}/{data.run_name(method, args)}"
     return head
 
 
@@ -334,7 +336,7 @@ def open_run_dir(out, fp, overwrite):
     if held and saved is None:
         die(f"{out} holds {', '.join(held)} but no run.json recording their configuration (an older kit or "
             f"another script made them); pass --overwrite to replace them, or another --output_dir")
-    if held and saved != fp:
+    if held and data.config_diff(saved, fp):  # a flag added since reads as unset (None) in an older record
         die(f"{out} holds a run of another configuration ({describe_diff(saved, fp)}); pass --overwrite to "
             f"replace it, or another --output_dir")
     if saved != fp:
@@ -587,7 +589,7 @@ def run(args, method, table=TABLE6, minilm=MINILM_LR, setup=None, extra_meta=Non
     head = resolve(args, method, table, minilm)
     if check is not None:
         check(args)
-    splits = data.study_splits(args.task, args.data_dir, args.max_train_samples, args.max_eval_samples, args.seed)
+    splits = data.load_splits(args)
     fp = fingerprint(args, method)
     out = data.check_output_dir(Path(args.output_dir))
     with data.RunLock(out):

@@ -27,7 +27,7 @@ from data import die
 MAX_FOLDS = 5  # LogisticRegressionCV's folds when every class has that many examples
 # the flags that change the head, logits or lp_results.json (not where files go, nor the batch size)
 RESULT_FLAGS = ("task", "model", "max_len", "pooling", "seed", "C", "max_train_samples", "max_eval_samples",
-                "norm_curve", "binary_head")
+                "norm_curve", "binary_head", "k_shot", "data_seed")
 CS = np.logspace(-4, 4, 10)  # LogisticRegressionCV's default grid (Cs=10), the authors' too
 
 
@@ -48,6 +48,7 @@ def parse(argv=None):
                               f"folds, fewer when the smallest class has fewer examples)")
     a("--max_train_samples", type=int, help="seeded random subset of the train split")
     a("--max_eval_samples", type=int, help="seeded random subset of val/test (and OOD) splits")
+    data.k_shot_flags(a)
     a("--eval_batch_size", type=int, default=64)
     a("--binary_head", choices=["exact", "paper"], default="exact",
       help="two classes: 'exact' writes +-w/2 of scikit-learn's binomial fit at C (the head's logit gap is the LP "
@@ -66,6 +67,7 @@ def check_args(args):
     args.model = data.model_id(args.model)
     data.check_positive(args, ["C", "max_train_samples", "max_eval_samples", "eval_batch_size", "norm_curve"],
                         allow_zero=("norm_curve",))
+    data.check_k_shot(args)
     data.check_output_dir(args.output_dir)
     data.check_output_dir(args.cache_dir, "--cache_dir")
     data.check_max_len(args.model, args.max_len)
@@ -296,7 +298,7 @@ def main(argv=None):
     if old is not None:
         say_fit(old, out / "lp_head.pt")
         return old
-    splits = data.study_splits(args.task, args.data_dir, args.max_train_samples, args.max_eval_samples, args.seed)
+    splits = data.load_splits(args)
     folds = cv_folds(splits["train"].labels, args.task, args.C)  # a subset no head can be fit on stops here
     start = time.time()
     with data.RunLock(out, wait=True):  # parallel jobs needing the same head: one fits it, the others wait

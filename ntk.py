@@ -63,9 +63,9 @@ def parse(argv=None):
     a("--head_scale", type=float, default=1.0, help="multiply V (F scales by its square, P does not change)")
     a("--lora", action="store_true", help="inject LoRA (B = 0); F is then over the LoRA parameters only")
     lora.lora_flags(a)
-    a("--n", type=int, default=250, help="at most this many train examples (seeded random subset)")
-    a("--n_test", type=int, help="at most this many test examples (default: --n)")
-    a("--k_shot", type=int, help="instead of --n: K train examples per class (data.k_shot)")
+    a("--n", type=int, default=250, help="at most this many train examples (seeded random subset; with --k_shot "
+      "the whole k-shot train set)")
+    a("--n_test", type=int, help="at most this many test examples (default: --n; with --k_shot all of its test set)")
     a("--method", choices=list(ENGINES), default="func",
       help="func (torch.func Jacobians), structured (per-layer factors, faster) or naive (autograd loop)")
     a("--batch_size", type=int, default=8, help="examples per vmapped Jacobian (func) / forward-backward batch")
@@ -392,7 +392,11 @@ def resolve(args):
     and touching no file -> (head or None, the NTK's method name)."""
     head = ft.fill_from_head(args)
     args.max_memory_gb = default_memory_gb() if args.max_memory_gb is None else args.max_memory_gb
-    args.n_test = args.n if args.n_test is None else args.n_test  # recorded as used: unset and = --n are one run
+    data.check_k_shot(args)
+    if args.k_shot:
+        args.n = None  # the whole k-shot train set
+    elif args.n_test is None:
+        args.n_test = args.n  # recorded as used: unset and = --n are one run
     if args.lora and set(args.targets) - {"query", "key", "value"}:
         die(f"--targets {' '.join(args.targets)}: pick from query, key, value (the attention.self linears)")
     args.rank_rtol = default_rank_rtol() if args.rank_rtol is None else args.rank_rtol
@@ -401,7 +405,7 @@ def resolve(args):
     data.check_positive(args, ("n", "n_test", "k_shot", "batch_size", "max_memory_gb", "head_scale", "ridge")
                         + (("r", "alpha") if args.lora else ()), allow_zero=("ridge",))
     method = ("lp_" if args.init else "") + ("lora" if args.lora else "ft")
-    args.output_dir = args.output_dir or f"runs/{args.task}/ntk-{method}-seed{args.seed}"
+    args.output_dir = args.output_dir or f"runs/{args.task}/ntk-{data.run_name(method, args)}"
     data.check_output_dir(args.output_dir)
     return head, method
 
@@ -452,6 +456,20 @@ def print_table(res):
           f"pair = (example, class) accuracy")
 
 
+def kernel_examples(args):
+    """-> (train, test, their rows in the official files' order): a seeded subset of --n train and --n_test test
+    examples, or with --k_shot the k-shot train set and (--n_test of) its test set."""
+    if args.k_shot:
+        sp = data.k_shot_splits(args.task, args.data_dir, args.k_shot, args.data_seed)
+        tr, te = sp["train"], sp["test"]
+        keep = data.subset_indices(len(te), args.n_test, args.seed)
+        return tr, te.subset(keep), tr.meta["rows"], [te.meta["rows"][i] for i in keep]
+    sp = data.load_task(args.task, args.data_dir)
+    tr_idx = data.subset_indices(len(sp["train"]), args.n, args.seed)
+    te_idx = data.subset_indices(len(sp["test"]), args.n_test, args.seed)
+    return sp["train"].subset(tr_idx), sp["test"].subset(te_idx), tr_idx, te_idx
+
+
 def compute(args, head, method, record):
     """Kernels, statistics and plot for a checked configuration; writes kernels.npz, spectrum.png and, last,
     ntk_results.json (the record that the directory is complete)."""
@@ -459,12 +477,7 @@ def compute(args, head, method, record):
     res_path = out / "ntk_results.json"
     task = data.get_task(args.task)
     C = len(task.labels)
-    splits = data.load_task(args.task, args.data_dir)
-    tr, te = splits["train"], splits["test"]
-    tr_idx = (data.k_shot(tr.labels, args.k_shot, args.seed) if args.k_shot
-              else data.subset_indices(len(tr), args.n, args.seed))
-    te_idx = data.subset_indices(len(te), args.n_test or args.n, args.seed)
-    tr, te = tr.subset(tr_idx), te.subset(te_idx)
+    tr, te, tr_idx, te_idx = kernel_examples(args)
     model, tok = build(args, head, C)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     xs_tr, xs_te = data.tokenize(tok, tr, args.max_len), data.tokenize(tok, te, args.max_len)

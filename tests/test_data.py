@@ -1,3 +1,4 @@
+import argparse
 import json
 import shutil
 
@@ -99,11 +100,35 @@ def test_bad_label_is_one_line_error(tmp_path):
         data.load_task("amazon", tmp_path)
 
 
-def test_k_shot_is_seeded_and_balanced(data_dir):
-    y = data.load_task("cb", data_dir)["train"].labels
-    idx = data.k_shot(y, 4, seed=1)
-    assert idx == data.k_shot(y, 4, seed=1) and idx != data.k_shot(y, 4, seed=2)
-    assert np.bincount(y[idx]).tolist() == [4, 4, 4]
+def test_k_shot_draw(data_dir):
+    """K train + K val per label from the official train set, disjoint; one draw per (task, K, seed) whatever the
+    caller; other seeds draw otherwise; test capped at K_SHOT_TEST rows of the official validation set."""
+    full = data.load_file("sst2", "train", data.data_root(data_dir))
+    tr, va = data.k_shot_rows("sst2", full.labels, 16, 13)
+    assert np.bincount(full.labels[tr]).tolist() == [16, 16] and np.bincount(full.labels[va]).tolist() == [16, 16]
+    assert not set(tr) & set(va) and (tr, va) == data.k_shot_rows("sst2", full.labels, 16, 13)
+    assert data.k_shot_rows("sst2", full.labels, 16, 21)[0] != tr
+    sp = data.k_shot_splits("sst2", data_dir, 16, 13)
+    assert sp["train"].meta["rows"] == tr and [t for t in sp["train"].texts] == [full.texts[i] for i in tr]
+    test = data.load_file("sst2", "test", data.data_root(data_dir))
+    assert len(sp["test"]) == min(len(test), data.K_SHOT_TEST)
+    args = argparse.Namespace(task="sst2", data_dir=data_dir, k_shot=16, data_seed=13, seed=5)
+    assert data.load_splits(args)["val"].texts == sp["val"].texts
+    assert data.run_name("ft", args) == "ft-k16-data13-seed5"
+
+
+def test_k_shot_refusals(data_dir):
+    y = data.load_file("cb", "train", data.data_root(data_dir)).labels  # 16 'neutral' examples
+    with pytest.raises(data.KitError, match="16 'neutral' training examples; --k_shot 9 needs 18"):
+        data.k_shot_rows("cb", y, 9, 13)
+    ns = lambda **kw: argparse.Namespace(**({"k_shot": None, "data_seed": None} | kw))
+    with pytest.raises(data.KitError, match="--data_seed 13 without --k_shot"):
+        data.check_k_shot(ns(data_seed=13))
+    with pytest.raises(data.KitError, match="drop --max_train_samples"):
+        data.check_k_shot(ns(k_shot=4, max_train_samples=10))
+    a = ns(k_shot=4)
+    data.check_k_shot(a)
+    assert a.data_seed == data.DATA_SEEDS[0]
 
 
 def test_batches_cover_everything_and_group_lengths():
