@@ -31,6 +31,7 @@ Outputs in runs/<task>/ntk-<ft|lp_ft|lora|lp_lora>-seed<seed>/:
 
 import argparse
 import itertools
+import math
 import time
 import warnings
 from contextlib import contextmanager
@@ -65,13 +66,22 @@ def parse(argv=None):
     lora.lora_flags(a)
     a("--n", type=int, default=250, help="at most this many train examples (seeded random subset; with --k_shot "
       "the whole k-shot train set)")
-    a("--n_test", type=int, help="at most this many test examples (default: --n; with --k_shot all of its test set)")
+    a("--n_test", type=int, help="at most this many test examples (default: --n; with --k_shot all of its test set, "
+      "else a subset drawn by a fixed seed, the same for every K and data seed)")
     a("--method", choices=list(ENGINES), default="func",
       help="func (torch.func Jacobians), structured (per-layer factors, faster) or naive (autograd loop)")
     a("--batch_size", type=int, default=8, help="examples per vmapped Jacobian (func) / forward-backward batch")
     a("--max_memory_gb", type=float, help="most Jacobian (func) or recorded factors and buffers (structured) held "
       "at once (default: 30%% of the GPU's memory, 4 on CPU)")
     a("--ridge", type=float, default=1e-3, help="kernel regression ridge, times the kernel's largest singular value")
+    a("--kernel", choices=KINDS, default="sgd", help="sgd: the eNTK; signgd / asym_signgd: Malladi et al.'s "
+      "SignGD kernels (their Adam approximation; explicit Jacobians, --method func)")
+    a("--binary_logit", action="store_true", help="two classes: the kernel of the logit difference f_1 - f_0 "
+      "(labels +-1), as their --binary_classification; needed by the svc and asym solvers")
+    a("--asym_gamma", type=float, default=1.0, help="the asymmetric solver's gamma")
+    a("--asym_lambda", type=float, default=0.5, help="the asymmetric solver's mix of its two predictions, in [0, 1]")
+    a("--solve", metavar="KERNELS", help="only run the solvers again on a saved kernels.npz (or its folder), with "
+      "this --ridge / --asym_gamma / --asym_lambda; writes solvers.json beside it")
     a("--rank_rtol", type=float, help="numerical rank: singular values above this times the largest (default 1e-4 "
       "on CPU, 1e-2 on CUDA: what float32 / TF32 kernel entries resolve; see default_rank_rtol)")
     return p.parse_args(argv)
@@ -169,32 +179,32 @@ def plan_chunks(shapes, budget):
     return chunks + [cur] if cur else chunks
 
 
-def accumulate(K, J, na, sym, cols=1 << 18):
-    """K += J_a J_b^T over column blocks: each block's product in J's dtype (a float32 Jacobian is itself only
-    good to ~1e-7), the blocks summed into the float64 K."""
-    for s in range(0, J.shape[1], cols):
-        Jb = J[:, s:s + cols]
-        K += (Jb @ Jb.T if sym else Jb[:na] @ Jb[na:].T).double()
+def accumulate(K, Ja, Jb, op=None, cols=1 << 18):
+    """K += op(Ja) Jb^T over column blocks (op: None, or torch.sign for the SignGD kernels): each block's product in
+    J's dtype (a float32 Jacobian is itself only good to ~1e-7), the blocks summed into the float64 K."""
+    for s in range(0, Ja.shape[1], cols):
+        A = Ja[:, s:s + cols]
+        K += ((A if op is None else op(A)) @ Jb[:, s:s + cols].T).double()
 
 
-def f_func(model, xs_a, xs_b, pad_id, batch_size=8, max_memory_gb=4.0, progress=False):
+def jacobian_chunks(model, xs, pad_id, V=None, batch_size=8, max_memory_gb=4.0, progress=False, skip=()):
+    """Yields J [len(xs) * O, width], the Jacobian of g(x) = V phi(x) (O = V's rows; default the head's C) over one
+    chunk of the backbone's trainable parameters after another (row x * O + o), at most --max_memory_gb held;
+    parameters named in `skip` left out. Nothing is yielded when the backbone has no trainable parameter."""
     from torch.func import functional_call, jacrev, vmap
 
     enc, pooling = model.encoder, model.pooling
-    V = model.head.weight.detach()
-    dev, dtype, C = V.device, V.dtype, V.shape[0]
-    sym = xs_b is None
-    xs = xs_a if sym else xs_a + xs_b
-    na, R = len(xs_a) * C, len(xs) * C
-    K = torch.zeros(R if sym else na, R if sym else R - na, dtype=torch.float64, device=dev)
+    V = model.head.weight.detach() if V is None else V
+    dev, dtype, n_out = V.device, V.dtype, V.shape[0]
+    R = len(xs) * n_out
     with eager_attention(enc), compact_word_embeddings(enc, xs, pad_id):
         consts = {n: t.detach() for n, t in itertools.chain(enc.named_parameters(), enc.named_buffers())}
-        shapes = [(n, tuple(p.shape)) for n, p in enc.named_parameters() if p.requires_grad]
+        shapes = [(n, tuple(p.shape)) for n, p in enc.named_parameters() if p.requires_grad and n not in skip]
         if not shapes:
-            return np.zeros((len(xs_a), C, len(xs_b or xs_a), C))
+            return
         itemsize = torch.empty((), dtype=dtype).element_size()
-        # the held Jacobian J [R, width] plus one batch's [batch * C, width] on its way into J
-        held = (R + min(batch_size, len(xs)) * C) * itemsize
+        # the held Jacobian J [R, width] plus one batch's [batch * O, width] on its way into J
+        held = (R + min(batch_size, len(xs)) * n_out) * itemsize
         chunks = plan_chunks(shapes, max(1, int(max_memory_gb * 2**30 / held)))
         order = data.batches(xs, batch_size)
         bar = tqdm(total=len(chunks) * len(order), desc=f"eNTK ({len(chunks)} parameter chunks)",
@@ -216,18 +226,30 @@ def f_func(model, xs_a, xs_b, pad_id, batch_size=8, max_memory_gb=4.0, progress=
             J = torch.empty(R, width, dtype=dtype, device=dev)
             for idx in order:
                 b = data.to_device(data.collate(xs, idx, pad_id), dev)
-                rows = (torch.as_tensor(idx, device=dev)[:, None] * C + torch.arange(C, device=dev)).reshape(-1)
+                rows = (torch.as_tensor(idx, device=dev)[:, None] * n_out + torch.arange(n_out, device=dev)).reshape(-1)
                 off = 0
                 for jt in jac(prims, b):
                     w = jt[0, 0].numel()
-                    J[rows, off:off + w] = jt.reshape(len(idx) * C, w)
+                    J[rows, off:off + w] = jt.reshape(len(idx) * n_out, w)
                     off += w
                 bar.update()
-            accumulate(K, J, na, sym)
+            yield J
             del J
         bar.close()
-    nb = len(xs) if sym else len(xs_b)
-    return K.cpu().numpy().reshape(len(xs_a), C, nb, C)
+
+
+def f_func(model, xs_a, xs_b, pad_id, batch_size=8, max_memory_gb=4.0, progress=False):
+    C = model.head.out_features
+    xs = xs_a if xs_b is None else xs_a + xs_b
+    na = len(xs_a) * C
+    K = torch.zeros(na, (len(xs) if xs_b is None else len(xs_b)) * C, dtype=torch.float64,
+                    device=model.head.weight.device)
+    for J in jacobian_chunks(model, xs, pad_id, None, batch_size, max_memory_gb, progress):
+        if xs_b is None:
+            accumulate(K, J, J)
+        else:
+            accumulate(K, J[:na], J[na:])
+    return K.cpu().numpy().reshape(len(xs_a), C, -1, C)
 
 
 def f_naive(model, xs_a, xs_b, pad_id, max_memory_gb=4.0, progress=False, **_):
@@ -277,6 +299,80 @@ def kernels(model, batch_a, batch_b=None, pad_id=0, method="func", batch_size=8,
     return P, Fk
 
 
+# ---------------------------------------------------------------- the kernel view (Malladi et al. 2023)
+KINDS = ("sgd", "signgd", "asym_signgd")
+
+
+def logit_map(C, binary):
+    """D: the outputs the kernel is of, as rows over the head's C logits: the logits themselves (I_C), or with
+    --binary_logit their difference f_1 - f_0 (D = [[-1, 1]], labels +-1), as Malladi et al.'s binary option."""
+    return np.array([[-1.0, 1.0]]) if binary else np.eye(C)
+
+
+def head_part(phi_a, phi_b, D, kind):
+    """P: the head's (V, b) share of the kernel of D f. d(Df)_o / dV = D[o]^T phi(x) and d(Df)_o / db = D[o]; D's
+    entries are 0 or +-1, so sign(D[o, c] phi_k) = D[o, c] sign(phi_k) and every kind is DD^T times
+    (<phi_a, phi_b> + 1) with the signs its kind takes: sgd none, signgd both, asym_signgd the first (a) only."""
+    sa = phi_a if kind == "sgd" else np.sign(phi_a)
+    sb = np.sign(phi_b) if kind == "signgd" else phi_b
+    return np.einsum("ij,ck->icjk", sa @ sb.T + 1.0, D @ D.T)
+
+
+def f_sign(model, xs_tr, xs_te, kind, D, pad_id, batch_size=8, max_memory_gb=4.0, progress=False):
+    """The backbone's share of the SignGD kernels, from explicit Jacobians of D f (jacobian_chunks; the structured
+    engine never forms them), the attention key biases left out (their gradient is zero).
+    -> F_train [n,O,n,O], F_test [m,O,n,O], F_flip (asym_signgd) or None.
+    signgd: <sign g_a, sign g_b>. asym_signgd (their approximation of Adam's early steps): F_train[i, j] =
+    <sign g_i, g_j> and F_test[t, i] = <sign g_i, g_t> (the train gradient signed: their eval kernel),
+    F_flip[t, i] = <sign g_t, g_i> (their 'flipped' kernel)."""
+    W = model.head.weight.detach()
+    V = torch.as_tensor(D, dtype=W.dtype, device=W.device) @ W
+    # a bias added to every key shifts all of a query's scores alike, and softmax ignores that: its gradient is
+    # exactly zero, computed as rounding noise of either sign, whose signs would add noise to the kernel
+    skip = {n for n, _ in model.encoder.named_parameters() if n.endswith("attention.self.key.bias")}
+    n_out, n, m = len(D), len(xs_tr) * len(D), len(xs_te) * len(D)
+    zeros = lambda r: torch.zeros(r, n, dtype=torch.float64, device=W.device)
+    Ktr, Kte, Kfl = zeros(n), zeros(m), zeros(m) if kind == "asym_signgd" else None
+    for J in jacobian_chunks(model, xs_tr + xs_te, pad_id, V, batch_size, max_memory_gb, progress, skip):
+        Jtr, Jte = J[:n], J[n:]
+        if kind == "signgd":
+            J.sign_()
+            accumulate(Ktr, Jtr, Jtr)
+            accumulate(Kte, Jte, Jtr)
+        else:
+            Str = Jtr.sign()
+            accumulate(Ktr, Str, Jtr)
+            accumulate(Kte, Jte, Str)
+            accumulate(Kfl, Jte, Jtr, op=torch.sign)
+    shape = lambda K, a: K.cpu().numpy().reshape(a, n_out, len(xs_tr), n_out)
+    return shape(Ktr, len(xs_tr)), shape(Kte, len(xs_te)), None if Kfl is None else shape(Kfl, len(xs_te))
+
+
+def view_kernels(model, xs_tr, xs_te, kind, D, pad_id=0, method="func", batch_size=8, max_memory_gb=4.0,
+                 progress=False):
+    """-> {'train': (P, F) [n,O,n,O], 'test': (P, F) [m,O,n,O], and for asym_signgd 'flip': (P, F)} for outputs
+    D f. sgd: the eNTK on the a x b examples (train + test) x train by any engine, then D K D^T over the classes
+    (exact: the SGD kernel is bilinear in the outputs); the SignGD kinds by f_sign."""
+    was = model.training
+    model.eval()
+    try:
+        phi_tr, phi_te = features(model, xs_tr, pad_id), features(model, xs_te, pad_id)
+        n = len(xs_tr)
+        if kind == "sgd":
+            P, Fk = kernels(model, xs_tr + xs_te, xs_tr, pad_id=pad_id, method=method, batch_size=batch_size,
+                            max_memory_gb=max_memory_gb, progress=progress)
+            P, Fk = (np.einsum("icjk,oc,pk->iojp", K, D, D) for K in (P, Fk))
+            return {"train": (P[:n], Fk[:n]), "test": (P[n:], Fk[n:])}
+        F_tr, F_te, F_fl = f_sign(model, xs_tr, xs_te, kind, D, pad_id, batch_size, max_memory_gb, progress)
+        out = {"train": (head_part(phi_tr, phi_tr, D, kind), F_tr),
+               "test": (head_part(phi_tr, phi_te, D, kind).transpose(2, 3, 0, 1), F_te)}  # train side signed
+        if F_fl is not None:
+            out["flip"] = (head_part(phi_te, phi_tr, D, kind), F_fl)
+        return out
+    finally:
+        model.train(was)
+
+
 # ---------------------------------------------------------------- statistics and solvers
 def flat(K):
     a, c, b, d = K.shape
@@ -323,29 +419,45 @@ def ft_ratio(F_tr, K_tr, logits, labels):
     return float(np.mean(num / np.maximum(den, 1e-300)))
 
 
-def kernel_regression(K_tr, K_te, y_tr, y_te, ridge):
-    """(K + ridge * ||K||_2 I)^-1 onehot(y) on the [N*C, N*C] train kernel; argmax over classes."""
-    n, C = K_tr.shape[:2]
+def targets(y, n_out):
+    """Their regression targets: one-hot over the C logits, or +-1 for the single logit (O = 1)."""
+    return (2.0 * np.asarray(y) - 1)[:, None] if n_out == 1 else np.eye(n_out)[y]
+
+
+def classes(scores):
+    """[N, O] scores -> classes: the sign of the single logit, else the argmax."""
+    return (scores[:, 0] > 0).astype(int) if scores.shape[1] == 1 else scores.argmax(1)
+
+
+def kernel_regression(K_tr, K_te, y_tr, y_te, ridge, f0_tr=None, f0_te=None):
+    """Their least-squares solver: (K + ridge * ||K||_2 I) alpha = Y on the [N*O, N*O] train kernel (minimum-norm
+    least squares, so ridge 0 works too), predictions K_te alpha; with f0 (their --adjust_for_init) fitted to
+    Y - f0 and f0 added back. Class accuracy (argmax, or the sign of a single logit)."""
+    n, n_out = K_tr.shape[:2]
     M = flat(K_tr)
     lam = ridge * np.linalg.norm(M, 2)
-    alpha = np.linalg.solve(M + max(lam, 1e-300) * np.eye(n * C), np.eye(C)[y_tr].ravel())
-    acc = lambda K, y: float(((flat(K) @ alpha).reshape(len(y), C).argmax(1) == y).mean())
-    return {"train": acc(K_tr, y_tr), "test": acc(K_te, y_te), "ridge": float(lam)}
+    Y = targets(y_tr, n_out) - (0 if f0_tr is None else f0_tr)
+    alpha = np.linalg.lstsq(M + lam * np.eye(n * n_out), Y.ravel(), rcond=None)[0]
+    acc = lambda K, f0, y: float((classes((flat(K) @ alpha).reshape(len(y), n_out) + (0 if f0 is None else f0))
+                                  == y).mean())
+    return {"train": acc(K_tr, f0_tr, y_tr), "test": acc(K_te, f0_te, y_te), "ridge": float(lam)}
 
 
 def pair_logreg(K_tr, K_te, y_tr, y_te):
     """The paper's metric (its kernel_solvers 'logistic'): one sample per (example, class) pair, features its
     kernel row, target 1 if the class is the example's label. Accuracy is over PAIRS, not examples (with C
-    classes, 'never the label' alone scores 1 - 1/C); argmax of the pair scores gives a class accuracy too.
+    classes, 'never the label' alone scores 1 - 1/C); argmax of the pair scores gives a class accuracy too. On a
+    single-logit kernel (O = 1) a pair is an example and both accuracies are the class accuracy.
     Fit as the authors' code does: LogisticRegressionCV(max_iter=10000, random_state=0) on the raw kernel rows
     (scikit-learn's default grid of 10 Cs and 5 stratified folds; fewer folds only when the rarer target has fewer
     than 5 pairs)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegressionCV
 
-    n, C = K_tr.shape[:2]
+    n, n_out = K_tr.shape[:2]
     X_tr, X_te = flat(K_tr), flat(K_te)
-    t_tr, t_te = np.eye(C)[y_tr].ravel(), np.eye(C)[y_te].ravel()
+    pairs = lambda y: np.asarray(y) if n_out == 1 else np.eye(n_out)[y].ravel()
+    t_tr, t_te = pairs(y_tr), pairs(y_te)
     if len(np.unique(t_tr)) < 2:
         return {"train": None, "test": None, "train_class": None, "test_class": None}
     folds = int(min(5, np.bincount(t_tr.astype(int)).min()))
@@ -354,9 +466,56 @@ def pair_logreg(K_tr, K_te, y_tr, y_te):
         warnings.simplefilter("ignore", FutureWarning)  # sklearn 1.9's notices about its attributes
         clf = LogisticRegressionCV(max_iter=10000, cv=max(folds, 2), random_state=0)
         clf.fit(X_tr, t_tr)
-    cls = lambda X, y: float((clf.decision_function(X).reshape(len(y), C).argmax(1) == y).mean())
+    cls = lambda X, y: float((classes(clf.decision_function(X).reshape(len(y), n_out)) == y).mean())
     return {"train": float(clf.score(X_tr, t_tr)), "test": float(clf.score(X_te, t_te)),
             "train_class": cls(X_tr, y_tr), "test_class": cls(X_te, y_te)}
+
+
+def svc(K_tr, K_te, y_tr, y_te, ridge):
+    """Their SVC solver (single-logit kernels): scikit-learn's SVC on the precomputed [N, N] kernel (+ ridge *
+    ||K||_2 I when fitting, as theirs), its default C = 1."""
+    from sklearn.svm import SVC
+
+    M = K_tr[:, 0, :, 0]
+    clf = SVC(kernel="precomputed").fit(M + ridge * np.linalg.norm(M, 2) * np.eye(len(M)), y_tr)
+    acc = lambda K, y: float((clf.predict(K[:, 0, :, 0]) == y).mean())
+    return {"train": acc(K_tr, y_tr), "test": acc(K_te, y_te)}
+
+
+def asym_solver(K_tr, K_te, K_fl, y_tr, y_te, ridge, gamma=1.0, lam=0.5):
+    """Their solver for the asymmetric SignGD kernel (single logit; their system without biases): with
+    H_ij = y_i K_ij y_j, solve [[I/gamma, H], [H^T, I/gamma]] [alpha; beta] = 1 (least squares), then predict
+    lam * sum_i K(x_i, x) alpha_i y_i + (1 - lam) * sum_i K(x, x_i) beta_i y_i: the first with the train gradient
+    signed (K_te), the second with the test one (K_fl). On the train set those kernels are K^T and K."""
+    M = K_tr[:, 0, :, 0]
+    M = M + ridge * np.linalg.norm(M, 2) * np.eye(len(M))
+    Y = 2.0 * np.asarray(y_tr) - 1
+    N = len(Y)
+    H = Y[:, None] * M * Y[None, :]
+    A = np.block([[np.eye(N) / gamma, H], [H.T, np.eye(N) / gamma]])
+    sol = np.linalg.lstsq(A, np.ones(2 * N), rcond=None)[0]
+    a, b = sol[:N] * Y, sol[N:] * Y
+    acc = lambda Ke, Kf, y: float((((lam * Ke @ a + (1 - lam) * Kf @ b) > 0).astype(int) == y).mean())
+    return {"train": acc(M.T, M, y_tr), "test": acc(K_te[:, 0, :, 0], K_fl[:, 0, :, 0], y_te), "gamma": gamma,
+            "lambda": lam}
+
+
+def solve_all(K, y_tr, y_te, f0_tr, f0_te, kind, ridge, gamma=1.0, lam=0.5):
+    """Every solver of theirs that applies to this kernel (K: {'train', 'test'[, 'flip']} -> [.., O, N, O]):
+    lstsq (their default, ridge 0 allowed), lstsq_init (fitted to y - f0, their --adjust_for_init), logistic
+    (theirs on a single logit; on C logits the pair-level fit), svc (single logit), asym (asym_signgd, single
+    logit). -> {solver: {train, test, ...} or {'skipped': why}}; test/train = class accuracy."""
+    tr, te = K["train"], K["test"]
+    n_out = tr.shape[1]
+    lr = pair_logreg(tr, te, y_tr, y_te)
+    out = {"lstsq": kernel_regression(tr, te, y_tr, y_te, ridge),
+           "lstsq_init": kernel_regression(tr, te, y_tr, y_te, ridge, f0_tr, f0_te),
+           "logistic": {"train": lr["train_class"], "test": lr["test_class"]}}
+    single = "needs a single-logit kernel (--binary_logit, two classes)"
+    out["svc"] = svc(tr, te, y_tr, y_te, ridge) if n_out == 1 else {"skipped": single}
+    out["asym"] = (asym_solver(tr, te, K["flip"], y_tr, y_te, ridge, gamma, lam) if kind == "asym_signgd" and n_out == 1
+                   else {"skipped": single if kind == "asym_signgd" else "only for --kernel asym_signgd"})
+    return out
 
 
 def plot_spectrum(path, stats, title):
@@ -393,6 +552,12 @@ def resolve(args):
     head = ft.fill_from_head(args)
     args.max_memory_gb = default_memory_gb() if args.max_memory_gb is None else args.max_memory_gb
     data.check_k_shot(args)
+    if args.binary_logit and len(data.get_task(args.task).labels) != 2:
+        die(f"--binary_logit needs two classes; {args.task} has {len(data.get_task(args.task).labels)}: drop it")
+    if args.kernel != "sgd" and args.method != "func":
+        die(f"--kernel {args.kernel} needs the explicit Jacobians of --method func (not {args.method})")
+    if not (0 <= args.asym_lambda <= 1 and args.asym_gamma > 0 and math.isfinite(args.asym_gamma)):
+        die(f"--asym_lambda {args.asym_lambda} / --asym_gamma {args.asym_gamma}: lambda in [0, 1], gamma > 0")
     if args.k_shot:
         args.n = None  # the whole k-shot train set
     elif args.n_test is None:
@@ -451,7 +616,10 @@ def print_table(res):
         kr, lr = st["kernel_regression"], st["pair_logreg"]
         print(f"  {k:<7}{st['fro']:>12.4g}{st['rank']:>6}/{st['size']:<4}{kr['train']:>10.4f}{kr['test']:>9.4f}"
               f"{fmt(lr['train']):>9}{fmt(lr['test']):>9}")
-    print(f"  FT ratio {res['ft_ratio']:.4f}   ||F||_F / ||P+F||_F {res['fro_ratio']:.4f}   "
+    if res.get("solvers"):
+        print_solvers(res["solvers"])
+    fr = "-" if res["ft_ratio"] is None else f"{res['ft_ratio']:.4f}"
+    print(f"  FT ratio {fr}   ||F||_F / ||P+F||_F {res['fro_ratio']:.4f}   "
           f"|V| {res['head_norm']:.4f}   rank: singular values > {res['config']['rank_rtol']:g} S_max; "
           f"pair = (example, class) accuracy")
 
@@ -459,11 +627,13 @@ def print_table(res):
 def kernel_examples(args):
     """-> (train, test, their rows in the official files' order): a seeded subset of --n train and --n_test test
     examples, or with --k_shot the k-shot train set and (--n_test of) its test set."""
-    if args.k_shot:
+    if args.k_shot:  # the test subset by a fixed seed: the same examples for every K, data seed and method
         sp = data.k_shot_splits(args.task, args.data_dir, args.k_shot, args.data_seed)
         tr, te = sp["train"], sp["test"]
-        keep = data.subset_indices(len(te), args.n_test, args.seed)
-        return tr, te.subset(keep), tr.meta["rows"], [te.meta["rows"][i] for i in keep]
+        keep = data.subset_indices(len(te), args.n_test, 0)
+        te = te.subset(keep)
+        te.meta["positions"] = keep  # in the k-shot test split: the rows of a k-shot run's test logits
+        return tr, te, tr.meta["rows"], [sp["test"].meta["rows"][i] for i in keep]
     sp = data.load_task(args.task, args.data_dir)
     tr_idx = data.subset_indices(len(sp["train"]), args.n, args.seed)
     te_idx = data.subset_indices(len(sp["test"]), args.n_test, args.seed)
@@ -486,47 +656,93 @@ def compute(args, head, method, record):
           f"{len(te)} test x train, C={C}, {n_par:,} backbone parameters in F, {data.device()}")
 
     t0 = time.time()
-    P, Fk = kernels(model, xs_tr + xs_te, pad_id=pad, method=args.method, batch_size=args.batch_size,
-                    max_memory_gb=args.max_memory_gb, progress=True)
+    D = logit_map(C, args.binary_logit)
+    K = view_kernels(model, xs_tr, xs_te, args.kernel, D, pad_id=pad, method=args.method,
+                     batch_size=args.batch_size, max_memory_gb=args.max_memory_gb, progress=True)
     secs = time.time() - t0
-    n = len(tr)
-    P_tr, F_tr, P_te, F_te = P[:n, :, :n], Fk[:n, :, :n], P[n:, :, :n], Fk[n:, :, :n]
-    if not (np.isfinite(P).all() and np.isfinite(Fk).all()):  # the solvers below would fail with a traceback
+    (P_tr, F_tr), (P_te, F_te) = K["train"], K["test"]
+    if not all(np.isfinite(x).all() for pf in K.values() for x in pf):  # the solvers would fail with a traceback
         die(f"the eNTK has NaN or infinite entries (--head_scale {args.head_scale}, model {args.model}); "
             f"nothing was written")
-    logits = logits_of(model, features(model, xs_tr, pad))
+    f0_tr, f0_te = (logits_of(model, features(model, xs, pad)) @ D.T for xs in (xs_tr, xs_te))
     stats = {}
     for name, K_tr, K_te in (("P", P_tr, P_te), ("F", F_tr, F_te), ("P+F", P_tr + F_tr, P_te + F_te)):
         st = spectrum(K_tr, args.rank_rtol)
         st["kernel_regression"] = kernel_regression(K_tr, K_te, tr.labels, te.labels, args.ridge)
         st["pair_logreg"] = pair_logreg(K_tr, K_te, tr.labels, te.labels)
         stats[name] = st
-    res = {"config": vars(args) | record | {"device": str(data.device()), "C": C, "n_train": n,
+    total = {k: P + Fk for k, (P, Fk) in K.items()}  # the kernel over every trainable parameter
+    res = {"config": vars(args) | record | {"device": str(data.device()), "C": C, "n_train": len(tr),
                                             "n_test_used": len(te), "backbone_params": n_par},
            "seconds": round(secs, 2), "kernels": stats,
-           "ft_ratio": ft_ratio(F_tr, P_tr + F_tr, logits, tr.labels),
+           "ft_ratio": None if args.binary_logit else ft_ratio(F_tr, P_tr + F_tr, f0_tr, tr.labels),
            "fro_ratio": stats["F"]["fro"] / max(stats["P+F"]["fro"], 1e-300),
            "head_norm": float(model.head.weight.detach().double().norm()),
-           "notes": {"rank": "singular values above --rank_rtol times the largest, on the [N*C, N*C] train kernel "
-                             "(ranks_at: the same at other tolerances; effective_rank: exp(entropy of S / sum S))",
-                     "kernel_regression": "class accuracy (argmax over classes), ridge * largest singular value",
-                     "pair_logreg": "the paper's metric: accuracy over (example, class) pairs, not class accuracy; "
-                                    "*_class: argmax of its pair scores per example"}}
+           "test_positions": te.meta.get("positions"),
+           "solvers": solve_all(total, tr.labels, te.labels, f0_tr, f0_te, args.kernel, args.ridge, args.asym_gamma,
+                                args.asym_lambda),
+           "notes": NOTES}
     # the earlier record goes first (--overwrite): it must never describe the new kernels
     res_path.unlink(missing_ok=True)
-    data.save_npz(out / "kernels.npz", P_train=P_tr, F_train=F_tr, P_test=P_te, F_test=F_te,
+    flip = {"P_flip": K["flip"][0], "F_flip": K["flip"][1]} if "flip" in K else {}
+    data.save_npz(out / "kernels.npz", P_train=P_tr, F_train=F_tr, P_test=P_te, F_test=F_te, **flip,
                   train_idx=np.asarray(tr_idx, np.int64), test_idx=np.asarray(te_idx, np.int64),
-                  train_labels=tr.labels, test_labels=te.labels, train_logits=logits)
-    plot_spectrum(out / "spectrum.png", stats, f"eNTK spectrum: {args.task} {method}, N={n}, C={C}")
+                  train_labels=tr.labels, test_labels=te.labels, train_logits=f0_tr, test_logits=f0_te,
+                  kind=np.array(args.kernel), binary_logit=np.array(args.binary_logit))
+    plot_spectrum(out / "spectrum.png", stats, f"{args.kernel} kernel spectrum: {args.task} {method}, "
+                                               f"N={len(tr)}, C={C}" + (", f1 - f0" if args.binary_logit else ""))
     data.save_json(res_path, res)
     print(f"  {secs:.1f}s; wrote {out}/kernels.npz, ntk_results.json, spectrum.png")
     print_table(res)
     return res
 
 
+NOTES = {"rank": "singular values above --rank_rtol times the largest, on the [N*C, N*C] train kernel "
+                 "(ranks_at: the same at other tolerances; effective_rank: exp(entropy of S / sum S))",
+         "kernel_regression": "class accuracy (argmax over classes), ridge * largest singular value",
+         "pair_logreg": "the paper's metric: accuracy over (example, class) pairs, not class accuracy; "
+                        "*_class: argmax of its pair scores per example",
+         "solvers": "Malladi et al.'s solvers on the kernel over every trainable parameter (P + F): class accuracy"}
+
+
+def solve_saved(args):
+    """--solve: their solvers again on a saved kernels.npz (with this run's --ridge / --asym_gamma / --asym_lambda);
+    prints them and writes solvers.json beside it."""
+    path = Path(args.solve)
+    path = path / "kernels.npz" if path.is_dir() else path
+    try:
+        z = dict(np.load(path, allow_pickle=False))
+        kind = str(z["kind"])
+        K = {"train": z["P_train"] + z["F_train"], "test": z["P_test"] + z["F_test"]}
+        if "F_flip" in z:
+            K["flip"] = z["P_flip"] + z["F_flip"]
+        y_tr, y_te, f0_tr, f0_te = z["train_labels"], z["test_labels"], z["train_logits"], z["test_logits"]
+    except (OSError, ValueError, KeyError) as e:
+        die(f"cannot read {path} as an ntk.py kernels.npz ({type(e).__name__}: {e}); make it with ntk.py "
+            f"(this kit's, which saves the kernel kind and test logits)")
+    res = {"kernels": str(path), "kind": kind, "ridge": args.ridge, "asym_gamma": args.asym_gamma,
+           "asym_lambda": args.asym_lambda,
+           "solvers": solve_all(K, y_tr, y_te, f0_tr, f0_te, kind, args.ridge, args.asym_gamma, args.asym_lambda)}
+    data.save_json(path.parent / "solvers.json", res)
+    print_solvers(res["solvers"])
+    print(f"  wrote {path.parent / 'solvers.json'}")
+    return res
+
+
+def print_solvers(sol):
+    print(f"  {'solver':<12}{'train':>8}{'test':>8}")
+    for name, r in sol.items():
+        if "skipped" in r:
+            print(f"  {name:<12}  skipped: {r['skipped']}")
+        else:
+            print(f"  {name:<12}{r['train']:>8.4f}{r['test']:>8.4f}")
+
+
 @data.cli
 def main(argv=None):
     args = parse(argv)
+    if args.solve:
+        return solve_saved(args)
     head, method = resolve(args)
     record = run_record(args, method)
     out = Path(args.output_dir)

@@ -4,6 +4,7 @@
 #   bash run_all.sh                                  # default study: embedded model, SST-2/MRPC, 2-core CPU
 #   bash run_all.sh --paper --model roberta-base     # the paper's full study (13 datasets, 5 seeds; a GPU)
 #   bash run_all.sh --lr_grid "1e-5 5e-5 1e-4"       # every method and seed at every learning rate
+#   bash run_all.sh --kernel_study                   # Malladi et al.'s question: k-shot FT against its kernels
 #   bash run_all.sh --print_jobs > jobs.txt          # independent jobs, one per line (GNU parallel / Slurm array)
 #   xargs -P 2 -I{} bash -c {} < jobs.txt && bash run_all.sh --report_only   # ... run them, then calibrate + report
 #
@@ -17,12 +18,16 @@
 #          --lr_grid "..." and per method --lr_grid_ft --lr_grid_lpft --lr_grid_lora --lr_grid_lplora
 #          --patience N --force --print_jobs --report_only (only calibrate the runs under --out and report)
 #          --jobs N (jobs at once, each with its share of the cores; default 2 on a CPU study, 1 with --paper)
+#          --kernel_study [--k_shots "16 64" --data_seeds "13 21 42 87 100" --kernels "sgd asym_signgd"]: for each
+#          task, K and data seed, --methods (default "ft lp_ft") fine-tuned on the k-shot data and the kernel solvers
+#          of ntk.py on the same data, one kernel per method and --kernels kind (default --out runs_kernel)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 
-paper=0 force=0 print_jobs=0 no_ntk=0 no_scale=0 report_only=0
-tasks="" methods="lp ft lp_ft lora lp_lora" seeds="" model="" data_dir="" out=runs
+paper=0 force=0 print_jobs=0 no_ntk=0 no_scale=0 report_only=0 kernel_study=0
+k_shots="16 64" data_seeds="13 21 42 87 100" kernels="sgd asym_signgd"
+tasks="" methods="" seeds="" model="" data_dir="" out=""
 epochs="" max_steps="" max_train="" max_eval="" ntk_tasks="" ntk_n="" ntk_method="" scale_tasks="" scales=""
 patience="" par=""
 lr_grid=""
@@ -31,7 +36,7 @@ die() { echo "error: $*" >&2; exit 2; }
 has() { [[ " $2 " == *" $1 "* ]]; }
 VALUED="--tasks --methods --seeds --model --data_dir --out --output_root --epochs --max_steps --max_train_samples
   --max_eval_samples --ntk_tasks --ntk_n --ntk_method --scale_tasks --scales --patience --jobs --lr_grid --lr_grid_ft
-  --lr_grid_lpft --lr_grid_lp_ft --lr_grid_lora --lr_grid_lplora --lr_grid_lp_lora"
+  --lr_grid_lpft --lr_grid_lp_ft --lr_grid_lora --lr_grid_lplora --lr_grid_lp_lora --k_shots --data_seeds --kernels"
 while [ $# -gt 0 ]; do
   if has "$1" "$(echo $VALUED)" && [ $# -lt 2 ]; then die "$1 needs a value (see bash run_all.sh --help)"; fi
   case $1 in
@@ -41,6 +46,10 @@ while [ $# -gt 0 ]; do
     --report_only) report_only=1 ;;
     --no_ntk) no_ntk=1 ;;
     --no_scale) no_scale=1 ;;
+    --kernel_study) kernel_study=1 ;;
+    --k_shots) k_shots=$2; shift ;;
+    --data_seeds) data_seeds=$2; shift ;;
+    --kernels) kernels=$2; shift ;;
     --tasks) tasks=$2; shift ;;
     --methods) methods=$2; shift ;;
     --seeds) seeds=$2; shift ;;
@@ -69,7 +78,15 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-if [ $paper = 1 ]; then
+if [ $kernel_study = 1 ]; then  # Malladi et al.'s protocol on the embedded model (README, "The kernel view")
+  [ $paper = 0 ] || die "--kernel_study and --paper are two studies; run them one at a time"
+  tasks=${tasks:-"sst2 rte"}
+  methods=${methods:-"ft lp_ft"}
+  epochs=${epochs:-10}
+  out=${out:-runs_kernel}
+  seeds=${seeds:-$data_seeds}  # the training seed is the data seed, as theirs
+  ntk_method=structured
+elif [ $paper = 1 ]; then
   tasks=${tasks:-"boolq cb rte wic wsc cola sst2 mrpc amazon pubmed"}
   seeds=${seeds:-"1001 2002 3003 4004 5005"}
   epochs=${epochs:-10}
@@ -83,6 +100,8 @@ else  # default study, sized by measurement for <= 30 minutes on a 2-core CPU (R
   ntk_tasks=${ntk_tasks:-$tasks} ntk_n=${ntk_n:-32} ntk_method=${ntk_method:-structured}  # 2x func on CPU
   scale_tasks=${scale_tasks:-$tasks} scales=${scales:-"10"}
 fi
+methods=${methods:-"lp ft lp_ft lora lp_lora"}
+out=${out:-runs}
 first_seed=${seeds%% *}
 # Jobs at once: 2 on a CPU study (each with half the cores: measured 1.2-1.4x the throughput of one job with all of
 # them, start-up and evaluation overlapping the other's training; README, "Speed"), 1 for the paper's GPU study.
@@ -124,6 +143,13 @@ check_int --max_eval_samples "$max_eval" 1
 check_int --ntk_n "$ntk_n" 1
 check_int --patience "$patience" 0
 check_int --jobs "$par" 1
+if [ $kernel_study = 1 ]; then
+  for k in $k_shots; do check_int --k_shots "$k" 1; done
+  for d in $data_seeds; do check_int --data_seeds "$d" 0; done
+  check_words --kernels "sgd signgd asym_signgd" "$kernels"
+  check_words --k_shots "$k_shots" "$k_shots" && check_words --data_seeds "$data_seeds" "$data_seeds"
+  has lp "$methods" && die "--kernel_study fine-tunes and compares kernels; LP runs inside LP-FT / LP-LoRA: drop lp"
+fi
 check_num --scales "$scales"
 check_num --lr_grid "$lr_grid"
 for m in "${!grid[@]}"; do check_num "--lr_grid_${m/_/}" "${grid[$m]}"; done
@@ -196,12 +222,53 @@ ntk_cmd() {
   echo "$c"
 }
 
+# ---------------------------------------------------------------- the kernel study (--kernel_study)
+# Learning rates: the MiniLM grid's SST-2 choices (ft.MINILM_LR, lora.MINILM_LR) for every task and K: not tuned for
+# k-shot data (README, "The kernel view"). Batch 8 as LM-BFF / Malladi et al.'s k-shot fine-tuning.
+declare -A KS_LR=([ft]=1e-4 [lp_ft]=3e-5 [lora]=3e-3 [lp_lora]=3e-3)
+two_classes() { case $1 in cb|amazon|pubmed) return 1 ;; esac; }  # data.TASKS with two labels
+ks_base() { echo "$(base "$1" "$3") --k_shot $2 --data_seed $3"; }  # task K S (training seed = data seed)
+ks_name() { echo "k$2-data$3-seed$3"; }  # data.run_name's suffix
+ks_lp() {  # "lp.py ... && " for the LP head of (task, K, S)
+  echo "$PY lp.py $(ks_base "$@") --output_dir $out/$1/lp-$(ks_name "$@") --cache_dir $out/cache && "
+}
+ks_method_cmd() {  # method task K S
+  local m=$1 script=ft.py c
+  shift
+  case $m in lora|lp_lora) script=lora.py ;; esac
+  c="$PY $script $(ks_base "$@") $(train_flags) --batch_size 8 --lr ${KS_LR[$m]} --output_dir $out/$1/$m-$(ks_name "$@")"
+  case $m in lp_ft|lp_lora) c="$(ks_lp "$@")$c --init $out/$1/lp-$(ks_name "$@")/lp_head.pt" ;; esac
+  echo "$c"
+}
+ks_ntk_cmd() {  # method kind task K S: the kernel of that method's start (head and trainable parameters)
+  local m=$1 kind=$2 c
+  shift 2
+  c="$PY ntk.py $(ks_base "$@") --kernel $kind --output_dir $out/$1/ntk-$m-$kind-$(ks_name "$@")"
+  if [ "$kind" = sgd ]; then c+=" --method structured"; else c+=" --method func --max_memory_gb 8"; fi
+  two_classes "$1" && c+=" --binary_logit"  # their single-logit kernels: every solver applies
+  [ $force = 1 ] && c+=" --overwrite"
+  case $m in lora|lp_lora) c+=" --lora" ;; esac
+  case $m in lp_ft|lp_lora) c="$(ks_lp "$@")$c --init $out/$1/lp-$(ks_name "$@")/lp_head.pt" ;; esac
+  echo "$c"
+}
+
+jobs=() names=()
+add() { names+=("$1"); jobs+=("$2"); }
+if [ $kernel_study = 1 ]; then
+  for t in $tasks; do for k in $k_shots; do for s in $data_seeds; do
+    for m in $methods; do
+      add "$m $t k$k data $s" "$(ks_method_cmd "$m" "$t" "$k" "$s")"
+      for kind in $kernels; do add "kernel $kind $m $t k$k data $s" "$(ks_ntk_cmd "$m" "$kind" "$t" "$k" "$s")"; done
+    done
+  done; done; done
+  no_ntk=1 no_scale=1 methods_loop=""
+else
+  methods_loop=1
+fi
 ordered=""  # LP first, whatever the order of --methods: the other methods start from its head
 has lp "$methods" && ordered=lp
 for m in $methods; do if [ "$m" != lp ]; then ordered+=" $m"; fi; done
-jobs=() names=()
-add() { names+=("$1"); jobs+=("$2"); }
-for t in $tasks; do
+for t in ${methods_loop:+$tasks}; do
   for s in $seeds; do
     for m in $ordered; do
       if [ "$m" = lp ]; then add "lp $t seed $s" "$(lp_cmd "$t" "$s")"; continue; fi
@@ -290,7 +357,7 @@ else
   mkdir -p "$logs" && rm -f "$logs/failed" "$logs/done"
   echo "run_all: ${n} jobs, $par at a time (tasks: $tasks; methods: $methods; seeds: $seeds; epochs: $epochs)" \
     "-> $out/ (logs: $logs/)"
-  [ $paper = 0 ] && echo "estimate: about 26 minutes on a 2-core CPU for the default study (finished jobs are skipped)"
+  [ $paper = 0 ] && [ $kernel_study = 0 ] && echo "estimate: about 26 minutes on a 2-core CPU for the default study (finished jobs are skipped)"
   lps=() rest=()  # LP first, all of it: every other job may start from an LP head
   for i in "${!jobs[@]}"; do if [[ ${names[$i]} == "lp "* ]]; then lps+=("$i"); else rest+=("$i"); fi; done
   run_phase "${lps[@]}"
