@@ -4,12 +4,15 @@
     python report.py --root runs_paper
 
 Reads results.json (ft.py, lora.py), lp_results.json (lp.py), calibration.json (calibrate.py) and
-ntk_results.json (ntk.py). Learning rates are chosen per task and method by the best mean validation
-metric over seeds (CoLA: MCC; ties: the lowest learning rate); test scores are never used to choose.
-A run that diverged counts as a failed point. Missing runs show as "–". Every file the report could not use
-(corrupt, truncated, unfinished, of another shape) and every (task, method, lr) with fewer seeds than the
-study are listed under "Runs not used" at the top of report.md and on stderr; a mean over fewer seeds than
-the study says so with (n=k).
+ntk_results.json (ntk.py); for the figures also kernels.npz (ntk.py), lp.py's feature cache, lp_head.pt and
+model.safetensors (the classifier rows). Every table and figure of Tomihari & Sato (2024) the runs can feed comes
+in the paper's order, each under one line "fed by: ..." naming its runs; one whose runs are missing is one line
+"Missing: ..." (a part the kit does not record: "Not produced: ..."). Learning rates are chosen per task and method
+by the best mean validation metric over seeds (CoLA: MCC; ties: the lowest learning rate); test scores are never
+used to choose. A run that diverged counts as a failed point. Missing values show as "–". Every file the report
+could not use (corrupt, truncated, unfinished, of another shape) and every (task, method, lr) with fewer seeds than
+the study are listed under "Runs not used" at the top of report.md and on stderr; a mean over fewer seeds than the
+study says so with (n=k).
 """
 
 import argparse
@@ -18,10 +21,13 @@ import io
 import json
 import math
 import os
+import re
 import sys
-from collections import defaultdict
+import zipfile
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -129,7 +135,6 @@ class Study:
     """Everything the tables read: usable runs, NTK results, what was left out and why."""
     root: Path
     rows: list = field(default_factory=list)
-    ntk: dict = field(default_factory=dict)  # run dir -> ntk_results.json
     problems: list = field(default_factory=list)  # (path under root, why it was not used)
     seeds: list = field(default_factory=list)  # every seed of the study (head scale 1)
     short: list = field(default_factory=list)  # "task method lr: seeds ... (missing ...)"
@@ -139,6 +144,11 @@ class Study:
     lrs: dict = field(default_factory=dict)
     tasks: list = field(default_factory=list)
     methods: list = field(default_factory=list)
+    kernels: list = field(default_factory=list)  # one dict per usable ntk_results.json (kernel_info)
+
+    def runs(self, task, method):
+        """The runs of a task and method at its chosen learning rate (head scale 1)."""
+        return self.chosen.get((task, method), [])
 
 
 def collect(root):
@@ -150,10 +160,29 @@ def collect(root):
         if why:
             s.problems.append((rel(f, root), why))
         else:
-            s.ntk[str(f.parent)] = k
+            s.kernels.append(kernel_info(f.parent, k))
     s.problems += unfinished(root)
     s.seeds, s.short = seed_gaps(s.rows)
     return s
+
+
+def kernel_info(d, k):
+    """An ntk_results.json as the tables and figures read it. Its method: ntk.py's ntk_method, else the folder's name
+    (ntk-<method>-...), else --init and --lora, as ntk.py names it."""
+    c, name = k["config"], Path(d).name
+    m = c.get("ntk_method")
+    if m not in METHODS:
+        m = next((x for x in METHODS if name.startswith(f"ntk-{x}-")), None) \
+            or ("lp_" if c.get("init") else "") + ("lora" if c.get("lora") else "ft")
+    scale = c.get("head_scale", 1.0)
+    return {"dir": str(d), "task": c["task"], "method": m, "seed": c.get("seed"), "res": k,
+            "scale": scale if num(scale) else None, "kind": c.get("kernel", "sgd")}
+
+
+def paper_kernels(s):
+    """The kernels the paper's tables and figures use: the eNTK (ntk.py --kernel sgd) at each method's start, head
+    unscaled."""
+    return [k for k in s.kernels if k["scale"] == 1.0 and k["kind"] == "sgd" and k["method"] in FT_METHODS]
 
 
 def rel(path, root):
@@ -212,7 +241,8 @@ def run_row(r, f):
     task, method = c["task"], "lp" if f.name == "lp_results.json" else c["method"]
     sel = data.TASKS[task].select_metric
     row = {"dir": str(f.parent), "task": task, "method": method, "seed": c["seed"], "lr": c.get("lr"),
-           "scale": c.get("head_scale", 1.0), "failed": r.get("failed"), "sel": sel}
+           "scale": c.get("head_scale", 1.0), "failed": r.get("failed"), "sel": sel, "config": c,
+           "fingerprint": r.get("fingerprint")}
     if row["failed"]:
         return row
     m = r["metrics"]
@@ -244,15 +274,30 @@ def seed_gaps(rows):
 
 
 # ---------------------------------------------------------------- statistics
-def mean_std(xs, expect=0):
-    """'mean ± std' in percent over seeds; '(n=k)' when fewer than `expect` seeds (or one) are left."""
-    xs = [x for x in xs if x is not None]
+def mean_std(xs, expect=0, scale=100, spec=".1f"):
+    """'mean ± std' over seeds, each value times `scale` (default: a fraction shown in percent) in format `spec`;
+    '(n=k)' when fewer than `expect` values (or one) are left. Values that are not numbers are left out."""
+    xs = [x for x in xs if num(x)]
     if not xs:
         return DASH
     if len(xs) == 1:
-        return f"{100 * xs[0]:.1f} (n=1)"
+        return f"{scale * xs[0]:{spec}} (n=1)"
     n = f" (n={len(xs)})" if len(xs) < expect else ""
-    return f"{100 * np.mean(xs):.1f} ± {100 * float(np.std(xs, ddof=1)):.1f}{n}"
+    m, sd = scale * np.mean(xs), scale * float(np.std(xs, ddof=1))
+    sd = 0.0 if sd <= 1e-12 * abs(m) else sd  # equal values: rounding noise (9e-19) is no spread
+    return f"{m:{spec}} ± {sd:{spec}}{n}"
+
+
+def ms(s, xs, spec=".3g"):
+    """mean ± std of plain values (norms, similarities, ratios) over the study's seeds."""
+    return mean_std(xs, len(s.seeds), 1, spec)
+
+
+def pick(d, *path):
+    """d[path[0]][path[1]]... when every step is a dict and the end a finite number, else None."""
+    for p in path:
+        d = d.get(p) if isinstance(d, dict) else None
+    return d if num(d) else None
 
 
 def select_lr(rows):
@@ -311,81 +356,198 @@ def chosen_runs(rows):
     return chosen, grids, lrs
 
 
-# ---------------------------------------------------------------- tables: each returns (title, header, body, note)
+# ---------------------------------------------------------------- tables: each returns (title, fed, header, body, note)
+# `fed` is the line under the title that names the runs and fields the table reads. A table whose runs are missing
+# returns body None and the one line "Missing: ..." as its note, which stands in its place.
+FT_METHODS = ["ft", "lora", "lp_ft", "lp_lora"]  # the fine-tuning methods, in the paper's row order (Tables 1, 2)
+
+
 def table(header, body):
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(x) for x in row) + " |" for row in body]
     return "\n".join(out)
 
 
-def test_table(s):  # Table 8: test accuracy (CoLA: MCC)
-    body = [[t] + [mean_std([r["test"] for r in s.chosen.get((t, m), [])], len(s.seeds)) for m in s.methods]
-            for t in s.tasks]
-    return ("Test performance (mean ± std over seeds; Table 8)", ["task"] + [NAMES[m] for m in s.methods], body,
+def missing(title, why, width=5):
+    """A table (width 5) or figure (width 4) whose runs are missing: its title and the one line that says so."""
+    return (title,) + (None,) * (width - 2) + (f"Missing: {why}",)
+
+
+def seed_key(r):
+    return (not isinstance(r["seed"], int), r["seed"] if isinstance(r["seed"], int) else 0)
+
+
+def fed_by(runs, reads):
+    """The line under a table or figure: how many runs of which tasks, methods and seeds, and what it reads."""
+    runs = list(runs)
+    tasks = [t for t in data.TASKS if any(r["task"] == t for r in runs)]
+    methods = [NAMES[m] for m in METHODS if any(r["method"] == m for r in runs)]
+    seeds = sorted({r["seed"] for r in runs if isinstance(r["seed"], int)})
+    return (f"fed by: {len(runs)} runs ({', '.join(tasks)}; {', '.join(methods)}; seeds "
+            f"{', '.join(map(str, seeds))}): {reads}")
+
+
+def runs_of(s, methods=METHODS, tasks=None):
+    """Every run at its chosen learning rate of these methods (and tasks)."""
+    return [r for t in tasks or s.tasks for m in methods for r in s.runs(t, m)]
+
+
+def feature_rows(s, t):
+    """Table 1's rows for one task. Pre-trained: the features at epoch 0 of every fine-tuning run (the encoder is
+    still the pre-trained one, whatever the head) and the fresh head (FT's and LoRA's start); LP: the same features
+    (LP does not change them) and the LP head; then each fine-tuning method at its best epoch."""
+    tuned = runs_of(s, FT_METHODS, [t])
+    if not tuned and not s.runs(t, "lp"):
+        return []
+    start = [r["history"][0] for r in tuned if r["history"][0]["epoch"] == 0]
+    pre = [ms(s, [h.get("cs_f") for h in start]), DASH, ms(s, [h.get("fdr_f") for h in start])]
+    rows = [[f"{t} Pre-trained", *pre, ms(s, [r["head_norm0"] for r in runs_of(s, ("ft", "lora"), [t])])]]
+    if s.runs(t, "lp"):
+        rows.append([f"{t} LP", *pre, ms(s, [r["head_norm"] for r in s.runs(t, "lp")])])
+    for m in FT_METHODS:
+        if s.runs(t, m):
+            rows.append([f"{t} {NAMES[m]}"] + [ms(s, [r[k] for r in s.runs(t, m)])
+                                              for k in ("cs_f", "diff_f", "fdr_f", "head_norm")])
+    return rows
+
+
+FEATURES_READ = ("results.json history (cs_f, diff_f, fdr_f, head_norm at the best epoch; epoch 0 for Pre-trained) "
+                 "and lp_results.json (head_norm)")
+
+
+def feature_table(s):  # Tables 1 and 12: feature change and the classifier's norm
+    title = "Feature change and head norm (Tables 1, 12)"
+    body = [row for t in s.tasks for row in feature_rows(s, t)]
+    if not body:
+        return missing(title, "no LP or fine-tuning runs (results.json, lp_results.json).")
+    return (title, fed_by(runs_of(s), FEATURES_READ), ["run", "CS(F)", "Diff(F)", "FDR(F)", "Norm(C)"], body,
+            "Mean ± std over seeds, on the test split. CS(F): mean cosine similarity between the features of two "
+            "examples; Diff(F): mean ||phi(x) - phi_0(x)|| from the pre-trained features (Table 12 is this column); "
+            "FDR(F) (the kit's definition): tr(S_B)/tr(S_W); Norm(C): ||V||_F of the head. Pre-trained: the features "
+            "at epoch 0 of the fine-tuning runs and the fresh head; LP: the same features and the LP head.")
+
+
+def kernel_row(run, kernel, ks, K, expect, ratio=False):
+    """One row of Tables 2 and 9: kernel K's statistics over the ntk runs ks, mean ± std over seeds."""
+    def f(path, scale=1, spec=".3g"):
+        return mean_std([pick(k["res"], *path) for k in ks], expect, scale, spec)
+
+    n = sorted({k["res"]["config"].get("n_train") for k in ks} - {None})
+    return [run, kernel, "/".join(map(str, n)) or DASH, f(("kernels", K, "rank")),
+            f(("kernels", K, "effective_rank")), f(("kernels", K, "fro")),
+            f(("kernels", K, "pair_logreg", "train"), 100, ".1f"), f(("kernels", K, "pair_logreg", "test"), 100, ".1f"),
+            f(("ft_ratio",)) if ratio else ""]
+
+
+def ntk_table(s):  # Tables 2 and 9: kernel statistics of P, F and P+F at the start of fine-tuning
+    title = "eNTK at the start of fine-tuning: kernel statistics (Tables 2, 9)"
+    ks = paper_kernels(s)
+    if not ks:
+        return missing(title, "no usable ntk_results.json (ntk.py runs; run_all.sh's eNTK phase).")
+    expect = max(Counter((k["task"], k["method"]) for k in ks).values())  # the most seeds a method has
+    body = []
+    for t in [t for t in data.TASKS if any(k["task"] == t for k in ks)]:
+        by = {m: [k for k in ks if k["task"] == t and k["method"] == m] for m in FT_METHODS}
+        body.append(kernel_row(t, "Pre-train E (P)", next(v for v in by.values() if v), "P", expect))
+        for m in [m for m in FT_METHODS if by[m]]:
+            body += [kernel_row(f"{t} {NAMES[m]}", "FT E (F)", by[m], "F", expect, ratio=True),
+                     kernel_row(f"{t} {NAMES[m]}", "NTK (P+F)", by[m], "P+F", expect)]
+    rtol = sorted({f"{x:g}" for k in ks for x in [pick(k["res"], "kernels", "P+F", "rank_rtol")] if x})
+    return (title, fed_by(ks, "ntk_results.json (kernels.{P,F,P+F}: rank, effective_rank, fro, pair_logreg; "
+                              "ft_ratio)"),
+            ["run", "kernel", "N", "rank", "eff. rank", "FN", "Acc train", "Acc test", "FT ratio"], body,
+            f"Mean ± std over seeds. N: train examples in the kernel ([N·C, N·C]); rank: singular values above "
+            f"{'/'.join(rtol) or 'a tolerance'} x the largest (ntk.py --rank_rtol); eff. rank: exp(entropy of "
+            "S/ΣS); FN: Frobenius norm; Acc: the paper's pair-level logistic regression on the kernel rows, % of "
+            "(example, class) pairs; FT ratio: mean over train x of ||Σ F δ|| / ||Σ (P+F) δ||. Pre-train E: P of "
+            "the first method's kernels (P is the same for every method).")
+
+
+def calibration_row(s, run, cals, metric):
+    """One row of Tables 3, 14, 15: a metric before and after temperature scaling, its improvement, T and the fit."""
+    before, after = ([c_split(c, (w, metric)) for c in cals] for w in ("before", "after"))
+    converged = all(c["converged"] for c in cals)
+    return [run, ms(s, before, ".2f"), ms(s, after, ".2f"), f"{np.mean(np.subtract(before, after)):.2f}",
+            f"{np.mean([c['temperature'] for c in cals]):.3f}" + ("" if converged else "*"),
+            "/".join(sorted({c.get("optimizer", "lbfgs") for c in cals}))]
+
+
+def calibration_table(s):  # Tables 3, 14 (SuperGLUE) and 15 (GLUE): ECE and MCE before and after TS
+    title = "Calibration on test: ECE and MCE with temperature scaling (Tables 3, 14, 15)"
+    body = []
+    for t in s.tasks:
+        for metric in ("ece", "mce"):
+            for m in s.methods:
+                cals = [r["calibration"] for r in s.runs(t, m) if r.get("calibration")
+                        and c_split(r["calibration"], ("before", metric)) is not None]
+                if cals:
+                    body.append(calibration_row(s, f"{t} {metric.upper()} {NAMES[m]}", cals, metric))
+    if not body:
+        return missing(title, "no calibration.json with a test split (calibrate.py on the run folders; run_all.sh "
+                              "runs it).")
+    used = [r for r in runs_of(s) if r.get("calibration") and c_split(r["calibration"], ("before", "ece")) is not None]
+    return (title, fed_by(used, "calibration.json (test split: ece and mce before and after, temperature)"),
+            ["run", "w/o TS", "w/ TS", "Imp.", "T", "fit"], body,
+            "Percent, mean ± std over seeds; Imp.: the improvement, w/o TS − w/ TS (mean over seeds). T: mean fitted "
+            "temperature, fit on val by the optimizer named (lbfgs: the kit's default; adam: the paper's, run_all.sh "
+            "--paper); * a fit did not converge (T not identified, e.g. chance-level logits on val, whose NLL keeps "
+            "falling as T grows; see calibration.json). Table 14 is SuperGLUE, 15 GLUE.")
+
+
+def test_table(s):  # Table 8: test accuracy on SuperGLUE and GLUE (CoLA: MCC)
+    title = "Test performance (mean ± std over seeds; Table 8)"
+    tasks = [t for t in s.tasks if data.TASKS[t].format in ("superglue", "glue")]
+    if not tasks:
+        return missing(title, "no SuperGLUE or GLUE runs (Amazon: Table 10; PubMed: Table 16).")
+    body = [[t] + [mean_std([r["test"] for r in s.runs(t, m)], len(s.seeds)) for m in s.methods] for t in tasks]
+    return (title, fed_by(runs_of(s, tasks=tasks), "results.json and lp_results.json (metrics.test)"),
+            ["task"] + [NAMES[m] for m in s.methods], body,
             "Accuracy in percent, CoLA Matthews correlation x100; learning rate chosen on validation; (n=k): only "
             "k seeds (see Runs not used).")
 
 
 def amazon_table(s):  # Table 10: Amazon in- and out-of-distribution
+    title = "Amazon: ID and OOD accuracy (Table 10)"
     if "amazon" not in s.tasks:
-        return "Amazon: ID and OOD accuracy (Table 10)", None, None, "Missing: no Amazon runs (run_all.sh --paper)."
+        return missing(title, "no Amazon runs (run_all.sh --paper, or --tasks amazon).")
     ood = ["test"] + list(data.TASKS["amazon"].ood)
-    body = [[NAMES[m]] + [mean_std([r["metrics"].get(sp, {}).get("accuracy") for r in s.chosen.get(("amazon", m), [])],
+    body = [[NAMES[m]] + [mean_std([r["metrics"].get(sp, {}).get("accuracy") for r in s.runs("amazon", m)],
                                    len(s.seeds)) for sp in ood] for m in s.methods]
-    return "Amazon: ID and OOD accuracy (Table 10)", ["method", "Amazon (ID)"] + ood[1:], body, ""
+    return (title, fed_by(runs_of(s, tasks=["amazon"]), "results.json and lp_results.json (metrics per test set)"),
+            ["method", "Amazon (ID)"] + ood[1:], body, "")
 
 
-def norm_table(s):  # Table 13: head norms
-    body = []
-    for t in s.tasks:
-        for m in s.methods:
-            rs = s.chosen.get((t, m), [])
-            if rs:
-                n0 = [r.get("head_norm0") for r in rs if r.get("head_norm0") is not None]
-                body.append([f"{t} {NAMES[m]}", f"{np.mean(n0):.3f}" if n0 else DASH,
-                             f"{np.mean([r['head_norm'] for r in rs]):.3f}"])
-    return "Head norm ||V||_F (Table 13)", ["run", "at start of FT", "at best epoch (LP: fitted)"], body, ""
+def amazon_feature_table(s):  # Table 11: feature and classifier change on Amazon
+    title = "Amazon: feature and head change (Table 11)"
+    if "amazon" not in s.tasks:
+        return missing(title, "no Amazon runs (run_all.sh --paper, or --tasks amazon).")
+    return (title, fed_by(runs_of(s, tasks=["amazon"]), FEATURES_READ),
+            ["run", "CS(F) Amazon", "Diff(F) Amazon", "FDR(F) Amazon", "Norm(C)"], feature_rows(s, "amazon"),
+            "As Table 1 (above), on Amazon's ID test split. Not produced: the Dynasent, SemEval and SST-5 columns "
+            "(ft.py and lora.py measure the features on the ID test split only).")
 
 
-def feature_table(s):  # Tables 1 and 12: feature change
-    body = []
-    for t in s.tasks:
-        for m in [m for m in s.methods if m != "lp"]:
-            rs = s.chosen.get((t, m), [])
-            body.append([f"{t} {NAMES[m]}"] + [f"{np.mean([r[k] for r in rs]):.4f}" if rs else DASH
-                                              for k in ("diff_f", "cs_f", "fdr_f")])
-    return ("Feature change on test examples (Tables 1, 12)", ["run", "Diff(F)", "CS(F)", "FDR"], body,
-            "Diff(F): mean ||phi_t(x) - phi_0(x)||; CS(F): mean pairwise cosine similarity; "
-            "FDR (the kit's definition): tr(S_B)/tr(S_W).")
-
-
-def calibration_table(s):  # Table 3: calibration on test
-    body = []
-    for t in s.tasks:
-        for m in s.methods:
-            cals = [r["calibration"] for r in s.chosen.get((t, m), []) if r.get("calibration")]
-            if not cals:
-                continue
-            vals = [[c_split(c, k) for c in cals] for k in (("before", "ece"), ("after", "ece"),
-                                                             ("before", "mce"), ("after", "mce"))]
-            body.append([f"{t} {NAMES[m]}"] + [f"{np.mean(v):.2f}" if None not in v else DASH for v in vals]
-                        + [f"{np.mean([c['temperature'] for c in cals]):.3f}"
-                           + ("" if all(c["converged"] for c in cals) else "*"),
-                           "/".join(sorted({c.get("optimizer", "lbfgs") for c in cals}))])
-    return ("Calibration on test, percent (Table 3)", ["run", "ECE", "ECE (TS)", "MCE", "MCE (TS)", "T", "fit"], body,
-            "T: mean fitted temperature over seeds, fit by the optimizer named (lbfgs: the kit's default; adam: the "
-            "paper's, run_all.sh --paper); * a fit did not converge (T not identified, e.g. chance-level "
-            "logits on val, whose NLL keeps falling as T grows; see calibration.json).")
-
-
-def ntk_table(s):  # Table 2: kernel statistics
-    body = [ntk_row(Path(d).name, k) for d, k in sorted(s.ntk.items())]
+def norm_table(s):  # Table 13: the classifier weight norms after training
+    title = "Head norm ||V||_F after training (Table 13)"
+    cols = ["ft", "lora", "lp", "lp_ft", "lp_lora"]
+    body = [[t, ms(s, [r["head_norm0"] for r in runs_of(s, ("ft", "lora"), [t])])]
+            + [ms(s, [r["head_norm"] for r in s.runs(t, m)]) for m in cols] for t in s.tasks]
     if not body:
-        return "eNTK at the start of fine-tuning (Table 2)", None, None, "Missing: no usable ntk_results.json."
-    return ("eNTK at the start of fine-tuning (Table 2)",
-            ["run", "N", "rank P+F", "||P||_F", "||F||_F", "FT ratio", "||V||", "kernel reg.", "pair logreg"], body,
-            "Test accuracy of kernel regression on P+F (classes) and of the paper's pair-level logistic "
-            "regression (pairs); FT ratio = mean ||F delta|| / ||(P+F) delta||.")
+        return missing(title, "no LP or fine-tuning runs.")
+    return (title, fed_by(runs_of(s), "results.json (head_norm at the best epoch; epoch 0 for Pretrain) and "
+                                     "lp_results.json (head_norm)"),
+            ["task", "Pretrain"] + [NAMES[m] for m in cols], body,
+            "Mean ± std over seeds. Pretrain: the fresh head FT and LoRA start from; LP: the fitted head "
+            "(LP-FT's and LP-LoRA's start); the others at their best epoch.")
+
+
+def pubmed_table(s):  # Table 16: PubMed 20k RCT
+    title = "PubMed 20k RCT: test accuracy (Table 16)"
+    if "pubmed" not in s.tasks:
+        return missing(title, "no PubMed runs (run_all.sh --paper, or --tasks pubmed).")
+    body = [["pubmed"] + [mean_std([r["test"] for r in s.runs("pubmed", m)], len(s.seeds)) for m in s.methods]]
+    return (title, fed_by(runs_of(s, tasks=["pubmed"]), "results.json and lp_results.json (metrics.test)"),
+            ["task"] + [NAMES[m] for m in s.methods], body, "Accuracy in percent.")
 
 
 def scaling_groups(rows):
@@ -399,21 +561,23 @@ def scaling_groups(rows):
     return out
 
 
-def scaling_table(s):  # Figure 3: norm scaling, mean +- std over seeds
+def scaling_table(s):  # the numbers of Figures 3, 10 and 11: norm scaling, mean +- std over seeds
+    title = "Norm scaling: initial head norm vs feature change (Figures 3, 10, 11)"
     groups = scaling_groups(s.rows)
     body = [[f"{t} {NAMES[m]}", f"{sc:g}", f"{np.mean([r['head_norm0'] for r in rs]):.3f}",
-             f"{np.mean([r['diff_f'] for r in rs]):.3f} ± {np.std([r['diff_f'] for r in rs], ddof=1):.3f}"
-             if len(rs) > 1 else f"{rs[0]['diff_f']:.3f} (n=1)", mean_std([r["test"] for r in rs], len(s.seeds))]
+             mean_std([r["diff_f"] for r in rs], len(s.seeds), 1, ".3f"), mean_std([r["test"] for r in rs],
+                                                                                    len(s.seeds))]
             for (t, m), by in sorted(groups.items()) for sc, rs in sorted(by.items())]
     if not body:
-        return ("Norm scaling: initial head norm vs feature change (Figure 3)", None, None,
-                "Missing: no runs with --head_scale other than 1.")
-    return ("Norm scaling: initial head norm vs feature change (Figure 3)",
+        return missing(title, "no runs with --head_scale other than 1 (run_all.sh's norm scaling).")
+    return (title, fed_by([r for by in groups.values() for rs in by.values() for r in rs],
+                          "results.json (head_norm at epoch 0, diff_f at the best epoch, metrics.test)"),
             ["run", "head scale", "||V|| at start", "Diff(F) (mean ± std over seeds)", "test"], body,
             "Scale 1 is the study's own run; feature change on test examples.")
 
 
-def lr_table(s):  # the learning-rate grid
+def lr_table(s):  # the learning-rate grid (the kit's own)
+    title = "Learning rates: mean val and test over seeds (chosen on val)"
     body = []
     for (t, m), summ in sorted(s.grids.items()):
         if m == "lp":
@@ -422,25 +586,31 @@ def lr_table(s):  # the learning-rate grid
             mark = "**chosen**" if lr == s.lrs[(t, m)] else ("failed" if g["failed"] else "")
             body.append([f"{t} {NAMES[m]}", f"{lr:g}", f"{100 * g['val']:.1f}" if g["val"] is not None else DASH,
                          mean_std(g["test"], len(s.seeds)), f"{g['seeds'] - g['failed']}/{g['seeds']}", mark])
-    return ("Learning rates: mean val and test over seeds (chosen on val)",
+    if not body:
+        return missing(title, "no fine-tuning runs (ft.py, lora.py).")
+    runs = [r for r in s.rows if r["method"] != "lp" and r["scale"] == 1.0]
+    return (title, fed_by(runs, "results.json of every learning rate (metrics.val, metrics.test; failed runs)"),
             ["run", "lr", "val", "test", "seeds ok", ""], body, "")
 
 
-def paired_table(s):  # paired differences by seed
+def paired_table(s):  # paired differences by seed (the kit's own)
+    title = "Paired differences by seed (mean [95% t interval])"
     body = []
     for t in s.tasks:
         for a, b in (("lp_ft", "ft"), ("lp_lora", "lora")):
-            A = {r["seed"]: r["test"] for r in s.chosen.get((t, a), [])}
-            B = {r["seed"]: r["test"] for r in s.chosen.get((t, b), [])}
+            A, B = by_seed(s.runs(t, a), "test"), by_seed(s.runs(t, b), "test")
             if A or B:
                 body.append([t, f"{NAMES[a]} − {NAMES[b]}", fmt_pair(paired(A, B))])
         for m in s.methods:
-            cal = {r["seed"]: r["calibration"] for r in s.chosen.get((t, m), []) if r.get("calibration")}
+            cal = {r["seed"]: r["calibration"] for r in s.runs(t, m) if r.get("calibration")}
             after = {sd: c_split(c, ("after", "ece")) for sd, c in cal.items()}
             before = {sd: c_split(c, ("before", "ece")) for sd, c in cal.items()}
             if cal and None not in after.values() and None not in before.values():
                 body.append([t, f"{NAMES[m]} ECE after − before TS", fmt_pair(paired(after, before), 1)])
-    return ("Paired differences by seed (mean [95% t interval])", ["task", "comparison", "difference"], body,
+    if not body:
+        return missing(title, "no fine-tuning or calibrated runs to pair by seed.")
+    return (title, fed_by(runs_of(s), "results.json and lp_results.json (metrics.test), calibration.json (test ece)"),
+            ["task", "comparison", "difference"], body,
             "Test metric in points (x100); ECE in percentage points. An interval that excludes 0 is larger "
             "than the seed noise.")
 
@@ -461,20 +631,17 @@ def not_used(s):
 
 
 def build(s):
-    """-> (report.md text, report.csv rows): the title, what was not used, each table, the claims."""
+    """-> (report.md text without the figures, report.csv rows): the title, what was not used, each table."""
     s.chosen, s.grids, s.lrs = chosen_runs(s.rows)
     s.tasks = [t for t in data.TASKS if any(r["task"] == t for r in s.rows)]
     s.methods = [m for m in METHODS if any(r["method"] == m for r in s.rows)]
     md, csvrows = [f"# LP-FT kit report ({s.root})", ""] + not_used(s), []
     for make in TABLES:
-        t = make(s)
-        if t is None:
-            continue
-        title, header, body, note = t
+        title, fed, header, body, note = make(s)
         if body is None:  # its runs are missing: one line says so, the table does not vanish
             md.extend([f"## {title}", "", note, ""])
             continue
-        md.extend([f"## {title}", "", table(header, body), ""] + ([note, ""] if note else []))
+        md.extend([f"## {title}", "", fed, "", table(header, body), ""] + ([note, ""] if note else []))
         csvrows += [[title, row[0], h, v] for row in body for h, v in zip(header[1:], row[1:])]
     return "\n".join(md) + "\n", csvrows
 
@@ -483,17 +650,6 @@ def c_split(cal, key, split="test"):
     """calibration.json value for (before|after, metric) on a split, or None."""
     sp = cal["splits"].get(split)
     return None if sp is None else sp[key[0]][key[1]]
-
-
-def ntk_row(name, k):
-    """One row of Table 2 from ntk_results.json: kernels.{P,F,P+F}.{rank, fro, kernel_regression, ...}."""
-    kern = k["kernels"]
-    kr, pl = kern["P+F"].get("kernel_regression") or {}, kern["P+F"].get("pair_logreg") or {}
-    f = lambda x, p=3: DASH if x is None else (f"{x:.{p}g}" if isinstance(x, float) else str(x))  # noqa: E731
-    cfg = k["config"]
-    return [f"{cfg['task']} {name}", f(cfg.get("n_train")), f(kern["P+F"].get("rank")), f(kern["P"].get("fro")),
-            f(kern["F"].get("fro")), f(k.get("ft_ratio")), f(k.get("head_norm")), f(kr.get("test")),
-            f(pl.get("test"))]
 
 
 def verdict(p, side=1):
@@ -512,10 +668,10 @@ def by_seed(runs, key):
 
 
 def ntk_by_seed(s, task, method):
-    """{seed: FT ratio} of the NTK runs ntk-<method>-seed<seed> of a task."""
-    return {k["config"]["seed"]: k["ft_ratio"] for d, k in s.ntk.items()
-            if Path(d).name.startswith(f"ntk-{method}-seed") and k["config"]["task"] == task
-            and isinstance(k["config"].get("seed"), int) and k.get("ft_ratio") is not None}
+    """{seed: FT ratio} of a task's ntk runs of a method (head scale 1)."""
+    return {k["seed"]: k["res"]["ft_ratio"] for k in paper_kernels(s)
+            if k["task"] == task and k["method"] == method and isinstance(k["seed"], int)
+            and k["res"].get("ft_ratio") is not None}
 
 
 def ece_by_seed(runs, when):
@@ -536,7 +692,7 @@ def scaling_pairs(s, task):
 
 def claim_rows(s, t):
     """(claim, what is compared, paired difference, side) for one task; side: the sign the paper claims."""
-    ch = lambda m: s.chosen.get((t, m), [])  # noqa: E731
+    ch = lambda m: s.runs(t, m)  # noqa: E731
     fresh = {r["seed"]: r["head_norm0"] for r in ch("ft") if r.get("head_norm0") is not None}
     rows = [("c1 LP head norm > fresh head's", "‖V‖ LP − ‖V‖ fresh (FT's start)",
              paired(by_seed(ch("lp"), "head_norm"), fresh), 1, 1)]
@@ -558,61 +714,39 @@ def claim_rows(s, t):
 
 
 def claims_table(s):  # the paper's claims, each decided by its paired 95% interval
+    title = "The paper's claims on these runs"
     body = []
     for t in s.tasks:
         for claim, what, p, side, unit in claim_rows(s, t):
             body.append([t, claim, what, fmt_pair(p, unit, "+.1f" if unit == 100 else "+.3g"), verdict(p, side)])
-    return ("The paper's claims on these runs", ["task", "claim", "difference", "mean [95% interval] (n seeds)",
-                                                  "verdict"], body,
+    if not body:
+        return missing(title, "no runs.")
+    return (title, fed_by(s.rows + s.kernels, "results.json, lp_results.json, calibration.json, ntk_results.json "
+                                               "(ft_ratio) and the head-scaled runs"),
+            ["task", "claim", "difference", "mean [95% interval] (n seeds)", "verdict"], body,
             "Each claim is a paired difference by seed with its 95% t interval: **holds** when the interval lies "
             "on the paper's side of 0, **does not hold** when it lies on the other, **inside the noise** when it "
-            "contains 0. Learning rates as chosen on val (above); c5 needs ntk.py runs per seed, c6 head-scaled "
+            "contains 0. Learning rates as chosen on val (below); c5 needs ntk.py runs per seed, c6 head-scaled "
             "runs (run_all.sh's norm scaling).")
 
 
-TABLES = [claims_table, test_table, amazon_table, norm_table, feature_table, calibration_table, ntk_table,
-          scaling_table, lr_table, paired_table]
+# the paper's tables in its order (a table merged with a later one sits at the first), then the kit's own
+TABLES = [claims_table, feature_table, ntk_table, calibration_table, test_table, amazon_table, amazon_feature_table,
+          norm_table, pubmed_table, scaling_table, lr_table, paired_table]
 
 
-# ---------------------------------------------------------------- figures
-def plots(rows, root):
+# ---------------------------------------------------------------- figures: each returns (title, fed, [PNGs], note)
+COLORS = {"lp": "C0", "ft": "C1", "lora": "C2", "lp_ft": "C3", "lp_lora": "C4"}
+MARKERS = {"lp": "*", "ft": "X", "lora": "P", "lp_ft": "D", "lp_lora": "s"}
+
+
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made = []
-    lp = [r for r in rows if r["method"] == "lp" and r.get("norm_curve")]
-    fts = [r for r in rows if r["method"] in ("ft", "lp_ft") and r.get("history") and r["scale"] == 1.0]
-    if lp or fts:
-        fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
-        for r in lp:
-            ax[0].plot(r["norm_curve"], label=f"{r['task']} s{r['seed']}")
-        ax[0].set(xlabel="LBFGS iteration (full-batch LP)", ylabel="||V||_F", title="head norm during LP")
-        for r in fts:
-            h = r["history"]
-            ax[1].plot([e["epoch"] for e in h], [e["head_norm"] for e in h], ls="-" if r["method"] == "ft" else "--",
-                       label=f"{r['task']} {NAMES[r['method']]} s{r['seed']}")
-        ax[1].set(xlabel="epoch", ylabel="||V||_F", title="head norm during FT", yscale="log")
-        for a in ax:
-            if a.lines:
-                a.legend(fontsize=6)
-        made.append(save(fig, root / "head_norm.png"))
-    groups = scaling_groups(rows)
-    if groups:
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        for (t, m), by in sorted(groups.items()):
-            sc = sorted(by)
-            d = [[r["diff_f"] for r in by[x]] for x in sc]
-            ax.errorbar([np.mean([r["head_norm0"] for r in by[x]]) for x in sc], [np.mean(v) for v in d],
-                        yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in d], fmt="o-", capsize=3,
-                        label=f"{t} {NAMES[m]} (n={min(len(v) for v in d)})")
-        ax.set(xscale="log", xlabel="||V||_F at the start of FT", ylabel="Diff(F), mean ± std over seeds",
-               title="norm scaling")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: minor labels overlap
-        ax.legend(fontsize=7)
-        made.append(save(fig, root / "feature_change_vs_norm.png"))
-    return made
+    return plt
 
 
 def save(fig, path):
@@ -622,6 +756,357 @@ def save(fig, path):
     data.atomic(path, lambda t: fig.savefig(t, format="png", dpi=120))
     plt.close(fig)
     return path
+
+
+def load_arrays(path, keys):
+    """{key: array} from an .npz file, or None when it is missing, damaged or lacks a key (the figure says so)."""
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in keys}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def by_epoch(runs, get):
+    """(epochs, mean, std) over seeds of get(history entry); entries without a number are left out."""
+    vals = defaultdict(list)
+    for r in runs:
+        for h in r["history"]:
+            v = get(h)
+            if num(v):
+                vals[h["epoch"]].append(v)
+    ep = sorted(vals)
+    return ep, np.array([np.mean(vals[e]) for e in ep]), np.array([np.std(vals[e]) for e in ep])
+
+
+def test_metric(h, sel):
+    v = h.get("test")
+    v = v.get(sel) if isinstance(v, dict) else None
+    return 100 * v if num(v) else None
+
+
+def head_norm_row(ax, s, t):
+    """One task's row of Figures 1 and 4: (a) ||V|| during LP, (b) during fine-tuning, its test metric, (c) after."""
+    sel = data.TASKS[t].select_metric
+    for r in sorted(s.runs(t, "lp"), key=seed_key):
+        if r.get("norm_curve"):
+            ax[0].plot(r["norm_curve"], lw=1, label=f"seed {r['seed']}: test {100 * r['test']:.1f}")
+    ax[0].set(title=f"{t}: (a) LP", xlabel="LBFGS iteration (full batch)", ylabel="||V||_F")
+    for m in [m for m in FT_METHODS if s.runs(t, m)]:
+        for a, get in ((ax[1], lambda h: h["head_norm"]), (ax[2], lambda h: test_metric(h, sel))):
+            ep, mu, sd = by_epoch(s.runs(t, m), get)
+            a.plot(ep, mu, "o-", ms=3, color=COLORS[m], label=NAMES[m])
+            a.fill_between(ep, np.maximum(mu - sd, mu / 10), mu + sd, color=COLORS[m], alpha=0.2)
+    ax[1].set(title=f"{t}: (b) fine-tuning", xlabel="epoch", ylabel="||V||_F", yscale="log")
+    ax[2].set(title=f"{t}: test {sel} during fine-tuning", xlabel="epoch", ylabel=f"test {sel}, %")
+    bars = [("Pretrain", "C7", [r["head_norm0"] for r in runs_of(s, ("ft", "lora"), [t])])]
+    bars += [(NAMES[m], COLORS[m], [r["head_norm"] for r in s.runs(t, m)]) for m in ("ft", "lora", "lp", "lp_ft",
+                                                                                     "lp_lora")]
+    bars = [b for b in bars if b[2]]
+    ax[3].bar(range(len(bars)), [np.mean(v) for _, _, v in bars], yerr=[np.std(v) for _, _, v in bars],
+              color=[c for _, c, _ in bars], capsize=3)
+    ax[3].set_xticks(range(len(bars)), [n for n, _, _ in bars], rotation=30, fontsize=8)
+    ax[3].set(title=f"{t}: (c) after training", ylabel="||V||_F", yscale="log")
+    for a in ax[:3]:
+        if a.lines:
+            a.legend(fontsize=6)
+
+
+def fig_head_norm(s):  # Figures 1 and 4
+    title = "Figures 1 and 4: head norm during LP and fine-tuning, with accuracy, and after training"
+    tasks = [t for t in s.tasks if runs_of(s, tasks=[t])]
+    if not tasks:
+        return missing(title, "no LP or fine-tuning runs.", 4)
+    plt = pyplot()
+    fig, axes = plt.subplots(len(tasks), 4, figsize=(15, 3.2 * len(tasks)), squeeze=False)
+    for ax, t in zip(axes, tasks):
+        head_norm_row(ax, s, t)
+    lp = runs_of(s, ["lp"])
+    gap = "" if any(r.get("norm_curve") for r in lp) else \
+        " Missing: the LP norm curves (lp.py --norm_curve STEPS)." if lp else " Missing: LP runs (lp.py)."
+    return (title, fed_by(runs_of(s), "lp_results.json (norm_curve: ||V|| per LBFGS iteration; metrics.test), "
+                                     "results.json history (head_norm, test metric per epoch; epoch 0 = the start)"),
+            [save(fig, s.root / "head_norm.png")],
+            "Mean over seeds, bands and bars ± std. Not produced: the accuracy during LP (lp.py logs ||V|| per "
+            "iteration only; each seed's final test accuracy is in the legend)."
+            + gap)
+
+
+def spectrum(k, K):
+    v = (k["res"]["kernels"].get(K) or {}).get("sv_normalised")
+    return v if isinstance(v, list) and v and all(num(x) for x in v) else None
+
+
+SV_FLOOR = 1e-10  # the spectra's lower edge: float32 sums carry ~1e-7 relative error, so smaller is rounding
+
+
+def fig_spectra(s):  # Figures 2 and 7
+    title = "Figures 2 and 7: normalised singular values of the eNTK components, methods overlaid"
+    ks = [k for k in paper_kernels(s) if spectrum(k, "F")]
+    if not ks:
+        return missing(title, "no ntk_results.json with singular values (ntk.py runs).", 4)
+    tasks = [t for t in data.TASKS if any(k["task"] == t for k in ks)]
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.8 * len(tasks), 3.6), squeeze=False)
+    used = []
+    for ax, t in zip(axes[0], tasks):
+        # per method its lowest seed (LoRA's kernels exist at the first seed only in the default study)
+        first = {m: min((k for k in ks if k["task"] == t and k["method"] == m), key=seed_key, default=None)
+                 for m in FT_METHODS}
+        first = {m: k for m, k in first.items() if k}
+        used += first.values()
+        p = next(iter(first.values()))
+        if spectrum(p, "P"):
+            ax.plot(range(1, len(spectrum(p, "P")) + 1), spectrum(p, "P"), "k-", label="Pre-train E (P)")
+        for m, k in first.items():
+            sv = spectrum(k, "F")
+            ax.plot(range(1, len(sv) + 1), sv, color=COLORS[m], label=f"FT E ({NAMES[m]}, seed {k['seed']})")
+        rtol = pick(p["res"], "kernels", "F", "rank_rtol")
+        if rtol:
+            ax.axhline(rtol, ls=":", color="grey", lw=1, label=f"rank tolerance {rtol:g}")
+        ax.set(yscale="log", xlabel="index", ylabel="singular value / largest", title=t)
+        ax.set_ylim(max(ax.get_ylim()[0], SV_FLOOR), 2)  # below the floor: float rounding, not spectrum
+        ax.legend(fontsize=6)
+    return (title, fed_by(used, "ntk_results.json (kernels.P and kernels.F: sv_normalised)"),
+            [save(fig, s.root / "ntk_spectra.png")],
+            f"Singular values of the [N·C, N·C] train kernel divided by the largest, drawn down to {SV_FLOOR:g}; P is "
+            "the same for every method. "
+            "The paper's Figure 2 is CB, Figure 7 RTE, BoolQ and WiC.")
+
+
+def fig_scaling(s):  # Figures 3, 10 and 11
+    title = "Figures 3, 10 and 11: feature change against the initial head norm (norm scaling)"
+    groups = scaling_groups(s.rows)
+    if not groups:
+        return missing(title, "no runs with --head_scale other than 1 (run_all.sh's norm scaling).", 4)
+    tasks = [t for t in data.TASKS if any(g[0] == t for g in groups)]
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.8 * len(tasks), 3.4), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        for (_, m), by in sorted((g, by) for g, by in groups.items() if g[0] == t):
+            sc = sorted(by)
+            x = [np.mean([r["head_norm0"] for r in by[v]]) for v in sc]
+            d = [[r["diff_f"] for r in by[v]] for v in sc]
+            mu = np.array([np.mean(v) for v in d])
+            se = np.array([np.std(v, ddof=1) / math.sqrt(len(v)) if len(v) > 1 else 0.0 for v in d])
+            ax.plot(x, mu, "o-", color=COLORS[m], label=f"{NAMES[m]} (n={min(len(v) for v in d)})")
+            ax.fill_between(x, mu - se, mu + se, color=COLORS[m], alpha=0.2)
+            if 1.0 in by:  # the head's own norm, unscaled
+                ax.axvline(np.mean([r["head_norm0"] for r in by[1.0]]), ls="--", lw=1, color=COLORS[m])
+        ax.set(xscale="log", xlabel="||V||_F at the start of fine-tuning", ylabel="Diff(F) on test", title=t)
+        ax.legend(fontsize=7)
+    return (title, fed_by([r for by in groups.values() for rs in by.values() for r in rs],
+                          "results.json of each --head_scale (head_norm at epoch 0, diff_f at the best epoch)"),
+            [save(fig, s.root / "feature_change_vs_norm.png")],
+            "Mean over seeds, shaded ± standard error (as the paper); dashed: the unscaled head's norm. Diff(F) on "
+            "each task's own test split (the paper's Figure 3 is SST-5, out of distribution; Figure 10 BOSS, "
+            "Figure 11 CB and RTE).")
+
+
+def cached_features(root, run, split="test"):
+    """(features, labels) of an LP run's split from lp.py's feature cache, named as lp.py names it (lp.cache_key,
+    under <task>/<model>_<pooling>_L<max_len>), looked for under the root's cache/ and then the run's --cache_dir;
+    the labels from the run's logits.npz. None when not found."""
+    import lp
+
+    c = run["config"]
+    try:
+        name = lp.cache_key(SimpleNamespace(**c), split, lp.source(split, run.get("fingerprint") or {}))
+        sub = Path(c["task"]) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', c['model'])}_{c['pooling']}_L{c['max_len']}"
+    except (AttributeError, KeyError, TypeError):
+        return None
+    y = load_arrays(Path(run["dir"]) / "logits.npz", [f"{split}_labels"])
+    cache = str(c.get("cache_dir") or "runs/cache")
+    for base in (Path(root) / "cache", Path(cache), data.ROOT / cache):
+        try:
+            x = np.load(base / sub / name)
+        except (OSError, ValueError):
+            continue
+        if y is not None and x.ndim == 2 and len(x) == len(y[f"{split}_labels"]):
+            return x.astype(np.float64), y[f"{split}_labels"]
+    return None
+
+
+def head_rows(run):
+    """A run's classifier rows [C, d]: lp_head.pt (LP) or the head in model.safetensors (after training)."""
+    d = Path(run["dir"])
+    try:
+        if run["method"] == "lp":
+            import torch
+
+            return torch.load(d / "lp_head.pt", weights_only=True)["weight"].double().numpy()
+        from safetensors import safe_open
+
+        with safe_open(str(d / "model.safetensors"), "np") as f:
+            return f.get_tensor("head.weight").astype(np.float64)
+    except Exception:  # missing or damaged, whatever the loader's error: the figure names the head it lacks
+        return None
+
+
+TSNE_MAX = 400  # examples at most in a t-SNE: the exact method is O(n^2) per step (Barnes-Hut was slower here)
+
+
+def tsne_plot(path, title, phi, labels, heads):
+    """One t-SNE (scikit-learn) of the features and the classifier rows together, as the paper's Figures 5-6."""
+    from matplotlib.lines import Line2D
+    from sklearn.manifold import TSNE
+
+    if len(phi) > TSNE_MAX:
+        keep = np.sort(np.random.default_rng(0).choice(len(phi), TSNE_MAX, replace=False))
+        phi, labels = phi[keep], labels[keep]
+    x = np.concatenate([phi] + list(heads.values()))
+    # cosine: a head's rows are orders of magnitude shorter than the features, so under the Euclidean distance they
+    # all land on one spot; exact: on these features Barnes-Hut took 35 s for 300 points, exact 4 s
+    emb = TSNE(perplexity=min(30.0, (len(x) - 1) / 3), metric="cosine", init="pca", method="exact",
+               random_state=0).fit_transform(x)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 4.6))
+    for c in np.unique(labels):
+        ax.scatter(*emb[:len(phi)][labels == c].T, s=8, alpha=0.5, color=f"C{c}", label=f"features, class {c}")
+    at = len(phi)
+    for m, w in heads.items():
+        ax.scatter(*emb[at:at + len(w)].T, s=110, marker=MARKERS[m], color=[f"C{c}" for c in range(len(w))],
+                   edgecolor="k")
+        at += len(w)
+    rows = [Line2D([], [], ls="", marker=MARKERS[m], color="0.6", mec="k", ms=8, label=f"{NAMES[m]} rows")
+            for m in heads]
+    ax.set(title=title, xticks=[], yticks=[])
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + rows, fontsize=6, loc="best")
+    return save(fig, path)
+
+
+def fig_tsne(s):  # Figures 5 and 6
+    title = "Figures 5 and 6: t-SNE of the features and the classifier rows"
+    paths, used, gaps = [], [], []
+    for t in s.tasks:
+        lp = sorted(s.runs(t, "lp"), key=seed_key)
+        found = next(((r, f) for r in lp for f in [cached_features(s.root, r)] if f is not None), None)
+        if found is None:
+            gaps.append(f"{t}: no cached pre-trained features of an LP run (lp.py's --cache_dir)" if lp
+                        else f"{t}: no LP run")
+            continue
+        r, (phi, y) = found
+        if len(phi) < 4:  # t-SNE needs more points than its perplexity
+            gaps.append(f"{t}: {len(phi)} test features, too few for a t-SNE")
+            continue
+        runs = [r] + [x for m in FT_METHODS for x in s.runs(t, m) if x["seed"] == r["seed"]]
+        heads = {x["method"]: head_rows(x) for x in runs}
+        gaps += [f"{t}: the {NAMES[m]} head (lp_head.pt / model.safetensors)" for m, w in heads.items()
+                 if w is None or w.shape[1:] != phi.shape[1:]]
+        heads = {m: w for m, w in heads.items() if w is not None and w.shape[1:] == phi.shape[1:]}
+        used += [x for x in runs if x["method"] in heads]
+        paths.append(tsne_plot(s.root / f"tsne_{t}.png", f"{t}: pre-trained test features, seed {r['seed']}", phi, y,
+                               heads))
+    if not paths:
+        return missing(title, "; ".join(gaps) + ".", 4)
+    return (title, fed_by(used, "lp.py's feature cache (pre-trained test features), logits.npz (test_labels), "
+                               "lp_head.pt and model.safetensors (head.weight after training)"), paths,
+            "Not produced: the features after fine-tuning (ft.py and lora.py keep only their statistics, Tables 1 "
+            "and 12), so the paper's FT/LP-FT feature panels cannot be drawn; shown for the lowest seed: the "
+            "pre-trained test features with the classifier rows of the LP head (LP-FT's start) and of each method's "
+            "head after training (row k in class k's colour); FT's fresh head is not saved. scikit-learn TSNE, "
+            f"cosine metric, perplexity min(30, (n-1)/3), PCA init, exact method, random_state 0, at most {TSNE_MAX} "
+            "examples (a seeded subset)."
+            + (f" Missing: {'; '.join(gaps)}." if gaps else ""))
+
+
+def trace_norms(K, labels):
+    """Figures 8-9: the trace (nuclear) norm of each C x C block K(x_i, x_j) of a [N, C, N, C] kernel, the samples
+    sorted by class. -> ([N, N] map, the sorted labels)."""
+    order = np.argsort(labels, kind="stable")
+    tn = np.linalg.svd(K.transpose(0, 2, 1, 3), compute_uv=False).sum(-1)
+    return tn[np.ix_(order, order)], labels[order]
+
+
+def block_means(tn, labels):
+    """{(class a, class b): mean trace norm over the sample pairs of those classes} of a sorted map."""
+    cs = np.unique(labels)
+    return {(a, b): float(tn[np.ix_(labels == a, labels == b)].mean()) for a in cs for b in cs}
+
+
+def kernels_ok(z):
+    """Whether a kernels.npz's P_train and F_train are [N, C, N, C] over its N train_labels."""
+    y = z["train_labels"]
+    return y.ndim == 1 and all(z[K].ndim == 4 and z[K].shape[::2] == (len(y), len(y)) and
+                               z[K].shape[1] == z[K].shape[3] for K in ("P_train", "F_train"))
+
+
+def heatmap_plot(path, title, panels):
+    plt = pyplot()
+    rows = -(-len(panels) // 3)  # three a row: P, FT's and LP-FT's F (Figure 8), then LoRA's and LP-LoRA's (9)
+    fig, axes = plt.subplots(rows, 3, figsize=(11.7, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (name, tn, y) in zip(axes.flat, panels):
+        im = ax.imshow(tn, cmap="viridis", interpolation="nearest")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        edges = np.flatnonzero(np.diff(y)) + 0.5
+        for e in edges:
+            ax.axhline(e, color="w", lw=0.8)
+            ax.axvline(e, color="w", lw=0.8)
+        mid = {c: np.flatnonzero(y == c).mean() for c in np.unique(y)}
+        for (a, b), v in block_means(tn, y).items():  # the class-pair means, at their blocks' centres
+            ax.text(mid[b], mid[a], f"{v:.3g}", ha="center", va="center", fontsize=7,
+                    bbox={"facecolor": "w", "alpha": 0.6, "lw": 0, "pad": 1})
+        ax.set_xticks(list(mid.values()), [f"class {c}" for c in mid], fontsize=7)
+        ax.set_yticks(list(mid.values()), [f"class {c}" for c in mid], fontsize=7)
+        ax.set_title(name, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return save(fig, path)
+
+
+HEATMAP_ORDER = ["ft", "lp_ft", "lora", "lp_lora"]  # the paper's panels: Figure 8 (FT, LP-FT), Figure 9 (LoRA's)
+
+
+def fig_trace_norm(s):  # Figures 8 and 9
+    title = "Figures 8 and 9: trace norms of the kernel's C x C blocks, samples grouped by class"
+    ks = paper_kernels(s)
+    paths, used, gaps = [], [], []
+    for t in [t for t in data.TASKS if any(k["task"] == t for k in ks)]:
+        seed = min((k for k in ks if k["task"] == t), key=seed_key)["seed"]
+        panels = []
+        for k in [k for m in HEATMAP_ORDER for k in ks if (k["task"], k["method"], k["seed"]) == (t, m, seed)]:
+            z = load_arrays(Path(k["dir"]) / "kernels.npz", ["P_train", "F_train", "train_labels"])
+            if z is None or not kernels_ok(z):
+                gaps.append(f"{rel(Path(k['dir']) / 'kernels.npz', s.root)} (missing or damaged)")
+                continue
+            if not panels:
+                panels.append(("Figure 8: Pre-train E (P)", *trace_norms(z["P_train"], z["train_labels"])))
+            fig_no = 9 if "lora" in k["method"] else 8
+            panels.append((f"Figure {fig_no}: FT E ({NAMES[k['method']]})",
+                           *trace_norms(z["F_train"], z["train_labels"])))
+            used.append(k)
+        if panels:
+            n = len(panels[0][2])
+            paths.append(heatmap_plot(s.root / f"ntk_trace_norm_{t}.png", f"{t}, seed {seed}, N = {n}", panels))
+    if not paths:
+        return missing(title, "no kernels.npz of an ntk.py run" + (f" ({'; '.join(gaps)})" if gaps else "") + ".", 4)
+    return (title, fed_by(used, "kernels.npz (P_train, F_train, train_labels)"), paths,
+            "At the lowest seed with kernels: the trace (nuclear) norm of each C x C block K(x_i, x_j) of the "
+            "[N·C, N·C] train kernel, samples sorted by class (white lines); the number in each class block is its "
+            "mean over the block's pairs. Each panel has its own colour scale. The paper's Figure 8 is P and FT's "
+            "and LP-FT's F, Figure 9 LoRA's and LP-LoRA's F." + (f" Missing: {'; '.join(gaps)}." if gaps else ""))
+
+
+FIGURES = [fig_head_norm, fig_spectra, fig_scaling, fig_tsne, fig_trace_norm]
+
+
+def figures(s):
+    """-> the report's figure section: each figure of the paper the runs feed, in its order, then the kit's own."""
+    md = ["## Figures", ""]
+    for make in FIGURES:
+        title, fed, paths, note = make(s)
+        md += [f"### {title}", ""]
+        if paths is None:
+            md += [note, ""]
+            continue
+        md += [fed, ""] + [f"![{p.stem}]({os.path.relpath(p, s.root)})" for p in paths] + [""]
+        md += [note, ""] if note else []
+    own = sorted(s.root.rglob("reliability_test.png"))[:2] + sorted(s.root.rglob("spectrum.png"))[:1]
+    if own:
+        md += ["### The kit's own: reliability diagrams (calibrate.py) and a spectrum (ntk.py)", ""]
+        md += [f"![{p.parent.name} {p.stem}]({os.path.relpath(p, s.root)})" for p in own] + [""]
+    return "\n".join(md)
 
 
 @data.cli
@@ -636,9 +1121,7 @@ def main(argv=None):
     for line in s.short:
         print(f"report: fewer seeds: {line}", file=sys.stderr)
     md, csvrows = build(s)
-    figs = plots(s.rows, root)
-    pngs = sorted(root.rglob("reliability_test.png"))[:2] + sorted(root.rglob("spectrum.png"))[:1]
-    md += "\n## Figures\n\n" + "\n".join(f"![{p.stem}]({os.path.relpath(p, root)})" for p in figs + pngs) + "\n"
+    md += "\n" + figures(s)
     buf = io.StringIO()
     csv.writer(buf).writerows([["table", "row", "column", "value"]] + csvrows)
     for name, text in (("report.md", md), ("report.csv", buf.getvalue())):

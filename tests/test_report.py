@@ -3,7 +3,9 @@
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from conftest import ROOT, snapshot
 
@@ -63,7 +65,7 @@ def test_report_tables_and_missing_runs(tmp_path):
     write_run(tmp_path, "cola", "ft", 1, 1e-5, val=0.3, test=0.3, scale=10, diff=0.05)
     md = report.main(["--root", str(tmp_path)])
     assert "| cola | 35.0 ± 7.1 | 40.0 ± 0.0 |" in md  # FT: tests 0.3 and 0.4 (MCC), LP-FT 0.4
-    assert "| cola LP-FT | 0.1000 | 0.8000 | 0.2000 |" in md
+    assert "| cola LP-FT | 0.8 ± 0 | 0.1 ± 0 | 0.2 ± 0 | 5 ± 0 |" in md  # Table 1: CS(F), Diff(F), FDR(F), Norm(C)
     assert "| cola | c2 LP-FT changes features less than FT | Diff(F) LP-FT − FT | -0.7 [-0.7, -0.7] (n=2) | holds |" \
         in md
     assert "| cola | LP-FT − FT | +5.0 [" in md
@@ -156,8 +158,10 @@ def test_malformed_calibration_and_ntk_files_are_named_not_fatal(tmp_path):
                       ("cb/ntk-ft-seed1/ntk_results.json", "not a number: ft_ratio = 'big'"),
                       ("cb/ntk-lp_ft-seed1/ntk_results.json", "not an ntk.py result")):
         assert f"- `{path}`: {why}" in md and f"report: not used: {tmp_path / path}: {why}" in err
-    assert "| cb LP-FT | 8.00 | 3.00 | 16.00 | 6.00 | 1.500 | lbfgs |" in md  # the well-formed calibration is used
-    assert "## eNTK at the start of fine-tuning (Table 2)\n\nMissing: no usable ntk_results.json." in md
+    assert "| cb ECE LP-FT | 8.00 (n=1) | 3.00 (n=1) | 5.00 | 1.500 | lbfgs |" in md  # the well-formed one is used
+    assert "| cb MCE LP-FT | 16.00 (n=1) | 6.00 (n=1) | 10.00 | 1.500 | lbfgs |" in md
+    assert "## eNTK at the start of fine-tuning: kernel statistics (Tables 2, 9)\n\nMissing: no usable " \
+           "ntk_results.json" in md
     assert all(snapshot(tmp_path, lock=True)[p] == b for p, b in before.items())
 
 
@@ -214,3 +218,202 @@ def test_claims_are_decided_by_paired_intervals(tmp_path):
     assert report.verdict((None, None, 0)) == "missing runs"
     assert report.verdict((-0.5, 0.1, 3), side=-1) == "holds"
     assert report.verdict((0.5, 0.1, 3), side=-1) == "does not hold"
+
+
+# ---------------------------------------------------------------- every table and figure of the paper
+C, D, N_TEST, N_KERNEL = 3, 8, 12, 6  # CB's classes; the tiny study's feature width, test set, kernel subset
+MODEL_CFG = {"model": "tiny-model", "pooling": "cls", "max_len": 16, "max_train_samples": None,
+             "max_eval_samples": None, "cache_dir": "cache"}
+
+
+def write_head(d, rng):
+    """model.safetensors with the head after training, as ft.py and lora.py write it (t-SNE's classifier rows)."""
+    from safetensors.numpy import save_file
+
+    save_file({"head.weight": rng.normal(size=(C, D)).astype(np.float32)}, str(d / "model.safetensors"))
+
+
+def write_calibration(d, ece, mce, temperature=1.5):
+    """calibration.json with the test split's (before, after) ECE and MCE."""
+    split = {"n": N_TEST} | {w: {"accuracy": 0.7, "nll": 0.5, "brier": 0.3, "ece": e, "mce": m}
+                             for w, e, m in zip(("before", "after"), ece, mce)}
+    (d / "calibration.json").write_text(json.dumps({"temperature": temperature, "converged": True,
+                                                    "optimizer": "lbfgs", "splits": {"test": split}}))
+
+
+def write_lp(root, seed, norm, phi, labels, rng):
+    """An LP run as lp.py writes it: lp_results.json (with a norm curve), lp_head.pt, logits.npz and the cached
+    pre-trained test features under <root>/cache, named by lp.cache_key."""
+    import torch
+
+    import lp
+
+    d = root / "cb" / f"lp-seed{seed}"
+    d.mkdir(parents=True)
+    cfg = {"task": "cb", "seed": seed} | MODEL_CFG
+    fp = {"data:train": "train-hash", "data:test": "test-hash"}
+    m = {sp: {"accuracy": 0.7, "macro_f1": 0.6} for sp in ("train", "val", "test")}
+    (d / "lp_results.json").write_text(json.dumps({"config": cfg, "fingerprint": fp, "head_norm": norm, "metrics": m,
+                                                   "history": [], "best_epoch": 0, "finished": True,
+                                                   "norm_curve": [0.0, norm / 2, norm]}))
+    torch.save({"weight": torch.from_numpy(rng.normal(size=(C, D)))}, d / "lp_head.pt")
+    np.savez(d / "logits.npz", test_logits=np.zeros((N_TEST, C), np.float32), test_labels=labels)
+    key = lp.cache_key(SimpleNamespace(**cfg), "test", fp["data:test"])
+    cache = root / "cache/cb/tiny-model_cls_L16"
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(cache / key, phi.astype(np.float32))
+
+
+def kernels(rng, labels):
+    """P = (<phi, phi'> + 1) I_C and a PSD F = J J^T, both [N, C, N, C], as ntk.py's kernels.npz holds them."""
+    phi = rng.normal(size=(N_KERNEL, D))
+    P = np.einsum("ij,ab->iajb", phi @ phi.T + 1, np.eye(C))
+    J = rng.normal(size=(N_KERNEL * C, 5))
+    return P, (J @ J.T).reshape(N_KERNEL, C, N_KERNEL, C)
+
+
+def write_ntk(root, method, seed, ratio, rng, labels):
+    d = root / "cb" / f"ntk-{method}-seed{seed}"
+    d.mkdir(parents=True)
+    P, F = kernels(rng, labels)
+    stats = {}
+    for name, K in (("P", P), ("F", F), ("P+F", P + F)):
+        sv = np.linalg.svd(K.reshape(N_KERNEL * C, -1), compute_uv=False)
+        stats[name] = {"rank": int((sv > 1e-4 * sv[0]).sum()), "rank_rtol": 1e-4, "fro": float(np.linalg.norm(sv)),
+                       "effective_rank": 3.0, "sv_normalised": (sv / sv[0]).tolist(),
+                       "pair_logreg": {"train": 0.9, "test": 0.6}, "kernel_regression": {"train": 1.0, "test": 0.5}}
+    (d / "ntk_results.json").write_text(json.dumps({
+        "config": {"task": "cb", "seed": seed, "n_train": N_KERNEL, "head_scale": 1.0, "ntk_method": method},
+        "kernels": stats, "ft_ratio": ratio, "fro_ratio": 0.5, "head_norm": 1.0}))
+    np.savez(d / "kernels.npz", P_train=P, F_train=F, train_labels=labels)
+    return P, F
+
+
+def tiny_study(root, seeds=(1, 2)):
+    """A two-seed CB study laid out as run_all.sh writes it: LP, FT, LoRA, LP-FT and LP-LoRA (LP-FT's Diff(F) 0.1
+    and 0.3, its test ECE 8 -> 3 and 10 -> 4, MCE 20 -> 6 and 30 -> 10), FT with its head x10, the eNTK of every
+    method (FT ratio of LP-FT 0.9 and 1.0) and the LP heads' norms 2 and 4."""
+    rng = np.random.default_rng(0)
+    phi, labels = rng.normal(size=(N_TEST, D)), np.arange(N_TEST) % C
+    kernel_labels = np.array([2, 0, 1, 0, 2, 1])  # unsorted on purpose: the heat maps group them by class
+    for i, seed in enumerate(seeds):
+        write_lp(root, seed, [2.0, 4.0][i], phi, labels, rng)
+        for m, diff in (("ft", 0.8), ("lora", 0.5), ("lp_ft", [0.1, 0.3][i]), ("lp_lora", 0.2)):
+            d = write_run(root, "cb", m, seed, 1e-4, val=0.7, test=0.7 + i / 10, diff=diff)
+            write_head(d, rng)
+            write_calibration(d, ([8.0, 10.0][i], [3.0, 4.0][i]), ([20.0, 30.0][i], [6.0, 10.0][i]))
+            write_ntk(root, m, seed, [0.9, 1.0][i] if m == "lp_ft" else 0.3, rng, kernel_labels)
+        write_run(root, "cb", "ft", seed, 1e-4, val=0.7, test=0.7, scale=10, diff=0.2)
+    return kernel_labels
+
+
+def sections(md, level="## "):
+    """{title: its non-blank lines} for report.md's headings of one level, in order."""
+    out, title = {}, None
+    for line in md.splitlines():
+        if line.startswith(level):
+            title = line[len(level):]
+            out[title] = []
+        elif line.startswith("#"):
+            title = None
+        elif title is not None and line.strip():
+            out[title].append(line)
+    return out
+
+
+TABLE_TITLES = ["The paper's claims on these runs", "Feature change and head norm (Tables 1, 12)",
+                "eNTK at the start of fine-tuning: kernel statistics (Tables 2, 9)",
+                "Calibration on test: ECE and MCE with temperature scaling (Tables 3, 14, 15)",
+                "Test performance (mean ± std over seeds; Table 8)", "Amazon: ID and OOD accuracy (Table 10)",
+                "Amazon: feature and head change (Table 11)", "Head norm ||V||_F after training (Table 13)",
+                "PubMed 20k RCT: test accuracy (Table 16)",
+                "Norm scaling: initial head norm vs feature change (Figures 3, 10, 11)"]
+FIGURE_FILES = {"Figures 1 and 4": ["head_norm.png"], "Figures 2 and 7": ["ntk_spectra.png"],
+                "Figures 3, 10 and 11": ["feature_change_vs_norm.png"], "Figures 5 and 6": ["tsne_cb.png"],
+                "Figures 8 and 9": ["ntk_trace_norm_cb.png"]}
+
+
+def test_every_table_and_figure_of_the_paper(tmp_path):
+    tiny_study(tmp_path)
+    md = report.main(["--root", str(tmp_path)])
+    tables = sections(md)
+    titles = [t for t in tables if t in TABLE_TITLES]
+    assert titles == TABLE_TITLES  # every table, in the paper's order
+    for t in TABLE_TITLES:
+        first = tables[t][0]
+        assert first.startswith("fed by: ") or (first.startswith("Missing: ") and len(tables[t]) == 1), (t, first)
+    for t in ("Amazon: ID and OOD accuracy (Table 10)", "Amazon: feature and head change (Table 11)",
+              "PubMed 20k RCT: test accuracy (Table 16)"):  # an OOD-free study: one line each, never vanishing
+        assert tables[t] == [tables[t][0]] and tables[t][0].startswith("Missing: no ")
+    assert tables[TABLE_TITLES[1]][0].startswith("fed by: 10 runs (cb; LP, FT, LP-FT, LoRA, LP-LoRA; seeds 1, 2)")
+
+    # Table 1: Pre-trained = epoch 0 of the fine-tuning runs (CS 0.9, FDR 0.1) with the fresh head (0.02); LP: the
+    # same features and the LP heads (2, 4: mean 3, std sqrt 2); LP-FT at its best epoch (Diff 0.1, 0.3)
+    t1 = "\n".join(tables[TABLE_TITLES[1]])
+    assert "| cb Pre-trained | 0.9 ± 0 | – | 0.1 ± 0 | 0.02 ± 0 |" in t1
+    assert "| cb LP | 0.9 ± 0 | – | 0.1 ± 0 | 3 ± 1.41 |" in t1
+    assert "| cb LP-FT | 0.8 ± 0 | 0.2 ± 0.141 | 0.2 ± 0 | 1 ± 0 |" in t1
+    # Tables 3/14: Imp. = w/o TS − w/ TS; ECE 9 ± 1.41 -> 3.5 ± 0.71 improves by 5.5, MCE 25 -> 8 by 17
+    t3 = "\n".join(tables[TABLE_TITLES[3]])
+    assert "| cb ECE LP-FT | 9.00 ± 1.41 | 3.50 ± 0.71 | 5.50 | 1.500 | lbfgs |" in t3
+    assert "| cb MCE LP-FT | 25.00 ± 7.07 | 8.00 ± 2.83 | 17.00 | 1.500 | lbfgs |" in t3
+    # Tables 2/9: Pre-train E once, then F and P+F per method; FT ratio on the F row (0.9, 1.0)
+    t2 = "\n".join(tables[TABLE_TITLES[2]])
+    assert "| cb | Pre-train E (P) | 6 | 18 ± 0 | 3 ± 0 |" in t2  # (G + 1) x I_3 of 6 examples: full rank
+    assert "| cb LP-FT | FT E (F) | 6 | 5 ± 0 | 3 ± 0 |" in t2 and "| 90.0 ± 0.0 | 60.0 ± 0.0 | 0.95 ± 0.0707 |" in t2
+    assert t2.count("NTK (P+F)") == 4
+    # Table 13: the fresh head, then each method's head norm after training
+    assert "| cb | 0.02 ± 0 | 1 ± 0 | 1 ± 0 | 3 ± 1.41 | 1 ± 0 | 1 ± 0 |" in "\n".join(tables[TABLE_TITLES[7]])
+
+    figures = sections(md.split("\n## Figures\n")[1], "### ")
+    for key, files in FIGURE_FILES.items():
+        (title, lines), = [(t, v) for t, v in figures.items() if t.startswith(key)]
+        assert lines[0].startswith("fed by: "), title
+        for f in files:
+            assert f"![{f[:-4]}]({f})" in lines and (tmp_path / f).stat().st_size > 5000, f
+    tsne = next(v for t, v in figures.items() if t.startswith("Figures 5 and 6"))
+    assert "Not produced: the features after fine-tuning" in tsne[-1]  # what the runs cannot feed is named
+
+
+def test_trace_norm_heat_map_is_the_nuclear_norm_of_each_block():
+    rng = np.random.default_rng(1)
+    labels = np.array([2, 0, 1, 0, 2, 1])
+    P, F = kernels(rng, labels)
+    tn, y = report.trace_norms(F, labels)
+    order = [1, 3, 2, 5, 0, 4]  # the samples grouped by class, in their order within a class
+    assert y.tolist() == [0, 0, 1, 1, 2, 2]
+    for a in range(6):
+        for b in range(6):
+            assert tn[a, b] == pytest.approx(np.linalg.norm(F[order[a], :, order[b], :], "nuc"))
+    # P's blocks are (<phi, phi'> + 1) I_C: trace norm C |<phi, phi'> + 1|
+    tp, _ = report.trace_norms(P, labels)
+    assert tp[0, 2] == pytest.approx(C * abs(P[1, 0, 2, 0]))
+    means = report.block_means(tn, y)  # the number printed in each class block: its mean over the pairs
+    assert means[(0, 1)] == pytest.approx(np.mean([tn[i, j] for i in (0, 1) for j in (2, 3)]))
+    assert means[(2, 2)] == pytest.approx(np.mean(tn[4:, 4:]))
+
+
+def test_tables_and_figures_without_their_runs_say_so_in_one_line(tmp_path):
+    for seed in (1, 2):  # fine-tuning only: no LP, eNTK, calibration or head scaling
+        write_run(tmp_path, "sst2", "ft", seed, 1e-4, val=0.8, test=0.8)
+    md = report.main(["--root", str(tmp_path)])
+    tables = sections(md)
+    for t in ("eNTK at the start of fine-tuning: kernel statistics (Tables 2, 9)",
+              "Calibration on test: ECE and MCE with temperature scaling (Tables 3, 14, 15)",
+              "Norm scaling: initial head norm vs feature change (Figures 3, 10, 11)"):
+        assert len(tables[t]) == 1 and tables[t][0].startswith("Missing: "), t
+    figures = sections(md.split("\n## Figures\n")[1], "### ")
+    for key in ("Figures 2 and 7", "Figures 3, 10 and 11", "Figures 5 and 6", "Figures 8 and 9"):
+        lines = next(v for t, v in figures.items() if t.startswith(key))
+        assert len(lines) == 1 and lines[0].startswith("Missing: "), key
+    assert next(v for t, v in figures.items() if t.startswith("Figures 1"))[-1].endswith("Missing: LP runs (lp.py).")
+    assert "Missing: sst2: no LP run." in md
+
+
+def test_a_damaged_kernel_file_is_named_not_fatal(tmp_path):
+    tiny_study(tmp_path, seeds=(1,))
+    (tmp_path / "cb/ntk-ft-seed1/kernels.npz").write_bytes(b"not a zip")
+    md = report.main(["--root", str(tmp_path)])
+    heat = md.split("### Figures 8 and 9")[1]
+    assert "Missing: cb/ntk-ft-seed1/kernels.npz (missing or damaged)." in heat  # the other methods still drawn
+    assert (tmp_path / "ntk_trace_norm_cb.png").exists()
