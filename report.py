@@ -145,6 +145,8 @@ class Study:
     tasks: list = field(default_factory=list)
     methods: list = field(default_factory=list)
     kernels: list = field(default_factory=list)  # one dict per usable ntk_results.json (kernel_info)
+    kshot: list = field(default_factory=list)  # k-shot training runs (run_all.sh --kernel_study): their own table
+    kshot_kernels: list = field(default_factory=list)  # ... and their kernels
 
     def runs(self, task, method):
         """The runs of a task and method at its chosen learning rate (head scale 1)."""
@@ -153,14 +155,16 @@ class Study:
 
 def collect(root):
     s = Study(Path(root))
-    s.rows = load_runs(root, s.problems)
+    rows = load_runs(root, s.problems)
+    s.kshot = [r for r in rows if r["config"].get("k_shot")]  # Malladi et al.'s protocol: not the paper's study
+    s.rows = [r for r in rows if not r["config"].get("k_shot")]
     for f in result_files(root, "ntk_results.json"):
         k, why = read(f)
         why = why or ntk_problem(k)
         if why:
             s.problems.append((rel(f, root), why))
         else:
-            s.kernels.append(kernel_info(f.parent, k))
+            (s.kshot_kernels if k["config"].get("k_shot") else s.kernels).append(kernel_info(f.parent, k))
     s.problems += unfinished(root)
     s.seeds, s.short = seed_gaps(s.rows)
     return s
@@ -215,10 +219,11 @@ def load_runs(root, problems=None):
             problems.append((rel(f, root), why))
             continue
         row = run_row(r, f)
-        key = (row["task"], row["method"], row["lr"], row["scale"], row["seed"])
+        key = (row["task"], row["method"], row["lr"], row["scale"], row["seed"], row["config"].get("k_shot"),
+               row["config"].get("data_seed"))
         if key in seen:
-            problems.append((rel(f, root), f"the same task, method, lr, head scale and seed as {seen[key]}; "
-                                           f"not counted twice"))
+            problems.append((rel(f, root), f"the same task, method, lr, head scale, seed (and k-shot draw) as "
+                                           f"{seen[key]}; not counted twice"))
             continue
         seen[key] = rel(f, root)
         cal_path = f.parent / "calibration.json"
@@ -730,9 +735,61 @@ def claims_table(s):  # the paper's claims, each decided by its paired 95% inter
             "runs (run_all.sh's norm scaling).")
 
 
+# ---------------------------------------------------------------- the kernel view (run_all.sh --kernel_study)
+SOLVERS = ("lstsq", "lstsq_init", "logistic", "svc", "asym")
+
+
+def kshot_accuracy(run, kernel):
+    """A k-shot run's test accuracy on its kernel's test examples (ntk.py's test_positions in the k-shot test split;
+    an older result without them counts only when it used the whole test split). None: not comparable."""
+    z = load_arrays(Path(run["dir"]) / "logits.npz", ("test_logits", "test_labels"))
+    if z is None:
+        return None
+    lg, y = z["test_logits"], z["test_labels"]
+    keep = kernel.get("test_positions")
+    if keep is None and kernel["config"].get("n_test_used") != len(y):
+        return None
+    keep = np.arange(len(y)) if keep is None else np.asarray(keep, dtype=int)
+    return float((lg[keep].argmax(1) == y[keep]).mean()) if keep.size and keep.max() < len(y) else None
+
+
+def kernel_study_table(s):  # Malladi et al.: fine-tuning beside the kernel of its start, on the same k-shot data
+    title = "Kernel view: k-shot fine-tuning against the kernel of its start (run_all.sh --kernel_study)"
+    if not s.kshot_kernels:
+        return missing(title, "no k-shot ntk.py runs (bash run_all.sh --kernel_study)")
+    runs = {(r["task"], r["config"]["k_shot"], r["method"], r["config"]["data_seed"]): r for r in s.kshot
+            if not r["failed"]}
+    groups = defaultdict(list)
+    for k in s.kshot_kernels:
+        c = k["res"]["config"]
+        groups[(c["task"], c["k_shot"], k["method"], k["kind"])].append(k)
+    body, used = [], []
+    for (task, K, m, kind), ks in sorted(groups.items(), key=lambda g: (list(data.TASKS).index(g[0][0]),) + g[0][1:]):
+        ft_acc, sol = [], {x: [] for x in SOLVERS}
+        for k in ks:
+            run = runs.get((task, K, m, k["res"]["config"].get("data_seed")))
+            if run is not None:
+                used.append(run)
+                ft_acc.append(kshot_accuracy(run, k["res"]))
+            for x in SOLVERS:
+                v = (k["res"].get("solvers") or {}).get(x) or {}
+                sol[x].append(v.get("test"))
+        n_test = k["res"]["config"].get("n_test_used")
+        body.append([task, K, NAMES.get(m, m), kind, f"{len(ks)} / {n_test}", mean_std(ft_acc, len(ks))]
+                    + [mean_std(sol[x], len(ks)) for x in SOLVERS])
+    fed = fed_by(used, "results.json + logits.npz of each k-shot run, ntk_results.json (solvers, test_positions) "
+                       f"of {len(s.kshot_kernels)} kernels")
+    return (title, fed, ["task", "K", "method", "kernel", "seeds / test", "fine-tuned"] + list(SOLVERS), body,
+            "Test accuracy (%), mean ± std over data seeds, every column on the same test examples. fine-tuned: the "
+            "model at its best val epoch; the solvers (ntk.py, Malladi et al.'s) on the kernel of the same start over "
+            "every trainable parameter: lstsq (ridge · ||K||_2), lstsq_init (fitted to y − f0, their "
+            "--adjust_for_init), logistic, svc, asym (asymmetric SignGD kernels only); – where a solver does not "
+            "apply.")
+
+
 # the paper's tables in its order (a table merged with a later one sits at the first), then the kit's own
 TABLES = [claims_table, feature_table, ntk_table, calibration_table, test_table, amazon_table, amazon_feature_table,
-          norm_table, pubmed_table, scaling_table, lr_table, paired_table]
+          norm_table, pubmed_table, scaling_table, lr_table, paired_table, kernel_study_table]
 
 
 # ---------------------------------------------------------------- figures: each returns (title, fed, [PNGs], note)

@@ -18,15 +18,16 @@
 #          --lr_grid "..." and per method --lr_grid_ft --lr_grid_lpft --lr_grid_lora --lr_grid_lplora
 #          --patience N --force --print_jobs --report_only (only calibrate the runs under --out and report)
 #          --jobs N (jobs at once, each with its share of the cores; default 2 on a CPU study, 1 with --paper)
-#          --kernel_study [--k_shots "16 64" --data_seeds "13 21 42 87 100" --kernels "sgd asym_signgd"]: for each
-#          task, K and data seed, --methods (default "ft lp_ft") fine-tuned on the k-shot data and the kernel solvers
-#          of ntk.py on the same data, one kernel per method and --kernels kind (default --out runs_kernel)
+#          --kernel_study [--k_shots "16 64" --data_seeds "13 21 42 87 100" --kernels "asym_signgd"
+#          --kernel_test N]: for each task (default "sst2 mrpc"), K and data seed, --methods (default "ft") fine-tuned
+#          on the k-shot data and the kernel solvers of ntk.py on the same data, one kernel per method and --kernels
+#          kind, on --kernel_test test examples (default 100; FT is compared on the same ones; --out runs_kernel)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 
 paper=0 force=0 print_jobs=0 no_ntk=0 no_scale=0 report_only=0 kernel_study=0
-k_shots="16 64" data_seeds="13 21 42 87 100" kernels="sgd asym_signgd"
+k_shots="16 64" data_seeds="13 21 42 87 100" kernels="asym_signgd" kernel_test=""
 tasks="" methods="" seeds="" model="" data_dir="" out=""
 epochs="" max_steps="" max_train="" max_eval="" ntk_tasks="" ntk_n="" ntk_method="" scale_tasks="" scales=""
 patience="" par=""
@@ -36,7 +37,7 @@ die() { echo "error: $*" >&2; exit 2; }
 has() { [[ " $2 " == *" $1 "* ]]; }
 VALUED="--tasks --methods --seeds --model --data_dir --out --output_root --epochs --max_steps --max_train_samples
   --max_eval_samples --ntk_tasks --ntk_n --ntk_method --scale_tasks --scales --patience --jobs --lr_grid --lr_grid_ft
-  --lr_grid_lpft --lr_grid_lp_ft --lr_grid_lora --lr_grid_lplora --lr_grid_lp_lora --k_shots --data_seeds --kernels"
+  --lr_grid_lpft --lr_grid_lp_ft --lr_grid_lora --lr_grid_lplora --lr_grid_lp_lora --k_shots --data_seeds --kernels --kernel_test"
 while [ $# -gt 0 ]; do
   if has "$1" "$(echo $VALUED)" && [ $# -lt 2 ]; then die "$1 needs a value (see bash run_all.sh --help)"; fi
   case $1 in
@@ -50,6 +51,7 @@ while [ $# -gt 0 ]; do
     --k_shots) k_shots=$2; shift ;;
     --data_seeds) data_seeds=$2; shift ;;
     --kernels) kernels=$2; shift ;;
+    --kernel_test) kernel_test=$2; shift ;;
     --tasks) tasks=$2; shift ;;
     --methods) methods=$2; shift ;;
     --seeds) seeds=$2; shift ;;
@@ -80,8 +82,9 @@ done
 
 if [ $kernel_study = 1 ]; then  # Malladi et al.'s protocol on the embedded model (README, "The kernel view")
   [ $paper = 0 ] || die "--kernel_study and --paper are two studies; run them one at a time"
-  tasks=${tasks:-"sst2 rte"}
-  methods=${methods:-"ft lp_ft"}
+  tasks=${tasks:-"sst2 mrpc"}  # MRPC: the pair task with the shortest inputs, shipped in data/ (README)
+  methods=${methods:-"ft"}
+  kernel_test=${kernel_test:-100}  # sized for a 2-core CPU: the kernel's cost grows with its test examples
   epochs=${epochs:-10}
   out=${out:-runs_kernel}
   seeds=${seeds:-$data_seeds}  # the training seed is the data seed, as theirs
@@ -146,6 +149,7 @@ check_int --jobs "$par" 1
 if [ $kernel_study = 1 ]; then
   for k in $k_shots; do check_int --k_shots "$k" 1; done
   for d in $data_seeds; do check_int --data_seeds "$d" 0; done
+  check_int --kernel_test "$kernel_test" 1
   check_words --kernels "sgd signgd asym_signgd" "$kernels"
   check_words --k_shots "$k_shots" "$k_shots" && check_words --data_seeds "$data_seeds" "$data_seeds"
   has lp "$methods" && die "--kernel_study fine-tunes and compares kernels; LP runs inside LP-FT / LP-LoRA: drop lp"
@@ -244,7 +248,8 @@ ks_ntk_cmd() {  # method kind task K S: the kernel of that method's start (head 
   local m=$1 kind=$2 c
   shift 2
   c="$PY ntk.py $(ks_base "$@") --kernel $kind --output_dir $out/$1/ntk-$m-$kind-$(ks_name "$@")"
-  if [ "$kind" = sgd ]; then c+=" --method structured"; else c+=" --method func --max_memory_gb 8"; fi
+  [ -n "$kernel_test" ] && c+=" --n_test $kernel_test"  # the kernel's test examples (report: FT on the same ones)
+  if [ "$kind" = sgd ]; then c+=" --method structured"; else c+=" --method func --max_memory_gb 3"; fi  # two jobs at once fit in 24 GB
   two_classes "$1" && c+=" --binary_logit"  # their single-logit kernels: every solver applies
   [ $force = 1 ] && c+=" --overwrite"
   case $m in lora|lp_lora) c+=" --lora" ;; esac

@@ -144,3 +144,33 @@ def test_solve_saved_kernels_and_refusals(tmp_path, data_dir):
             ntk.main(bad + ["--output_dir", str(tmp_path / "x")])
         assert len(str(e.value).splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_kernel_study_end_to_end(tmp_path, data_dir):
+    """run_all.sh --kernel_study on a tiny draw: FT and its kernel per data seed, then the report's kernel table, FT
+    compared on the kernel's own test examples."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ks"
+    cmd = ["bash", str(root / "run_all.sh"), "--kernel_study", "--tasks", "sst2", "--k_shots", "2", "--data_seeds",
+           "13 21", "--epochs", "1", "--kernel_test", "6", "--data_dir", str(data_dir), "--out", str(out),
+           "--jobs", "1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=900,
+                       env=dict(os.environ, PYTHON=sys.executable))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    md = (out / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| sst2 | 2 | FT | asym_signgd"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == "2 / 6"
+    accs = []
+    for s in (13, 21):
+        k = json.loads((out / f"sst2/ntk-ft-asym_signgd-k2-data{s}-seed{s}/ntk_results.json").read_text())
+        z = np.load(out / f"sst2/ft-k2-data{s}-seed{s}/logits.npz")
+        keep = k["test_positions"]
+        assert len(keep) == 6 and k["config"]["k_shot"] == 2
+        accs.append(100 * float((z["test_logits"][keep].argmax(1) == z["test_labels"][keep]).mean()))
+    assert cells[5].startswith(f"{np.mean(accs):.1f} ± {np.std(accs, ddof=1):.1f}")
