@@ -4,7 +4,9 @@
     python lp.py --task rte && python ft.py --init lp_head.pt   # LP-FT
 
 Holds the kit's model (encoder + one linear head on phi(x)) and its one training loop; lora.py
-and ntk.py import them. Outputs go to runs/<task>/<method>-seed<seed>/: run.json (what determines the
+and ntk.py import them. --prompt (a masked LM, e.g. --model roberta-base) is prompt-based fine-tuning: the
+task's template with a mask token, phi(x) at the mask, the head from the label words (PromptEncoder, build_model).
+Outputs go to runs/<task>/<method>-seed<seed>/ (prompt_<method> with --prompt): run.json (what determines the
 result, written first), results.json, logits.npz, model.safetensors + meta.json, and ckpt.pt (resume state,
 removed when done). A directory is skipped or resumed only when its run.json equals this run's.
 """
@@ -73,11 +75,81 @@ class Classifier(nn.Module):
         return self.head(self.drop(self.features(input_ids, attention_mask, token_type_ids)))
 
 
-def build_model(model_name, num_labels, pooling=data.POOLING, seed=0):
-    """-> (Classifier with a fresh normal(0, 0.02) head, tokenizer)."""
-    encoder, tok = data.load_encoder(model_name)
+class PromptEncoder(nn.Module):
+    """The encoder of prompt-based fine-tuning (--prompt; Malladi et al. 2023, after LM-BFF): phi(x) is the masked
+    LM head's transform (dense, activation, LayerNorm) of the last hidden state at the mask token, returned as
+    `last_hidden_state` [B, 1, d] so that Classifier's cls pooling takes it unchanged. With the head V, b set to the
+    decoder's label-word rows (build_model), V phi(x) + b are the MLM's label-word scores at the mask. Exposes what
+    ntk.py and ntk_structured.py use of a transformers model: config, get_input_embeddings, named_parameters."""
+
+    def __init__(self, body, dense, act, norm, mask_id):
+        super().__init__()
+        self.body, self.dense, self.act, self.norm = body, dense, act, norm
+        self.mask_id = mask_id
+        self.config = body.config  # shared with every layer: ntk.py's switch to eager attention reaches them
+
+    def get_input_embeddings(self):
+        return self.body.get_input_embeddings()
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, **kw):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        h = self.body(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                      **kw).last_hidden_state
+        # the transform acts token by token, so at the mask it is the MLM head's; applied to every token (about 1%
+        # of the encoder's work) its layers' outputs stay [batch, tokens, ...], as ntk_structured records them
+        t = self.norm(self.act(self.dense(h)))
+        at = (input_ids == self.mask_id).unsqueeze(-1).to(t.dtype)  # one-hot, no data-dependent index: vmap works
+        return BaseModelOutput(last_hidden_state=(t * at).sum(1, keepdim=True))
+
+
+def mlm_parts(mlm, name):
+    """A BERT- or RoBERTa-style masked LM -> (dense, activation, LayerNorm) of its head's transform."""
+    if hasattr(mlm, "cls") and hasattr(getattr(mlm.cls, "predictions", None), "transform"):  # BERT
+        t = mlm.cls.predictions.transform
+        return t.dense, t.transform_act_fn, t.LayerNorm
+    head = getattr(mlm, "lm_head", None)
+    if head is not None and hasattr(head, "dense") and hasattr(head, "layer_norm"):  # RoBERTa: gelu whatever the
+        from transformers.activations import get_activation  # config's hidden_act, as RobertaLMHead.forward
+
+        return head.dense, get_activation("gelu"), head.layer_norm
+    die(f"--prompt takes BERT- or RoBERTa-style masked LMs (cls.predictions or lm_head); model '{name}' is a "
+        f"{type(mlm).__name__}")
+
+
+def load_prompt_encoder(model_name):
+    """-> (PromptEncoder, tokenizer, decoder weight [vocab, d], decoder bias [vocab]) of a masked-LM checkpoint."""
+    mlm, tok = data.load_mlm(model_name)
+    data.prompt_specials(tok, model_name)
+    dense, act, norm = mlm_parts(mlm, model_name)
+    dec = mlm.get_output_embeddings()
+    W = dec.weight.detach().clone()
+    b = dec.bias.detach().clone() if dec.bias is not None else torch.zeros(len(W))
+    return PromptEncoder(mlm.base_model, dense, act, norm, tok.mask_token_id), tok, W, b
+
+
+def build_model(model_name, num_labels, pooling=data.POOLING, seed=0, prompt_task=None):
+    """-> (Classifier with a fresh normal(0, 0.02) head, tokenizer). With prompt_task (--prompt): the PromptEncoder,
+    no dropout on phi (the MLM head has none there) and the head set to the MLM decoder's rows of the task's label
+    words, so the untrained model is the masked LM's own prediction among them."""
+    if prompt_task is None:
+        encoder, tok = data.load_encoder(model_name)
+        torch.manual_seed(seed)
+        return Classifier(encoder, num_labels, pooling), tok
+    if pooling != "cls":
+        die(f"--prompt takes phi(x) at the mask token; drop --pooling {pooling}")
+    encoder, tok, W, b = load_prompt_encoder(model_name)
+    ids = data.label_word_ids(tok, prompt_task, model_name)
+    if len(ids) != num_labels:
+        die(f"task {prompt_task} has {len(ids)} label words but the model is built for {num_labels} classes")
     torch.manual_seed(seed)
-    return Classifier(encoder, num_labels, pooling), tok
+    model = Classifier(encoder, num_labels, "cls", dropout=0.0)
+    with torch.no_grad():
+        # copied, hence untied: V trains as the head, the word embeddings (tied to the decoder in the MLM) as
+        # the encoder's input; both start where the MLM has them
+        model.head.weight.copy_(W[ids])
+        model.head.bias.copy_(b[ids])
+    return model, tok
 
 
 def model_width(model_name):
@@ -115,10 +187,14 @@ def load_head(path):
     return h
 
 
-def check_head(h, path, task, model_name, hidden, max_len=None, pooling=None):
-    """A head from another task, model, label count, pooling or max length stops with one line (LP-FT must
-    start exactly at the LP model: a head fit on other features would not)."""
+def check_head(h, path, task, model_name, hidden, max_len=None, pooling=None, prompt=None):
+    """A head from another task, model, label count, pooling, max length or prompt setting stops with one line
+    (LP-FT must start exactly at the LP model: a head fit on other features would not)."""
     t = data.get_task(task)
+    if bool(h.get("prompt")) != bool(prompt):  # a head written before --prompt existed has no field: not prompted
+        die(f"head {path} was fit by lp.py --prompt (phi at the mask token); pass --prompt too" if h.get("prompt")
+            else f"head {path} was fit without --prompt (pooled features, not the mask token's); drop --prompt or "
+                 f"rerun lp.py with --prompt")
     for flag, mine in (("pooling", pooling), ("max_len", max_len)):
         if mine is not None and h.get(flag) is not None and h[flag] != mine:
             die(f"head {path} was fit with --{flag} {h[flag]}, not {mine}; drop --{flag} (the head's is used) "
@@ -135,10 +211,12 @@ def check_head(h, path, task, model_name, hidden, max_len=None, pooling=None):
 
 
 def init_head(model, head, args):
-    """The head FT starts from: the LP head (checked against the run's task, model, pooling and max_len) or the
-    fresh one, times --head_scale. Used by ft.py, lora.py and ntk.py."""
+    """The head FT starts from: the LP head (checked against the run's task, model, pooling, max_len and prompt
+    setting) or the one build_model made (fresh, or with --prompt the label words' rows: kept as they are), times
+    --head_scale. Used by ft.py, lora.py and ntk.py."""
     if head is not None:
-        check_head(head, args.init, args.task, args.model, model.head.in_features, args.max_len, args.pooling)
+        check_head(head, args.init, args.task, args.model, model.head.in_features, args.max_len, args.pooling,
+                   getattr(args, "prompt", None))
         with torch.no_grad():
             model.head.weight.copy_(head["weight"])
             model.head.bias.copy_(head["bias"])
@@ -206,11 +284,25 @@ def common_flags(p):
     return a
 
 
+def prompt_flag(a):
+    """--prompt: unset (None, as in run records made before it existed) or True."""
+    a("--prompt", action="store_true", default=None,
+      help="prompt-based fine-tuning (Malladi et al.): the task's template with a mask token (data.PROMPTS), phi(x) "
+           "= the masked-LM head's transform at the mask, the head from the decoder's label-word rows; needs a "
+           "*ForMaskedLM model (default: the --init head's setting)")
+
+
+def run_method(method, args):
+    """The method a run records and is named by: prompt_<method> with --prompt, so neither its directory nor the
+    reports mix it with classifier-head runs (the learning-rate tables stay keyed by the plain method)."""
+    return f"prompt_{method}" if getattr(args, "prompt", None) else method
+
+
 def make_parser(description=__doc__):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = common_flags(p)
     a("--seed", type=int, default=data.SEED)
-    a("--output_dir", help="default runs/<task>/<method>[-k<K>-data<S>]-seed<seed>")
+    a("--output_dir", help="default runs/<task>/[prompt_]<method>[-k<K>-data<S>]-seed<seed>")
     a("--overwrite", action="store_true", help="start afresh, replacing this directory's results and checkpoint")
     a("--init", help="lp_head.pt from lp.py: start from the LP head (LP-FT, LP-LoRA) instead of a fresh one")
     a("--lr", type=float, help="default: from --lr_table for the task and method")
@@ -227,6 +319,7 @@ def make_parser(description=__doc__):
     a("--patience", type=int, default=0, help="stop after N epochs without a better val metric (0: off)")
     a("--eval_batch_size", type=int, default=64)
     a("--compile", action="store_true", help="torch.compile the model (pays on CUDA)")
+    prompt_flag(a)
     return p
 
 
@@ -249,6 +342,8 @@ def fill_from_head(args):
         args.model = args.model or head["model"]
         args.max_len = head.get("max_len") if args.max_len is None else args.max_len
         args.pooling = args.pooling or head.get("pooling")
+        if hasattr(args, "prompt") and args.prompt is None and head.get("prompt"):
+            args.prompt = True  # a head of prompt features: the run prompts too (a mismatch stops in check_head)
     if not args.task:
         die("no task: pass --task (e.g. --task rte) or --init lp_head.pt")
     data.get_task(args.task)
@@ -256,8 +351,14 @@ def fill_from_head(args):
     args.pooling = args.pooling or data.POOLING
     args.model = data.model_id(args.model)
     data.check_max_len(args.model, args.max_len)
+    prompt = getattr(args, "prompt", None)
+    if prompt:
+        if args.pooling != "cls":
+            die(f"--prompt takes phi(x) at the mask token; drop --pooling {args.pooling}")
+        data.check_prompt(args.model, args.task, args.max_len)
     if head is not None:
-        check_head(head, args.init, args.task, args.model, model_width(args.model), args.max_len, args.pooling)
+        check_head(head, args.init, args.task, args.model, model_width(args.model), args.max_len, args.pooling,
+                   prompt)
     return head
 
 
@@ -287,7 +388,7 @@ def resolve(args, method, table, minilm):
         args.lr_table, args.lr = default_lr(args, method, table, minilm)
     else:
         args.lr_table = None  # the user's --lr: no table
-    args.output_dir = args.output_dir or f"runs/{args.task}/{data.run_name(method, args)}"
+    args.output_dir = args.output_dir or f"runs/{args.task}/{data.run_name(run_method(method, args), args)}"
     return head
 
 
@@ -299,10 +400,13 @@ CKPT_KEYS = {"model", "opt", "sched", "rng", "phi0", "history", "best", "step"}
 
 def fingerprint(args, method):
     """What determines a run's numbers: every flag but NOT_RECORDED, the method, the data files' content hashes
-    (not their folder) and the --init head's hash (not its path). JSON-normalised, so it equals its own run.json."""
+    (not their folder), the --init head's hash (not its path) and with --prompt the template and label words.
+    JSON-normalised, so it equals its own run.json."""
     fp = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RECORDED}
     fp |= {"method": method, "data_sha256": data.data_fingerprint(args.task, args.data_dir),
            "init_sha256": data.file_sha256(args.init) if args.init else None}
+    if getattr(args, "prompt", None):
+        fp["prompt_template"] = data.prompt_record(args.task)
     return json.loads(json.dumps(fp))
 
 
@@ -432,12 +536,13 @@ def build(args, method, head, splits, fp, setup=None, extra_meta=None):
     """Model (with its initial head and `setup`'s changes, e.g. LoRA), optimizer, schedule, tokenised splits."""
     task, dev = data.get_task(args.task), data.device()
     torch.manual_seed(args.seed)
-    model, tok = build_model(args.model, len(task.labels), args.pooling, args.seed)
+    prompt_task = args.task if args.prompt else None
+    model, tok = build_model(args.model, len(task.labels), args.pooling, args.seed, prompt_task)
     init_head(model, head, args)
     if setup is not None:
         setup(model)
     model.to(dev)
-    tokens = {s: data.tokenize(tok, sp, args.max_len) for s, sp in splits.items()}
+    tokens = {s: data.tokenize(tok, sp, args.max_len, prompt_task) for s, sp in splits.items()}
     train_tokens = tokens.pop("train")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(params, args.lr, dev)
@@ -449,7 +554,7 @@ def build(args, method, head, splits, fp, setup=None, extra_meta=None):
               "total_params": sum(p.numel() for p in model.parameters()), "device": str(dev),
               "threads": torch.get_num_threads()}  # CPU numbers are exact for a given thread count
     meta = {"task": args.task, "model": args.model, "max_len": args.max_len, "pooling": args.pooling,
-            "labels": task.labels, "method": method} | (extra_meta or {})
+            "labels": task.labels, "method": method, "prompt": bool(args.prompt)} | (extra_meta or {})
     return Setup(out=Path(args.output_dir), task=args.task, model=model,
                  fwd=torch.compile(model) if args.compile else model, opt=opt, sched=sched, params=params,
                  train_tokens=train_tokens, train_labels=splits["train"].labels, tokens=tokens,
@@ -590,6 +695,7 @@ def run(args, method, table=TABLE6, minilm=MINILM_LR, setup=None, extra_meta=Non
     if check is not None:
         check(args)
     splits = data.load_splits(args)
+    method = run_method(method, args)
     fp = fingerprint(args, method)
     out = data.check_output_dir(Path(args.output_dir))
     with data.RunLock(out):

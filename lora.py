@@ -11,7 +11,8 @@ results.json, logits.npz, model.safetensors (LoRA + head tensors only) + meta.js
 results.json records trainable_params / total_params and, on CUDA, peak_train_memory_gb (training steps only).
 
 Unlike loralib, model.eval() never merges: merge() / unmerge() are explicit, so gradients through the
-LoRA path (ntk.py's kernels) never vanish. load_adapter(run_dir) rebuilds a trained model.
+LoRA path (ntk.py's kernels) never vanish. load_adapter(run_dir) rebuilds a trained model. --prompt works as in
+ft.py (runs named prompt_lora / prompt_lp_lora; the MLM head's transform stays frozen), but not with --merge_to.
 
 --merge_to DIR exports a plain model that loads without this kit:
     DIR/config.json, model.safetensors, tokenizer files  the encoder with B A * alpha/r merged into W0
@@ -55,6 +56,13 @@ MINILM_LR = {
 }
 
 
+# --merge_to's layout is a plain encoder + a head on its last hidden state: a --prompt model's phi (the MLM head's
+# transform at the mask token of a template) does not fit it
+NO_PROMPT_EXPORT = ("--merge_to exports a plain encoder and a head on its pooled output; a --prompt model's phi is the "
+                    "MLM transform at the template's mask, which that layout cannot hold: drop --merge_to and load the "
+                    "run with lora.load_adapter")
+
+
 def lora_flags(a):
     """The LoRA flags lora.py and ntk.py share (the paper's r = alpha = 8 on query and value)."""
     a("--r", type=int, default=8, help="LoRA rank")
@@ -79,6 +87,8 @@ def check_lora_args(args):
         die(f"--lora_dropout {args.lora_dropout}: must be in [0, 1)")
     if set(args.targets) - {"query", "key", "value"}:
         die(f"--targets {' '.join(args.targets)}: pick from query, key, value (the attention.self linears)")
+    if getattr(args, "merge_to", None) and getattr(args, "prompt", None):
+        die(NO_PROMPT_EXPORT)
     if getattr(args, "merge_to", None):
         dest = data.check_output_dir(Path(args.merge_to), "--merge_to").resolve()
         run_dir = Path(args.output_dir).resolve()
@@ -204,7 +214,8 @@ def load_adapter(run_dir, with_tokenizer=False):
     if "lora" not in meta:
         die(f"{run_dir} holds no LoRA adapter (method {meta.get('method')}); load it with ft.py's tools")
     try:
-        model, tok = ft.build_model(meta["model"], len(meta["labels"]), meta["pooling"])
+        prompt_task = meta["task"] if meta.get("prompt") else None
+        model, tok = ft.build_model(meta["model"], len(meta["labels"]), meta["pooling"], prompt_task=prompt_task)
         c = meta["lora"]
         inject_lora(model, c["targets"], c["r"], c["alpha"], c["dropout"])
     except (KeyError, TypeError) as e:
@@ -225,8 +236,10 @@ def export_merged(run_dir, dest):
     """Write a plain merged model to dest (see the module docstring for the layout)."""
     from safetensors.torch import save_file
 
-    model, tok = load_adapter(run_dir, with_tokenizer=True)
     meta = data.read_json(Path(run_dir) / "meta.json", "meta.json")
+    if meta is not None and meta.get("prompt"):
+        die(NO_PROMPT_EXPORT)
+    model, tok = load_adapter(run_dir, with_tokenizer=True)
     unwrap(model)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)

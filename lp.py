@@ -2,12 +2,13 @@
 
     python lp.py --task rte                       # writes ./lp_head.pt, lp_results.json, logits.npz
     python lp.py --task cb --output_dir runs/cb/lp-seed1001 --C 1.0
+    python lp.py --task rte --prompt --model roberta-base  # LP on prompt features, for prompt-based LP-FT
 
-Features (eval mode, no grad, bf16 autocast on CUDA) are cached under --cache_dir, keyed by the model, pooling,
-max length, subset and the content hash of the split's data file, so a rerun only refits. The head is saved as
-plain tensors (weight [C,d], bias [C]) for ft.py --init. lp_results.json records a fingerprint (the flags that
-change the result and the data's content hashes): a rerun with the same fingerprint skips, another stops with one
-line naming what differs. One process at a time writes an output folder; a second one waits for it (parallel
+Features (eval mode, no grad, bf16 autocast on CUDA) are cached under --cache_dir, keyed by the model, pooling (or
+--prompt), max length, subset and the content hash of the split's data file, so a rerun only refits. The head is
+saved as plain tensors (weight [C,d], bias [C]) for ft.py --init. lp_results.json records a fingerprint (the flags
+that change the result and the data's content hashes): a rerun with the same fingerprint skips, another stops with
+one line naming what differs. One process at a time writes an output folder; a second one waits for it (parallel
 jobs that need the same head) and then finds the head fit.
 """
 
@@ -27,7 +28,7 @@ from data import die
 MAX_FOLDS = 5  # LogisticRegressionCV's folds when every class has that many examples
 # the flags that change the head, logits or lp_results.json (not where files go, nor the batch size)
 RESULT_FLAGS = ("task", "model", "max_len", "pooling", "seed", "C", "max_train_samples", "max_eval_samples",
-                "norm_curve", "binary_head", "k_shot", "data_seed")
+                "norm_curve", "binary_head", "k_shot", "data_seed", "prompt")
 CS = np.logspace(-4, 4, 10)  # LogisticRegressionCV's default grid (Cs=10), the authors' too
 
 
@@ -49,6 +50,9 @@ def parse(argv=None):
     a("--max_train_samples", type=int, help="seeded random subset of the train split")
     a("--max_eval_samples", type=int, help="seeded random subset of val/test (and OOD) splits")
     data.k_shot_flags(a)
+    a("--prompt", action="store_true", default=None,
+      help="features of prompt-based FT (ft.py --prompt): the MLM head's transform at the mask token of the task's "
+           "template; needs a *ForMaskedLM model. The head then fits ft.py --prompt --init")
     a("--eval_batch_size", type=int, default=64)
     a("--binary_head", choices=["exact", "paper"], default="exact",
       help="two classes: 'exact' writes +-w/2 of scikit-learn's binomial fit at C (the head's logit gap is the LP "
@@ -71,6 +75,10 @@ def check_args(args):
     data.check_output_dir(args.output_dir)
     data.check_output_dir(args.cache_dir, "--cache_dir")
     data.check_max_len(args.model, args.max_len)
+    if args.prompt:
+        if args.pooling != "cls":
+            die(f"--prompt takes phi(x) at the mask token; drop --pooling {args.pooling}")
+        data.check_prompt(args.model, args.task, args.max_len)
 
 
 # ---------------------------------------------------------------- what a run directory records
@@ -81,7 +89,8 @@ def fingerprint(args):
         if isinstance(path, Path) and not path.exists():
             die(f"missing data file {path}; put the official {args.task} files there (or pass --data_dir / set "
                 f"LPFT_DATA to a folder with the layout of data/README.md)")
-    fp = {k: getattr(args, k) for k in RESULT_FLAGS}
+    fp = {k: getattr(args, k) for k in RESULT_FLAGS} | (
+        {"prompt_template": data.prompt_record(args.task)} if args.prompt else {})
     return fp | {f"data:{s}": h for s, h in data.data_fingerprint(args.task, args.data_dir).items()}
 
 
@@ -141,10 +150,13 @@ def save_npy(path, x):
 
 
 def features(args, splits, fp):
-    """-> {split: phi [N,d] float32}, cached per (task, model, max_len, pooling, data file content, subset).
+    """-> {split: phi [N,d] float32}, cached per (task, model, max_len, pooling or --prompt, data file content, subset).
     Parallel jobs may compute the same file: each writes its own temporary file and renames it."""
     tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.model)
-    cache = Path(args.cache_dir) / args.task / f"{tag}_{args.pooling}_L{args.max_len}"
+    how = args.pooling  # prompt features: keyed by the template too (an edited data.PROMPTS entry recomputes them)
+    if args.prompt:
+        how = "prompt" + hashlib.sha256(data.prompt_record(args.task).encode()).hexdigest()[:8]
+    cache = Path(args.cache_dir) / args.task / f"{tag}_{how}_L{args.max_len}"
     out, todo = {}, []
     for s, sp in splits.items():
         f = cache / cache_key(args, s, source(s, fp))
@@ -158,14 +170,19 @@ def features(args, splits, fp):
                 continue
         todo.append((s, f))
     if todo:
-        enc, tok = data.load_encoder(args.model)
+        if args.prompt:  # ft.py holds the prompt model; imported only here, so lp.py needs no more than data.py else
+            import ft
+
+            enc, tok, _, _ = ft.load_prompt_encoder(args.model)
+        else:
+            enc, tok = data.load_encoder(args.model)
         enc.to(data.device()).eval()
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         fn = lambda b: data.pool(enc(**b).last_hidden_state, b["attention_mask"], args.pooling)  # noqa: E731
         if cache.is_dir():
             data.clean_orphans(cache)
         for s, f in todo:
-            e = data.tokenize(tok, splits[s], args.max_len)
+            e = data.tokenize(tok, splits[s], args.max_len, args.task if args.prompt else None)
             out[s] = data.extract(fn, e, pad, args.eval_batch_size, desc=f"features {s}")[0]
             save_npy(f, out[s])
         print(f"cached features in {cache}")
@@ -278,7 +295,7 @@ def fit_and_save(args, out, fp, splits, folds):
 
     head = {"weight": W, "bias": b, "task": args.task, "model": args.model, "max_len": args.max_len,
             "pooling": args.pooling, "labels": task.labels, "C": C, "head_norm": norm, "binary_head": args.binary_head,
-            "metrics": {s: v["accuracy"] for s, v in m.items()}}
+            "metrics": {s: v["accuracy"] for s, v in m.items()}} | ({"prompt": True} if args.prompt else {})
     data.save_torch(out / "lp_head.pt", head)
     data.save_npz(out / "logits.npz", **{f"{s}_{k}": v for s in logits
                                           for k, v in (("logits", logits[s]), ("labels", splits[s].labels))})
