@@ -57,6 +57,7 @@ NOT_IN_RESULT = ("method", "batch_size", "max_memory_gb", "output_dir", "overwri
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ft.common_flags(p)
+    ft.prompt_flag(a)
     a("--seed", type=int, default=data.SEED, help="seeds the fresh head and the example subsets")
     a("--output_dir", help="default runs/<task>/ntk-<method>-seed<seed>")
     a("--overwrite", action="store_true", help="recompute even if ntk_results.json exists for this config")
@@ -569,7 +570,7 @@ def resolve(args):
         die(f"--rank_rtol {args.rank_rtol}: must be in (0, 1), a fraction of the largest singular value")
     data.check_positive(args, ("n", "n_test", "k_shot", "batch_size", "max_memory_gb", "head_scale", "ridge")
                         + (("r", "alpha") if args.lora else ()), allow_zero=("ridge",))
-    method = ("lp_" if args.init else "") + ("lora" if args.lora else "ft")
+    method = ft.run_method(("lp_" if args.init else "") + ("lora" if args.lora else "ft"), args)
     args.output_dir = args.output_dir or f"runs/{args.task}/ntk-{data.run_name(method, args)}"
     data.check_output_dir(args.output_dir)
     return head, method
@@ -602,7 +603,7 @@ def earlier_result(res_path, record, overwrite):
 
 
 def build(args, head, C):
-    model, tok = ft.build_model(args.model, C, args.pooling, args.seed)
+    model, tok = ft.build_model(args.model, C, args.pooling, args.seed, args.task if args.prompt else None)
     ft.init_head(model, head, args)
     if args.lora:
         lora.inject_lora(model, args.targets, args.r, args.alpha, 0.0)
@@ -650,7 +651,8 @@ def compute(args, head, method, record):
     tr, te, tr_idx, te_idx = kernel_examples(args)
     model, tok = build(args, head, C)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    xs_tr, xs_te = data.tokenize(tok, tr, args.max_len), data.tokenize(tok, te, args.max_len)
+    pt = args.task if args.prompt else None  # --prompt: the task's template, phi at the mask
+    xs_tr, xs_te = data.tokenize(tok, tr, args.max_len, pt), data.tokenize(tok, te, args.max_len, pt)
     n_par = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
     print(f"{out}: eNTK ({method}, --method {args.method}) on {args.task}: {len(tr)} train x {len(tr)} train and "
           f"{len(te)} test x train, C={C}, {n_par:,} backbone parameters in F, {data.device()}")

@@ -71,6 +71,8 @@ def run_problem(r, name):
     if c.get("task") not in data.TASKS:
         return f"unknown task {c.get('task')!r}"
     method = "lp" if name == "lp_results.json" else c.get("method")
+    if isinstance(method, str) and method.startswith("prompt_"):
+        return "a prompt-based run (--prompt): not one of the paper's methods, so no table reads it"
     if method not in METHODS:
         return f"unknown method {method!r}"
     if not isinstance(c.get("seed"), int) or not (c.get("lr") is None or num(c["lr"])) \

@@ -270,3 +270,20 @@ def test_lora_prompt_run_trains_adapters_and_head_and_reloads(bert_dir, data_dir
     val = data.study_splits("sst2", data_dir, 16, 12, data.SEED)["val"]
     logits = ft.evaluate(model, {"val": data.tokenize(tok, val, 32, "sst2")}, tok.pad_token_id, 8)["val"][0]
     assert np.array_equal(logits, np.load(out / "logits.npz")["val_logits"])
+
+
+def test_ntk_prompt_kernel_is_the_label_word_heads(bert_dir, data_dir, tmp_path):
+    """ntk.py --prompt: the eNTK (and an asymmetric SignGD kernel) of the prompt model on k-shot data; P's features
+    are phi at the mask, the head starts at the label words' decoder rows, the directory is prompt_ft's."""
+    import ntk
+
+    out = tmp_path / "ntk"
+    res = ntk.main(["--task", "sst2", "--model", str(bert_dir), "--prompt", "--k_shot", "2", "--n_test", "3",
+                    "--max_len", "32", "--kernel", "asym_signgd", "--binary_logit", "--data_dir", str(data_dir),
+                    "--output_dir", str(out), "--max_memory_gb", "1"])
+    assert res["config"]["ntk_method"] == "prompt_ft" and res["config"]["prompt"] is True
+    model, tok = ft.build_model(str(bert_dir), 2, prompt_task="sst2")
+    assert res["head_norm"] == pytest.approx(float(model.head.weight.detach().double().norm()))
+    z = np.load(out / "kernels.npz")
+    assert z["F_train"].shape == (4, 1, 4, 1) and z["F_flip"].shape == (3, 1, 4, 1)
+    assert all(0 <= r["test"] <= 1 for r in res["solvers"].values())
