@@ -291,8 +291,7 @@ def kernels(model, batch_a, batch_b=None, pad_id=0, method="func", batch_size=8,
     try:
         phi_a = features(model, batch_a, pad_id)
         phi_b = phi_a if batch_b is None else features(model, batch_b, pad_id)
-        C = model.head.out_features
-        P = np.einsum("ij,ck->icjk", phi_a @ phi_b.T + 1.0, np.eye(C))
+        P = head_part(phi_a, phi_b, np.eye(model.head.out_features), "sgd")
         Fk = ENGINES[method](model, batch_a, batch_b, pad_id, batch_size=batch_size, max_memory_gb=max_memory_gb,
                              progress=progress)
     finally:
@@ -357,7 +356,6 @@ def view_kernels(model, xs_tr, xs_te, kind, D, pad_id=0, method="func", batch_si
     was = model.training
     model.eval()
     try:
-        phi_tr, phi_te = features(model, xs_tr, pad_id), features(model, xs_te, pad_id)
         n = len(xs_tr)
         if kind == "sgd":
             P, Fk = kernels(model, xs_tr + xs_te, xs_tr, pad_id=pad_id, method=method, batch_size=batch_size,
@@ -365,6 +363,7 @@ def view_kernels(model, xs_tr, xs_te, kind, D, pad_id=0, method="func", batch_si
             P, Fk = (np.einsum("icjk,oc,pk->iojp", K, D, D) for K in (P, Fk))
             return {"train": (P[:n], Fk[:n]), "test": (P[n:], Fk[n:])}
         F_tr, F_te, F_fl = f_sign(model, xs_tr, xs_te, kind, D, pad_id, batch_size, max_memory_gb, progress)
+        phi_tr, phi_te = features(model, xs_tr, pad_id), features(model, xs_te, pad_id)
         out = {"train": (head_part(phi_tr, phi_tr, D, kind), F_tr),
                "test": (head_part(phi_tr, phi_te, D, kind).transpose(2, 3, 0, 1), F_te)}  # train side signed
         if F_fl is not None:
