@@ -7,8 +7,9 @@ Holds the kit's model (encoder + one linear head on phi(x)) and its one training
 and ntk.py import them. --prompt (a masked LM, e.g. --model roberta-base) is prompt-based fine-tuning: the
 task's template with a mask token, phi(x) at the mask, the head from the label words (PromptEncoder, build_model).
 Outputs go to runs/<task>/<method>-seed<seed>/ (prompt_<method> with --prompt): run.json (what determines the
-result, written first), results.json, logits.npz, model.safetensors + meta.json, and ckpt.pt (resume state,
-removed when done). A directory is skipped or resumed only when its run.json equals this run's.
+result, written first), results.json, logits.npz, features.npz (the test features phi(x) at the start and at the
+best epoch: report.py's t-SNE), model.safetensors + meta.json, and ckpt.pt (resume state, removed when done).
+A directory is skipped or resumed only when its run.json equals this run's.
 """
 
 import argparse
@@ -394,7 +395,7 @@ def resolve(args, method, table, minilm):
 
 # ---------------------------------------------------------------- the run's record
 NOT_RECORDED = ("output_dir", "overwrite", "merge_to", "data_dir", "init")  # where and how, never what: not recorded
-RESULT_FILES = ("results.json", "logits.npz", "model.safetensors", "meta.json", "ckpt.pt")
+RESULT_FILES = ("results.json", "logits.npz", "features.npz", "model.safetensors", "meta.json", "ckpt.pt")
 CKPT_KEYS = {"model", "opt", "sched", "rng", "phi0", "history", "best", "step"}
 
 
@@ -503,9 +504,13 @@ def train_step(fwd, opt, sched, params, batch, y):
 
 
 def epoch_record(task, ev, labels, phi0, head):
+    """Metrics on every evaluation split, the head's norm, and the feature statistics on every evaluation split
+    (val, test, the OOD sets: Table 11) against the pre-trained features phi0[split]; the test split's also at the
+    top level, as Tables 1 and 12 read them."""
     rec = {s: data.metrics(task, lg, labels[s]) for s, (lg, _) in ev.items()}
     rec["head_norm"] = float(head.weight.detach().float().norm())
-    rec.update(feature_stats(ev["test"][1], phi0, labels["test"]))
+    rec["features"] = {s: feature_stats(phi, phi0[s], labels[s]) for s, (_, phi) in ev.items()}
+    rec.update(rec["features"]["test"])
     return rec
 
 
@@ -566,7 +571,7 @@ def build(args, method, head, splits, fp, setup=None, extra_meta=None):
 def start(s, args):
     """Epoch 0: the untrained model's record (recorded, never chosen as best). -> (history, best, step, phi0)"""
     ev = evaluate(s.fwd, s.tokens, s.pad, args.eval_batch_size, s.mult)
-    phi0 = ev["test"][1]
+    phi0 = {sp: phi for sp, (_, phi) in ev.items()}  # the pre-trained features of every evaluation split
     hist = [{"epoch": 0, "loss": None} | epoch_record(s.task, ev, s.labels, phi0, s.model.head)]
     c = s.cfg
     print(f"{s.out}: {c['method']} on {s.task}, {len(s.train_tokens)} train examples, {s.total} steps, "
@@ -586,25 +591,32 @@ def resume(s, state):
         torch.set_rng_state(state["rng"])
         if s.dev.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"])
-        hist, best, step, phi0 = json.loads(state["history"]), state["best"], state["step"], state["phi0"].numpy()
+        if not isinstance(state["phi0"], dict) or set(state["phi0"]) != set(s.tokens):
+            die(f"checkpoint {s.out / 'ckpt.pt'} holds the start's features of other splits (an older kit's "
+                f"checkpoint?); pass --overwrite")
+        hist, best, step = json.loads(state["history"]), state["best"], state["step"]
+        phi0 = {sp: v.numpy() for sp, v in state["phi0"].items()}
         print(f"{s.out}: resuming after epoch {hist[-1]['epoch']} (step {step})")
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         die(f"checkpoint {s.out / 'ckpt.pt'} does not fit this model ({type(e).__name__}); pass --overwrite")
     return hist, best, step, phi0
 
 
-def save_best(s, ev):
+def save_best(s, ev, phi0):
     save_weights(s.out, s.model, s.meta)
     data.save_npz(s.out / "logits.npz", **{f"{sp}_{k}": v for sp, (lg, _) in ev.items()
                                            for k, v in (("logits", lg), ("labels", s.labels[sp]))})
+    # the test features before and after (report.py's t-SNE, Figures 5-6): test only, the OOD sets can be large
+    data.save_npz(s.out / "features.npz", test_phi=ev["test"][1], test_phi0=phi0["test"],
+                  test_labels=s.labels["test"])
 
 
 def save_checkpoint(s, hist, best, step, phi0):
     cuda = {"cuda_rng": torch.cuda.get_rng_state()} if s.dev.type == "cuda" else {}
     data.save_torch(s.out / "ckpt.pt", {"model": trainable_state(s.model), "opt": s.opt.state_dict(),
                                         "sched": s.sched.state_dict(), "rng": torch.get_rng_state(), **cuda,
-                                        "phi0": torch.from_numpy(phi0), "history": json.dumps(hist),
-                                        "best": best, "step": step})
+                                        "phi0": {sp: torch.from_numpy(v) for sp, v in phi0.items()},
+                                        "history": json.dumps(hist), "best": best, "step": step})
 
 
 def diverged(s, hist, msg):
@@ -618,7 +630,8 @@ def diverged(s, hist, msg):
 def finish(s, hist, best, peak):
     be = next(h for h in hist if h["epoch"] == best["epoch"])
     res = {"config": s.cfg, "history": hist, "best_epoch": best["epoch"], "finished": True,
-           "metrics": {sp: be[sp] for sp in s.tokens}, "head_norm": be["head_norm"], "diff_f": be["diff_f"]}
+           "metrics": {sp: be[sp] for sp in s.tokens}, "head_norm": be["head_norm"], "diff_f": be["diff_f"],
+           "features": be["features"]}
     if s.dev.type == "cuda":
         res["peak_train_memory_gb"] = peak
     data.save_json(s.out / "results.json", res)
@@ -674,7 +687,7 @@ def train(args, s, state):
         hist.append(rec | epoch_record(s.task, ev, s.labels, phi0, s.model.head))
         if hist[-1]["val"][s.sel] > best["score"]:
             best, since_best = {"epoch": epoch, "score": hist[-1]["val"][s.sel]}, 0
-            save_best(s, ev)
+            save_best(s, ev, phi0)
         else:
             since_best += 1
         r = hist[-1]

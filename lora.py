@@ -7,7 +7,7 @@ LoRA (Hu et al. 2021) in the spirit of microsoft/LoRA's loralib `Linear`: each a
 query and value projections W0 become W0 x + (B A x) * alpha/r with A [r,in] kaiming-uniform, B [out,r]
 zero, so training starts exactly at the pretrained function; only A, B and the classification head
 train. Training is ft.py's one loop (ft.run), so the outputs are the same: runs/<task>/<method>-seed<seed>/
-results.json, logits.npz, model.safetensors (LoRA + head tensors only) + meta.json (with the LoRA config);
+results.json, logits.npz, features.npz, model.safetensors (LoRA + head tensors only) + meta.json (with the LoRA config);
 results.json records trainable_params / total_params and, on CUDA, peak_train_memory_gb (training steps only).
 
 Unlike loralib, model.eval() never merges: merge() / unmerge() are explicit, so gradients through the

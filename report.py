@@ -260,7 +260,8 @@ def run_row(r, f):
         hist = r["history"]
         best = next(h for h in hist if h["epoch"] == r["best_epoch"])
         row |= {k: best[k] for k in ("diff_f", "cs_f", "fdr_f")}
-        row |= {"head_norm0": hist[0]["head_norm"], "history": hist}
+        row |= {"head_norm0": hist[0]["head_norm"], "history": hist,
+                "features": best.get("features") or {"test": {k: best[k] for k in ("diff_f", "cs_f", "fdr_f")}}}
     return row
 
 
@@ -399,22 +400,28 @@ def runs_of(s, methods=METHODS, tasks=None):
     return [r for t in tasks or s.tasks for m in methods for r in s.runs(t, m)]
 
 
-def feature_rows(s, t):
-    """Table 1's rows for one task. Pre-trained: the features at epoch 0 of every fine-tuning run (the encoder is
-    still the pre-trained one, whatever the head) and the fresh head (FT's and LoRA's start); LP: the same features
-    (LP does not change them) and the LP head; then each fine-tuning method at its best epoch."""
+def feature_rows(s, t, split="test"):
+    """Table 1's rows for one task, on one evaluation split. Pre-trained: the features at epoch 0 of every
+    fine-tuning run (the encoder is still the pre-trained one, whatever the head) and the fresh head (FT's and
+    LoRA's start); LP: the same features (LP does not change them) and the LP head; then each fine-tuning method at
+    its best epoch. A run made before the kit measured every split has only test's statistics (missing: -)."""
+    def stat(h, k):  # from an epoch's record
+        return pick(h, "features", split, k) if "features" in h else h.get(k) if split == "test" else None
+
     tuned = runs_of(s, FT_METHODS, [t])
     if not tuned and not s.runs(t, "lp"):
         return []
+    name = t if split == "test" else f"{t} ({split})"
     start = [r["history"][0] for r in tuned if r["history"][0]["epoch"] == 0]
-    pre = [ms(s, [h.get("cs_f") for h in start]), DASH, ms(s, [h.get("fdr_f") for h in start])]
-    rows = [[f"{t} Pre-trained", *pre, ms(s, [r["head_norm0"] for r in runs_of(s, ("ft", "lora"), [t])])]]
+    pre = [ms(s, [stat(h, "cs_f") for h in start]), DASH, ms(s, [stat(h, "fdr_f") for h in start])]
+    rows = [[f"{name} Pre-trained", *pre, ms(s, [r["head_norm0"] for r in runs_of(s, ("ft", "lora"), [t])])]]
     if s.runs(t, "lp"):
-        rows.append([f"{t} LP", *pre, ms(s, [r["head_norm"] for r in s.runs(t, "lp")])])
+        rows.append([f"{name} LP", *pre, ms(s, [r["head_norm"] for r in s.runs(t, "lp")])])
     for m in FT_METHODS:
         if s.runs(t, m):
-            rows.append([f"{t} {NAMES[m]}"] + [ms(s, [r[k] for r in s.runs(t, m)])
-                                              for k in ("cs_f", "diff_f", "fdr_f", "head_norm")])
+            rows.append([f"{name} {NAMES[m]}"] + [ms(s, [pick(r["features"], split, k) for r in s.runs(t, m)])
+                                                 for k in ("cs_f", "diff_f", "fdr_f")]
+                        + [ms(s, [r["head_norm"] for r in s.runs(t, m)])])
     return rows
 
 
@@ -524,14 +531,15 @@ def amazon_table(s):  # Table 10: Amazon in- and out-of-distribution
             ["method", "Amazon (ID)"] + ood[1:], body, "")
 
 
-def amazon_feature_table(s):  # Table 11: feature and classifier change on Amazon
-    title = "Amazon: feature and head change (Table 11)"
+def amazon_feature_table(s):  # Table 11: feature and classifier change on Amazon, in and out of distribution
+    title = "Amazon: feature and head change, ID and OOD (Table 11)"
     if "amazon" not in s.tasks:
         return missing(title, "no Amazon runs (run_all.sh --paper, or --tasks amazon).")
-    return (title, fed_by(runs_of(s, tasks=["amazon"]), FEATURES_READ),
-            ["run", "CS(F) Amazon", "Diff(F) Amazon", "FDR(F) Amazon", "Norm(C)"], feature_rows(s, "amazon"),
-            "As Table 1 (above), on Amazon's ID test split. Not produced: the Dynasent, SemEval and SST-5 columns "
-            "(ft.py and lora.py measure the features on the ID test split only).")
+    body = [row for sp in ("test",) + data.TASKS["amazon"].ood for row in feature_rows(s, "amazon", sp)]
+    return (title, fed_by(runs_of(s, tasks=["amazon"]), FEATURES_READ.replace("(cs_f", "(features per split: cs_f")),
+            ["run", "CS(F)", "Diff(F)", "FDR(F)", "Norm(C)"], body,
+            "As Table 1 (above), on Amazon's ID test split and on each OOD test set (Dynasent, SemEval, SST-5), the "
+            "features of the model trained on Amazon; -: a run made before the kit measured the OOD sets.")
 
 
 def norm_table(s):  # Table 13: the classifier weight norms after training
@@ -557,6 +565,15 @@ def pubmed_table(s):  # Table 16: PubMed 20k RCT
             ["task"] + [NAMES[m] for m in s.methods], body, "Accuracy in percent.")
 
 
+SCALING_SPLIT = {"amazon": "sst5"}  # the paper's Figure 3: a model trained on Amazon, its features on SST-5 (OOD)
+
+
+def scaling_diff(r):
+    """Diff(F) of a norm-scaling run on the split its figure uses: SST-5 for Amazon when recorded, else test."""
+    d = pick(r.get("features") or {}, SCALING_SPLIT.get(r["task"], "test"), "diff_f")
+    return r["diff_f"] if d is None else d
+
+
 def scaling_groups(rows):
     """Norm scaling: {(task, method): {scale: [runs over seeds]}} for the methods with head-scaled runs (scale 1 =
     the study's own runs at that method's learning rate)."""
@@ -572,7 +589,7 @@ def scaling_table(s):  # the numbers of Figures 3, 10 and 11: norm scaling, mean
     title = "Norm scaling: initial head norm vs feature change (Figures 3, 10, 11)"
     groups = scaling_groups(s.rows)
     body = [[f"{t} {NAMES[m]}", f"{sc:g}", f"{np.mean([r['head_norm0'] for r in rs]):.3f}",
-             mean_std([r["diff_f"] for r in rs], len(s.seeds), 1, ".3f"), mean_std([r["test"] for r in rs],
+             mean_std([scaling_diff(r) for r in rs], len(s.seeds), 1, ".3f"), mean_std([r["test"] for r in rs],
                                                                                     len(s.seeds))]
             for (t, m), by in sorted(groups.items()) for sc, rs in sorted(by.items())]
     if not body:
@@ -580,7 +597,8 @@ def scaling_table(s):  # the numbers of Figures 3, 10 and 11: norm scaling, mean
     return (title, fed_by([r for by in groups.values() for rs in by.values() for r in rs],
                           "results.json (head_norm at epoch 0, diff_f at the best epoch, metrics.test)"),
             ["run", "head scale", "||V|| at start", "Diff(F) (mean ± std over seeds)", "test"], body,
-            "Scale 1 is the study's own run; feature change on test examples.")
+            "Scale 1 is the study's own run; feature change on test examples (Amazon: on SST-5, out of distribution, "
+            "as the paper's Figure 3, when the runs recorded it).")
 
 
 def lr_table(s):  # the learning-rate grid (the kit's own)
@@ -945,21 +963,24 @@ def fig_scaling(s):  # Figures 3, 10 and 11
         for (_, m), by in sorted((g, by) for g, by in groups.items() if g[0] == t):
             sc = sorted(by)
             x = [np.mean([r["head_norm0"] for r in by[v]]) for v in sc]
-            d = [[r["diff_f"] for r in by[v]] for v in sc]
+            d = [[scaling_diff(r) for r in by[v]] for v in sc]
             mu = np.array([np.mean(v) for v in d])
             se = np.array([np.std(v, ddof=1) / math.sqrt(len(v)) if len(v) > 1 else 0.0 for v in d])
             ax.plot(x, mu, "o-", color=COLORS[m], label=f"{NAMES[m]} (n={min(len(v) for v in d)})")
             ax.fill_between(x, mu - se, mu + se, color=COLORS[m], alpha=0.2)
             if 1.0 in by:  # the head's own norm, unscaled
                 ax.axvline(np.mean([r["head_norm0"] for r in by[1.0]]), ls="--", lw=1, color=COLORS[m])
-        ax.set(xscale="log", xlabel="||V||_F at the start of fine-tuning", ylabel="Diff(F) on test", title=t)
+        rs = [r for (u, _), by in groups.items() if u == t for v in by.values() for r in v]
+        on = SCALING_SPLIT.get(t, "test")
+        on = on if all(pick(r.get("features") or {}, on, "diff_f") is not None for r in rs) else "test"
+        ax.set(xscale="log", xlabel="||V||_F at the start of fine-tuning", ylabel=f"Diff(F) on {on}", title=t)
         ax.legend(fontsize=7)
     return (title, fed_by([r for by in groups.values() for rs in by.values() for r in rs],
                           "results.json of each --head_scale (head_norm at epoch 0, diff_f at the best epoch)"),
             [save(fig, s.root / "feature_change_vs_norm.png")],
             "Mean over seeds, shaded ± standard error (as the paper); dashed: the unscaled head's norm. Diff(F) on "
-            "each task's own test split (the paper's Figure 3 is SST-5, out of distribution; Figure 10 BOSS, "
-            "Figure 11 CB and RTE).")
+            "each task's own test split, for Amazon on SST-5 (out of distribution) when recorded, as the paper's "
+            "Figure 3 (Figure 10 BOSS, Figure 11 CB and RTE).")
 
 
 def cached_features(root, run, split="test"):
@@ -1005,8 +1026,8 @@ def head_rows(run):
 TSNE_MAX = 400  # examples at most in a t-SNE: the exact method is O(n^2) per step (Barnes-Hut was slower here)
 
 
-def tsne_plot(path, title, phi, labels, heads):
-    """One t-SNE (scikit-learn) of the features and the classifier rows together, as the paper's Figures 5-6."""
+def tsne_panel(ax, title, phi, labels, heads):
+    """One t-SNE (scikit-learn) of the features and the classifier rows together, as a panel of Figures 5-6."""
     from matplotlib.lines import Line2D
     from sklearn.manifold import TSNE
 
@@ -1018,8 +1039,6 @@ def tsne_plot(path, title, phi, labels, heads):
     # all land on one spot; exact: on these features Barnes-Hut took 35 s for 300 points, exact 4 s
     emb = TSNE(perplexity=min(30.0, (len(x) - 1) / 3), metric="cosine", init="pca", method="exact",
                random_state=0).fit_transform(x)
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.6, 4.6))
     for c in np.unique(labels):
         ax.scatter(*emb[:len(phi)][labels == c].T, s=8, alpha=0.5, color=f"C{c}", label=f"features, class {c}")
     at = len(phi)
@@ -1031,41 +1050,71 @@ def tsne_plot(path, title, phi, labels, heads):
             for m in heads]
     ax.set(title=title, xticks=[], yticks=[])
     ax.legend(handles=ax.get_legend_handles_labels()[0] + rows, fontsize=6, loc="best")
-    return save(fig, path)
+
+
+def tuned_features(run):
+    """(test features at the best epoch, labels) from a fine-tuning run's features.npz; None when absent (a run
+    made before the kit saved them) or damaged."""
+    z = load_arrays(Path(run["dir"]) / "features.npz", ["test_phi", "test_labels"])
+    return None if z is None else (z["test_phi"].astype(np.float64), z["test_labels"])
+
+
+def tsne_panels(s, t):
+    """The panels of one task at its lowest seed with an LP run or a fine-tuning run: [(title, phi, labels,
+    {method: head rows})], the gaps and the runs used. Pre-trained: the test features (lp.py's cache, else the start
+    of a fine-tuning run's features.npz) with the LP head; then each method's features after fine-tuning with its
+    own head."""
+    first = min((r for m in ["lp", *FT_METHODS] for r in s.runs(t, m)), key=seed_key, default=None)
+    if first is None:
+        return [], [f"{t}: no LP or fine-tuning run"], []
+    seed = first["seed"]
+    runs = {m: r for m in ["lp", *FT_METHODS] for r in s.runs(t, m) if r["seed"] == seed}
+    panels, gaps, used = [], [] if "lp" in runs else [f"{t}: no LP run"], []
+    pre = cached_features(s.root, runs["lp"]) if "lp" in runs else None
+    if pre is None:
+        z = next((load_arrays(Path(r["dir"]) / "features.npz", ["test_phi0", "test_labels"]) for m, r in runs.items()
+                  if m != "lp"), None)
+        pre = None if z is None else (z["test_phi0"].astype(np.float64), z["test_labels"])
+    for m, r in runs.items():
+        feats = pre if m == "lp" else tuned_features(r)
+        if feats is None:
+            gaps.append(f"{t} {NAMES[m]}: " + ("no cached pre-trained features (lp.py's --cache_dir) or features.npz"
+                                              if m == "lp" else "no features.npz (a run made before the kit saved it)"))
+            continue
+        w = head_rows(r)
+        if w is None or w.shape[1:] != feats[0].shape[1:] or len(feats[0]) < 4:
+            gaps.append(f"{t} {NAMES[m]}: " + ("too few test features for a t-SNE" if len(feats[0]) < 4
+                                              else "its head (lp_head.pt / model.safetensors)"))
+            continue
+        name = "pre-trained features, LP head" if m == "lp" else f"{NAMES[m]}: features and head after training"
+        panels.append((f"{t} {name} (seed {seed})", *feats, {m: w}))
+        used.append(r)
+    return panels, gaps, used
 
 
 def fig_tsne(s):  # Figures 5 and 6
     title = "Figures 5 and 6: t-SNE of the features and the classifier rows"
     paths, used, gaps = [], [], []
     for t in s.tasks:
-        lp = sorted(s.runs(t, "lp"), key=seed_key)
-        found = next(((r, f) for r in lp for f in [cached_features(s.root, r)] if f is not None), None)
-        if found is None:
-            gaps.append(f"{t}: no cached pre-trained features of an LP run (lp.py's --cache_dir)" if lp
-                        else f"{t}: no LP run")
+        panels, g, u = tsne_panels(s, t)
+        gaps, used = gaps + g, used + u
+        if not panels:
             continue
-        r, (phi, y) = found
-        if len(phi) < 4:  # t-SNE needs more points than its perplexity
-            gaps.append(f"{t}: {len(phi)} test features, too few for a t-SNE")
-            continue
-        runs = [r] + [x for m in FT_METHODS for x in s.runs(t, m) if x["seed"] == r["seed"]]
-        heads = {x["method"]: head_rows(x) for x in runs}
-        gaps += [f"{t}: the {NAMES[m]} head (lp_head.pt / model.safetensors)" for m, w in heads.items()
-                 if w is None or w.shape[1:] != phi.shape[1:]]
-        heads = {m: w for m, w in heads.items() if w is not None and w.shape[1:] == phi.shape[1:]}
-        used += [x for x in runs if x["method"] in heads]
-        paths.append(tsne_plot(s.root / f"tsne_{t}.png", f"{t}: pre-trained test features, seed {r['seed']}", phi, y,
-                               heads))
+        plt = pyplot()
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.2), squeeze=False)
+        for ax, p in zip(axes[0], panels):
+            tsne_panel(ax, *p)
+        paths.append(save(fig, s.root / f"tsne_{t}.png"))
     if not paths:
         return missing(title, "; ".join(gaps) + ".", 4)
-    return (title, fed_by(used, "lp.py's feature cache (pre-trained test features), logits.npz (test_labels), "
-                               "lp_head.pt and model.safetensors (head.weight after training)"), paths,
-            "Not produced: the features after fine-tuning (ft.py and lora.py keep only their statistics, Tables 1 "
-            "and 12), so the paper's FT/LP-FT feature panels cannot be drawn; shown for the lowest seed: the "
-            "pre-trained test features with the classifier rows of the LP head (LP-FT's start) and of each method's "
-            "head after training (row k in class k's colour); FT's fresh head is not saved. scikit-learn TSNE, "
-            f"cosine metric, perplexity min(30, (n-1)/3), PCA init, exact method, random_state 0, at most {TSNE_MAX} "
-            "examples (a seeded subset)."
+    return (title, fed_by(used, "lp.py's feature cache or features.npz (test_phi0: pre-trained test features), "
+                               "features.npz (test_phi at the best epoch, test_labels), lp_head.pt and "
+                               "model.safetensors (head.weight after training)"), paths,
+            "One panel per method at the task's lowest seed: the LP model (the pre-trained test features and the LP "
+            "head, LP-FT's start), then each fine-tuning method's test features at its best epoch with its head after "
+            "training (row k in class k's colour). scikit-learn TSNE, cosine metric, perplexity min(30, (n-1)/3), "
+            f"PCA init, exact method, random_state 0, at most {TSNE_MAX} examples (a seeded subset), one t-SNE per "
+            "panel (the panels' axes are not comparable)."
             + (f" Missing: {'; '.join(gaps)}." if gaps else ""))
 
 

@@ -161,3 +161,51 @@ def test_patience_stops_and_keeps_best_epoch(tmp_path):
                  *FAST])
     assert [h["epoch"] for h in r["history"]] == [0, 1, 2] and r["best_epoch"] == 1
     assert r["metrics"]["test"] == r["history"][1]["test"]
+
+
+def test_feature_stats_on_every_split_ood_included(tmp_path):
+    """Table 11: Diff(F), CS(F), FDR(F) on val, test and each OOD set of Amazon (BOSS layout, tiny files), against
+    each split's own pre-trained features; features.npz holds the test features before and after."""
+    words = ["good", "bad", "fine", "awful", "great", "poor", "okay"]
+    for name, n in [("amazon", 40), ("dynasent", 9), ("semeval", 10), ("sst5", 11)]:
+        (tmp_path / "boss" / name).mkdir(parents=True)
+        rows = "".join(f"a {words[i % 7]} {name} item number {i}\t{i % 3}\n" for i in range(n))
+        for split in ("train", "test") if name == "amazon" else ("test",):
+            (tmp_path / "boss" / name / f"{split}.tsv").write_text("Text\tLabel\n" + rows)
+    out = tmp_path / "run"
+    r = ft.main(["--task", "amazon", "--data_dir", str(tmp_path), "--epochs", "1", "--lr", "1e-3",
+                 "--batch_size", "8", "--output_dir", str(out)])
+    splits = {"val", "test", "dynasent", "semeval", "sst5"}
+    start, best = r["history"][0], r["history"][r["best_epoch"]]
+    assert set(start["features"]) == set(best["features"]) == set(r["features"]) == splits
+    for sp in splits:  # each split against its own start: no change at epoch 0, a change after training
+        assert start["features"][sp]["diff_f"] == 0 and best["features"][sp]["diff_f"] > 0, sp
+        assert 0 < best["features"][sp]["fdr_f"] and -1 <= best["features"][sp]["cs_f"] <= 1
+    assert {k: best[k] for k in ("diff_f", "cs_f", "fdr_f")} == best["features"]["test"]
+    z = np.load(out / "features.npz")
+    assert z["test_phi"].shape == z["test_phi0"].shape == (40, 384)
+    assert ft.feature_stats(z["test_phi"], z["test_phi0"], z["test_labels"]) == pytest.approx(
+        best["features"]["test"], rel=1e-6)  # recomputed from the saved features
+    assert len(np.load(out / "logits.npz")["sst5_logits"]) == 11
+
+
+def test_checkpoint_of_an_older_kit_is_refused_in_one_line(tmp_path, monkeypatch):
+    """A checkpoint whose start features cover only test (the kit before every split was measured) cannot resume:
+    the other splits' pre-trained features are gone with the untrained model."""
+    argv = ["--task", "cb", "--epochs", "2", "--lr", "1e-4", "--batch_size", "16", *FAST, "--output_dir", str(tmp_path)]
+    save = ft.save_checkpoint
+
+    def crash(*a):
+        save(*a)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ft.main(argv)
+    monkeypatch.setattr(ft, "save_checkpoint", save)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    state["phi0"] = state["phi0"]["test"]  # as the older kit saved it
+    torch.save(state, tmp_path / "ckpt.pt")
+    with pytest.raises(SystemExit, match="older kit's checkpoint") as e:
+        ft.main(argv)
+    assert "\n" not in str(e.value)

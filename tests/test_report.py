@@ -226,11 +226,15 @@ MODEL_CFG = {"model": "tiny-model", "pooling": "cls", "max_len": 16, "max_train_
              "max_eval_samples": None, "cache_dir": "cache"}
 
 
-def write_head(d, rng):
-    """model.safetensors with the head after training, as ft.py and lora.py write it (t-SNE's classifier rows)."""
+def write_head(d, rng, phi0=None, labels=None):
+    """model.safetensors with the head after training, as ft.py and lora.py write it (t-SNE's classifier rows), and
+    with phi0 features.npz: the test features before (phi0) and after (phi0 moved by one random direction)."""
     from safetensors.numpy import save_file
 
     save_file({"head.weight": rng.normal(size=(C, D)).astype(np.float32)}, str(d / "model.safetensors"))
+    if phi0 is not None:
+        np.savez(d / "features.npz", test_phi=(phi0 + rng.normal(size=D)).astype(np.float32),
+                 test_phi0=phi0.astype(np.float32), test_labels=labels)
 
 
 def write_calibration(d, ece, mce, temperature=1.5):
@@ -300,7 +304,7 @@ def tiny_study(root, seeds=(1, 2)):
         write_lp(root, seed, [2.0, 4.0][i], phi, labels, rng)
         for m, diff in (("ft", 0.8), ("lora", 0.5), ("lp_ft", [0.1, 0.3][i]), ("lp_lora", 0.2)):
             d = write_run(root, "cb", m, seed, 1e-4, val=0.7, test=0.7 + i / 10, diff=diff)
-            write_head(d, rng)
+            write_head(d, rng, phi, labels)
             write_calibration(d, ([8.0, 10.0][i], [3.0, 4.0][i]), ([20.0, 30.0][i], [6.0, 10.0][i]))
             write_ntk(root, m, seed, [0.9, 1.0][i] if m == "lp_ft" else 0.3, rng, kernel_labels)
         write_run(root, "cb", "ft", seed, 1e-4, val=0.7, test=0.7, scale=10, diff=0.2)
@@ -325,7 +329,7 @@ TABLE_TITLES = ["The paper's claims on these runs", "Feature change and head nor
                 "eNTK at the start of fine-tuning: kernel statistics (Tables 2, 9)",
                 "Calibration on test: ECE and MCE with temperature scaling (Tables 3, 14, 15)",
                 "Test performance (mean ± std over seeds; Table 8)", "Amazon: ID and OOD accuracy (Table 10)",
-                "Amazon: feature and head change (Table 11)", "Head norm ||V||_F after training (Table 13)",
+                "Amazon: feature and head change, ID and OOD (Table 11)", "Head norm ||V||_F after training (Table 13)",
                 "PubMed 20k RCT: test accuracy (Table 16)",
                 "Norm scaling: initial head norm vs feature change (Figures 3, 10, 11)"]
 FIGURE_FILES = {"Figures 1 and 4": ["head_norm.png"], "Figures 2 and 7": ["ntk_spectra.png"],
@@ -342,7 +346,7 @@ def test_every_table_and_figure_of_the_paper(tmp_path):
     for t in TABLE_TITLES:
         first = tables[t][0]
         assert first.startswith("fed by: ") or (first.startswith("Missing: ") and len(tables[t]) == 1), (t, first)
-    for t in ("Amazon: ID and OOD accuracy (Table 10)", "Amazon: feature and head change (Table 11)",
+    for t in ("Amazon: ID and OOD accuracy (Table 10)", "Amazon: feature and head change, ID and OOD (Table 11)",
               "PubMed 20k RCT: test accuracy (Table 16)"):  # an OOD-free study: one line each, never vanishing
         assert tables[t] == [tables[t][0]] and tables[t][0].startswith("Missing: no ")
     assert tables[TABLE_TITLES[1]][0].startswith("fed by: 10 runs (cb; LP, FT, LP-FT, LoRA, LP-LoRA; seeds 1, 2)")
@@ -372,7 +376,17 @@ def test_every_table_and_figure_of_the_paper(tmp_path):
         for f in files:
             assert f"![{f[:-4]}]({f})" in lines and (tmp_path / f).stat().st_size > 5000, f
     tsne = next(v for t, v in figures.items() if t.startswith("Figures 5 and 6"))
-    assert "Not produced: the features after fine-tuning" in tsne[-1]  # what the runs cannot feed is named
+    assert "Missing" not in tsne[-1]  # every method's panel: the fine-tuned features are in features.npz
+    study = report.collect(tmp_path)
+    report.build(study)
+    panels, gaps, used = report.tsne_panels(study, "cb")
+    assert [p[0] for p in panels] == [f"cb {n} (seed 1)" for n in (
+        "pre-trained features, LP head", "FT: features and head after training", "LoRA: features and head after "
+        "training", "LP-FT: features and head after training", "LP-LoRA: features and head after training")]
+    ft_dir = next(r["dir"] for r in used if r["method"] == "ft")
+    assert np.array_equal(panels[1][1], np.load(f"{ft_dir}/features.npz")["test_phi"])  # FT's own features
+    phi0 = np.load(f"{ft_dir}/features.npz")["test_phi0"]  # the pre-trained test features (float32, as cached)
+    assert np.array_equal(panels[0][1], phi0) and not gaps  # the LP panel: lp.py's cached pre-trained features
 
 
 def test_trace_norm_heat_map_is_the_nuclear_norm_of_each_block():
@@ -407,7 +421,7 @@ def test_tables_and_figures_without_their_runs_say_so_in_one_line(tmp_path):
         lines = next(v for t, v in figures.items() if t.startswith(key))
         assert len(lines) == 1 and lines[0].startswith("Missing: "), key
     assert next(v for t, v in figures.items() if t.startswith("Figures 1"))[-1].endswith("Missing: LP runs (lp.py).")
-    assert "Missing: sst2: no LP run." in md
+    assert "Missing: sst2: no LP run; sst2 FT: no features.npz (a run made before the kit saved it)." in md
 
 
 def test_a_damaged_kernel_file_is_named_not_fatal(tmp_path):
@@ -417,3 +431,23 @@ def test_a_damaged_kernel_file_is_named_not_fatal(tmp_path):
     heat = md.split("### Figures 8 and 9")[1]
     assert "Missing: cb/ntk-ft-seed1/kernels.npz (missing or damaged)." in heat  # the other methods still drawn
     assert (tmp_path / "ntk_trace_norm_cb.png").exists()
+
+
+def test_table_11_reads_the_feature_statistics_of_every_ood_set(tmp_path):
+    for seed, diff in ((1, 2.0), (2, 4.0)):
+        d = write_run(tmp_path, "amazon", "ft", seed, 1e-4, val=0.8, test=0.8, diff=0.5,
+                      extra={"dynasent": 0.6, "semeval": 0.6, "sst5": 0.6})
+        res = json.loads((d / "results.json").read_text())
+        for h, scale in zip(res["history"], (0.0, 1.0)):  # each OOD set's own numbers: Diff(F) diff x its index
+            h["features"] = {sp: {"diff_f": scale * diff * i, "cs_f": 0.1 * i, "fdr_f": 0.2 * i}
+                             for i, sp in enumerate(("test", "val", "dynasent", "semeval", "sst5"))}
+            h |= h["features"]["test"]
+        (d / "results.json").write_text(json.dumps(res))
+    md = report.main(["--root", str(tmp_path)])
+    t11 = sections(md)["Amazon: feature and head change, ID and OOD (Table 11)"]
+    assert t11[0].startswith("fed by: 2 runs (amazon; FT; seeds 1, 2)")
+    # SST-5 is index 4: CS 0.4, Diff(F) 4 x (2, 4) = 8 and 16 (mean 12, std 5.66), FDR 0.8; Pre-trained at epoch 0
+    assert "| amazon (sst5) Pre-trained | 0.4 ± 0 | – | 0.8 ± 0 | 0.02 ± 0 |" in t11
+    assert "| amazon (sst5) FT | 0.4 ± 0 | 12 ± 5.66 | 0.8 ± 0 | 1 ± 0 |" in t11
+    assert "| amazon (dynasent) FT | 0.2 ± 0 | 6 ± 2.83 | 0.4 ± 0 | 1 ± 0 |" in t11
+    assert "| amazon FT | 0 ± 0 | 0 ± 0 | 0 ± 0 | 1 ± 0 |" in t11  # the ID test split (index 0)
