@@ -241,9 +241,10 @@ def fit(x, y, C, n_classes, folds=MAX_FOLDS, binary_head="exact"):
     return torch.from_numpy(W), torch.from_numpy(b), C, clf, k
 
 
-def norm_curve(x, y, n_classes, C, steps):
+def norm_curve(x, y, n_classes, C, steps, test=None):
     """||V||_F along full-batch LBFGS on the L2-regularised softmax loss 0.5 |V|^2 + C sum CE (scaled to the
-    mean), from a zero head: scikit-learn's multinomial objective at C."""
+    mean), from a zero head: scikit-learn's multinomial objective at C; with test = (features, labels) also the
+    test accuracy of each iterate (Figure 1: norm and accuracy during LP). -> (norms, accuracies or [])."""
     x, y = torch.from_numpy(x).double(), torch.from_numpy(y)
     W = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
@@ -258,11 +259,18 @@ def norm_curve(x, y, n_classes, C, steps):
         loss.backward()
         return loss
 
-    curve = [0.0]
+    def accuracy():  # argmax of a zero head is class 0, as the untrained probe predicts
+        return float(((torch.from_numpy(test[0]).double() @ W.T + b).argmax(1).numpy() == test[1]).mean())
+
+    with torch.no_grad():
+        curve, acc = [0.0], [accuracy()] if test is not None else []
     for _ in range(steps):
         opt.step(closure)
         curve.append(float(W.detach().norm()))
-    return curve
+        if test is not None:
+            with torch.no_grad():
+                acc.append(accuracy())
+    return curve, acc
 
 
 def fit_and_save(args, out, fp, splits, folds):
@@ -289,8 +297,10 @@ def fit_and_save(args, out, fp, splits, folds):
         # end at the exact head (the paper head is half of the model fit at C: its curve is halved)
         binary, paper = len(task.labels) == 2, args.binary_head == "paper"
         c_curve = C if (paper or not binary) else C / 2
-        res["norm_curve"] = [v / (scale if binary else 1.0) for v in
-                             norm_curve(feats["train"], y, len(task.labels), c_curve, args.norm_curve)]
+        norms, acc = norm_curve(feats["train"], y, len(task.labels), c_curve, args.norm_curve,
+                                (feats["test"], splits["test"].labels))
+        res["norm_curve"] = [v / (scale if binary else 1.0) for v in norms]
+        res["norm_curve_test_accuracy"] = acc
         plot_curve(res["norm_curve"], norm, out / "lp_norm_curve.png")
 
     head = {"weight": W, "bias": b, "task": args.task, "model": args.model, "max_len": args.max_len,

@@ -865,10 +865,16 @@ def test_metric(h, sel):
 def head_norm_row(ax, s, t):
     """One task's row of Figures 1 and 4: (a) ||V|| during LP, (b) during fine-tuning, its test metric, (c) after."""
     sel = data.TASKS[t].select_metric
-    for r in sorted(s.runs(t, "lp"), key=seed_key):
+    acc_ax = None
+    for i, r in enumerate(sorted(s.runs(t, "lp"), key=seed_key)):
         if r.get("norm_curve"):
-            ax[0].plot(r["norm_curve"], lw=1, label=f"seed {r['seed']}: test {100 * r['test']:.1f}")
-    ax[0].set(title=f"{t}: (a) LP", xlabel="LBFGS iteration (full batch)", ylabel="||V||_F")
+            ax[0].plot(r["norm_curve"], lw=1, color=f"C{i}", label=f"seed {r['seed']}: test {100 * r['test']:.1f}")
+        if r.get("norm_curve_test_accuracy"):  # the same iterates' test accuracy, dashed, on the right axis
+            acc_ax = acc_ax or ax[0].twinx()
+            acc_ax.plot(100 * np.asarray(r["norm_curve_test_accuracy"]), "--", lw=1, color=f"C{i}")
+    ax[0].set(title=f"{t}: (a) LP", xlabel="LBFGS iteration (full batch)", ylabel="||V||_F (solid)")
+    if acc_ax is not None:
+        acc_ax.set_ylabel("test accuracy, % (dashed)")
     for m in [m for m in FT_METHODS if s.runs(t, m)]:
         for a, get in ((ax[1], lambda h: h["head_norm"]), (ax[2], lambda h: test_metric(h, sel))):
             ep, mu, sd = by_epoch(s.runs(t, m), get)
@@ -901,11 +907,14 @@ def fig_head_norm(s):  # Figures 1 and 4
     lp = runs_of(s, ["lp"])
     gap = "" if any(r.get("norm_curve") for r in lp) else \
         " Missing: the LP norm curves (lp.py --norm_curve STEPS)." if lp else " Missing: LP runs (lp.py)."
-    return (title, fed_by(runs_of(s), "lp_results.json (norm_curve: ||V|| per LBFGS iteration; metrics.test), "
+    if any(r.get("norm_curve") for r in lp) and not any(r.get("norm_curve_test_accuracy") for r in lp):
+        gap += " Missing: the test accuracy during LP (LP runs made before lp.py recorded it)."
+    return (title, fed_by(runs_of(s), "lp_results.json (norm_curve, norm_curve_test_accuracy: ||V|| and test "
+                                     "accuracy per LBFGS iteration; metrics.test), "
                                      "results.json history (head_norm, test metric per epoch; epoch 0 = the start)"),
             [save(fig, s.root / "head_norm.png")],
-            "Mean over seeds, bands and bars ± std. Not produced: the accuracy during LP (lp.py logs ||V|| per "
-            "iteration only; each seed's final test accuracy is in the legend)."
+            "(a) per seed: ||V|| (solid) and test accuracy (dashed, right axis) of each LBFGS iterate from a zero "
+            "head; (b)-(c) mean over seeds, bands and bars ± std."
             + gap)
 
 

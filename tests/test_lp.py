@@ -238,18 +238,24 @@ def test_norm_curve_moves_and_reaches_the_minimiser_on_features_with_a_common_di
     g = np.random.default_rng(0)
     y = (g.random(400) < 0.58).astype(np.int64)
     x = 1.5 + 0.3 * g.standard_normal((400, 16)) + 0.2 * (2 * y[:, None] - 1) * g.random(16)
-    curve = lp.norm_curve(x, y, 2, 0.5, 100)
+    yt = (g.random(100) < 0.58).astype(np.int64)
+    xt = 1.5 + 0.3 * g.standard_normal((100, 16)) + 0.2 * (2 * yt[:, None] - 1) * g.random(16)
+    curve, acc = lp.norm_curve(x, y, 2, 0.5, 100, test=(xt, yt))
+    assert len(acc) == len(curve) == 101 and acc[0] == np.mean(yt == 0)  # a zero head predicts class 0
     W = torch.zeros(2, 16, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([W, b], max_iter=1000, tolerance_grad=1e-12, tolerance_change=1e-15,
                             line_search_fn="strong_wolfe")
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    xtr, ytr = torch.from_numpy(x), torch.from_numpy(y)
 
     def closure():  # the same objective, solved to convergence in one call
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(xt @ W.T + b, yt) + W.square().sum() / (2 * 0.5 * len(x))
+        loss = torch.nn.functional.cross_entropy(xtr @ W.T + b, ytr) + W.square().sum() / (2 * 0.5 * len(x))
         loss.backward()
         return loss
 
     opt.step(closure)
     assert curve[1] > 0 and curve[-1] == pytest.approx(float(W.detach().norm()), rel=1e-4)
+    with torch.no_grad():  # ... and the last iterate's test accuracy is the minimiser's
+        assert acc[-1] == np.mean((torch.from_numpy(xt) @ W.T + b).argmax(1).numpy() == yt)
+    assert lp.norm_curve(x, y, 2, 0.5, 3)[1] == []  # no test set: no accuracies

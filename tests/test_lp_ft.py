@@ -16,8 +16,17 @@ FAST = ["--max_train_samples", "48", "--max_eval_samples", "24", "--eval_batch_s
 @pytest.fixture(scope="module")
 def cb_lp(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("cb_lp")
-    res = lp.main(["--task", "cb", "--output_dir", str(out), "--cache_dir", str(out / "cache"), *FAST])
+    res = lp.main(["--task", "cb", "--output_dir", str(out), "--cache_dir", str(out / "cache"), "--norm_curve", "20",
+                   *FAST])
     return out, res
+
+
+def test_lp_records_norm_and_test_accuracy_along_its_curve(cb_lp):
+    """Figure 1 (a): ||V|| and the test accuracy of each LBFGS iterate from a zero head, which predicts class 0."""
+    out, res = cb_lp
+    acc, y = res["norm_curve_test_accuracy"], np.load(out / "logits.npz")["test_labels"]
+    assert len(acc) == len(res["norm_curve"]) == 21 and acc[0] == np.mean(y == 0)
+    assert all(0 <= a <= 1 for a in acc) and res["norm_curve"][-1] > 0
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +61,8 @@ def test_lp_head_file_and_torch_head_matches_sklearn(cb_lp):
 
 def test_lp_rerun_skips_and_other_task_refuses(cb_lp, capsys):
     out, res = cb_lp
-    again = lp.main(["--task", "cb", "--output_dir", str(out), "--cache_dir", str(out / "cache"), *FAST])
+    again = lp.main(["--task", "cb", "--output_dir", str(out), "--cache_dir", str(out / "cache"), "--norm_curve", "20",
+                     *FAST])
     assert again == res and "already fit" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="holds a head for another setting"):
         lp.main(["--task", "rte", "--output_dir", str(out), "--cache_dir", str(out / "cache")])
