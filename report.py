@@ -255,7 +255,7 @@ def run_row(r, f):
     m = r["metrics"]
     row |= {"metrics": m, "val": m["val"][sel], "test": m["test"][sel], "head_norm": r["head_norm"]}
     if method == "lp":
-        row["norm_curve"] = r.get("norm_curve")
+        row |= {"norm_curve": r.get("norm_curve"), "norm_curve_test_accuracy": r.get("norm_curve_test_accuracy")}
     else:
         hist = r["history"]
         best = next(h for h in hist if h["epoch"] == r["best_epoch"])
@@ -1080,9 +1080,9 @@ def tsne_panels(s, t):
     runs = {m: r for m in ["lp", *FT_METHODS] for r in s.runs(t, m) if r["seed"] == seed}
     panels, gaps, used = [], [] if "lp" in runs else [f"{t}: no LP run"], []
     pre = cached_features(s.root, runs["lp"]) if "lp" in runs else None
-    if pre is None:
-        z = next((load_arrays(Path(r["dir"]) / "features.npz", ["test_phi0", "test_labels"]) for m, r in runs.items()
-                  if m != "lp"), None)
+    if pre is None and "lp" in runs:  # no feature cache: the pre-trained features a fine-tuning run started from
+        z = next((z for m, r in runs.items() if m != "lp"
+                  for z in [load_arrays(Path(r["dir"]) / "features.npz", ["test_phi0", "test_labels"])] if z), None)
         pre = None if z is None else (z["test_phi0"].astype(np.float64), z["test_labels"])
     for m, r in runs.items():
         feats = pre if m == "lp" else tuned_features(r)

@@ -1,6 +1,7 @@
 """report.py on hand-made results files: selection on val, failed points, paired intervals, tables."""
 
 import json
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -259,7 +260,8 @@ def write_lp(root, seed, norm, phi, labels, rng):
     m = {sp: {"accuracy": 0.7, "macro_f1": 0.6} for sp in ("train", "val", "test")}
     (d / "lp_results.json").write_text(json.dumps({"config": cfg, "fingerprint": fp, "head_norm": norm, "metrics": m,
                                                    "history": [], "best_epoch": 0, "finished": True,
-                                                   "norm_curve": [0.0, norm / 2, norm]}))
+                                                   "norm_curve": [0.0, norm / 2, norm],
+                                                   "norm_curve_test_accuracy": [0.3, 0.5, 0.7]}))
     torch.save({"weight": torch.from_numpy(rng.normal(size=(C, D)))}, d / "lp_head.pt")
     np.savez(d / "logits.npz", test_logits=np.zeros((N_TEST, C), np.float32), test_labels=labels)
     key = lp.cache_key(SimpleNamespace(**cfg), "test", fp["data:test"])
@@ -375,6 +377,7 @@ def test_every_table_and_figure_of_the_paper(tmp_path):
         assert lines[0].startswith("fed by: "), title
         for f in files:
             assert f"![{f[:-4]}]({f})" in lines and (tmp_path / f).stat().st_size > 5000, f
+    assert "Missing" not in next(v for t, v in figures.items() if t.startswith("Figures 1 and 4"))[-1]
     tsne = next(v for t, v in figures.items() if t.startswith("Figures 5 and 6"))
     assert "Missing" not in tsne[-1]  # every method's panel: the fine-tuned features are in features.npz
     study = report.collect(tmp_path)
@@ -387,6 +390,9 @@ def test_every_table_and_figure_of_the_paper(tmp_path):
     assert np.array_equal(panels[1][1], np.load(f"{ft_dir}/features.npz")["test_phi"])  # FT's own features
     phi0 = np.load(f"{ft_dir}/features.npz")["test_phi0"]  # the pre-trained test features (float32, as cached)
     assert np.array_equal(panels[0][1], phi0) and not gaps  # the LP panel: lp.py's cached pre-trained features
+    shutil.rmtree(tmp_path / "cache")  # without lp.py's cache: the start features a fine-tuning run saved
+    panels, gaps, _ = report.tsne_panels(study, "cb")
+    assert np.array_equal(panels[0][1], phi0) and len(panels) == 5 and not gaps
 
 
 def test_trace_norm_heat_map_is_the_nuclear_norm_of_each_block():
