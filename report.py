@@ -1057,7 +1057,8 @@ def tsne_panel(ax, title, phi, labels, heads):
         at += len(w)
     rows = [Line2D([], [], ls="", marker=MARKERS[m], color="0.6", mec="k", ms=8, label=f"{NAMES[m]} rows")
             for m in heads]
-    ax.set(title=title, xticks=[], yticks=[])
+    ax.set(xticks=[], yticks=[])
+    ax.set_title(title, fontsize=9)
     ax.legend(handles=ax.get_legend_handles_labels()[0] + rows, fontsize=6, loc="best")
 
 
@@ -1095,7 +1096,7 @@ def tsne_panels(s, t):
             gaps.append(f"{t} {NAMES[m]}: " + ("too few test features for a t-SNE" if len(feats[0]) < 4
                                               else "its head (lp_head.pt / model.safetensors)"))
             continue
-        name = "pre-trained features, LP head" if m == "lp" else f"{NAMES[m]}: features and head after training"
+        name = "pre-trained, LP head" if m == "lp" else f"{NAMES[m]}, after training"
         panels.append((f"{t} {name} (seed {seed})", *feats, {m: w}))
         used.append(r)
     return panels, gaps, used

@@ -384,8 +384,8 @@ def test_every_table_and_figure_of_the_paper(tmp_path):
     report.build(study)
     panels, gaps, used = report.tsne_panels(study, "cb")
     assert [p[0] for p in panels] == [f"cb {n} (seed 1)" for n in (
-        "pre-trained features, LP head", "FT: features and head after training", "LoRA: features and head after "
-        "training", "LP-FT: features and head after training", "LP-LoRA: features and head after training")]
+        "pre-trained, LP head", "FT, after training", "LoRA, after training", "LP-FT, after training",
+        "LP-LoRA, after training")]
     ft_dir = next(r["dir"] for r in used if r["method"] == "ft")
     assert np.array_equal(panels[1][1], np.load(f"{ft_dir}/features.npz")["test_phi"])  # FT's own features
     phi0 = np.load(f"{ft_dir}/features.npz")["test_phi0"]  # the pre-trained test features (float32, as cached)
