@@ -965,10 +965,28 @@ class RunLock:
 
 
 def config_diff(saved, now):
-    """The keys whose values differ between two recorded configurations -> 'key: saved -> now' strings."""
+    """The keys whose values differ between two recorded configurations -> 'key: saved -> now' strings. A key one
+    record lacks reads as unset (None): a flag added since does not make an older record differ."""
     keys = sorted(set(saved) | set(now))
     return [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in keys
             if saved.get(k) != now.get(k)]
+
+
+def describe_diff(saved, now, most=3):
+    """What differs between two run records, as one readable line for a refusal (ft.py, lora.py, lp.py, ntk.py):
+    'key: old -> new' for the first few (task, method and model first), a nested dict's keys as 'key.sub',
+    content hashes cut to 12 digits. '' when the records agree."""
+    def flat(d):
+        out = {}
+        for k, v in d.items():
+            for k2, v2 in (v.items() if isinstance(v, dict) else [(None, v)]):
+                short = isinstance(v2, str) and re.fullmatch(r"[0-9a-f]{64}", v2)
+                out[f"{k}.{k2}" if k2 else k] = v2[:12] + "..." if short else v2
+        return out
+
+    diff = config_diff(flat(saved), flat(now))
+    diff.sort(key=lambda d: d.split(":")[0] not in ("task", "method", "model"))  # what the run is, first
+    return "; ".join(diff[:most]) + (f" (and {len(diff) - most} more)" if len(diff) > most else "")
 
 
 def check_positive(args, names, allow_zero=()):

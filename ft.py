@@ -15,7 +15,6 @@ A directory is skipped or resumed only when its run.json equals this run's.
 import argparse
 import json
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -411,22 +410,6 @@ def fingerprint(args, method):
     return json.loads(json.dumps(fp))
 
 
-def describe_diff(saved, now, most=3):
-    """'key: old -> new' for the first few differences (task, method and model first), hashes cut to 12 digits:
-    one readable line."""
-    def flat(d):
-        out = {}
-        for k, v in d.items():
-            for k2, v2 in (v.items() if isinstance(v, dict) else [(None, v)]):
-                short = isinstance(v2, str) and re.fullmatch(r"[0-9a-f]{64}", v2)
-                out[f"{k}.{k2}" if k2 else k] = v2[:12] + "..." if short else v2
-        return out
-
-    diff = data.config_diff(flat(saved), flat(now))
-    diff.sort(key=lambda d: d.split(":")[0] not in ("task", "method", "model"))  # what the run is, first
-    return "; ".join(diff[:most]) + (f" (and {len(diff) - most} more)" if len(diff) > most else "")
-
-
 def open_run_dir(out, fp, overwrite):
     """Under the run's lock: -> (this configuration's finished results or None, the resume state or None).
     Refuses a directory holding results of another configuration or of an unrecorded one; records fp first."""
@@ -442,7 +425,7 @@ def open_run_dir(out, fp, overwrite):
         die(f"{out} holds {', '.join(held)} but no run.json recording their configuration (an older kit or "
             f"another script made them); pass --overwrite to replace them, or another --output_dir")
     if held and data.config_diff(saved, fp):  # a flag added since reads as unset (None) in an older record
-        die(f"{out} holds a run of another configuration ({describe_diff(saved, fp)}); pass --overwrite to "
+        die(f"{out} holds a run of another configuration ({data.describe_diff(saved, fp)}); pass --overwrite to "
             f"replace it, or another --output_dir")
     if saved != fp:
         data.save_json(out / "run.json", fp)

@@ -94,13 +94,6 @@ def fingerprint(args):
     return fp | {f"data:{s}": h for s, h in data.data_fingerprint(args.task, args.data_dir).items()}
 
 
-def differences(saved, now):
-    """data.config_diff with content hashes shortened, so the line stays readable."""
-    def short(d):
-        return {k: v[:12] if k.startswith("data:") and isinstance(v, str) else v for k, v in d.items()}
-    return data.config_diff(short(saved), short(now))
-
-
 def finished_head(out, fp, overwrite):
     """-> the saved result when `out` already holds the head for this fingerprint, else None (fit it).
     Stops with one line when `out` holds another setting's head or another script's run."""
@@ -117,9 +110,9 @@ def finished_head(out, fp, overwrite):
     if not isinstance(saved, dict):
         die(f"{res_path} holds a head for another setting (it records no data fingerprint: an older kit wrote it); "
             f"pass --output_dir DIR for this one, or --overwrite to refit")
-    diff = differences(saved, fp)
+    diff = data.describe_diff(saved, fp)
     if diff:
-        die(f"{res_path} holds a head for another setting ({'; '.join(diff)}); pass --output_dir DIR for this "
+        die(f"{res_path} holds a head for another setting ({diff}); pass --output_dir DIR for this "
             f"one, or --overwrite to replace it")
     return old if head_path.exists() and old.get("finished") else None
 

@@ -592,12 +592,9 @@ def earlier_result(res_path, record, overwrite):
     if old is None:
         return None
     saved = old.get("config") if isinstance(old.get("config"), dict) else {}
-    names = {"data": "the data files' content", "init_sha256": "the --init head's content",
-             "ntk_method": "--init / --lora"}
-    diff = [names.get(k, f"--{k}") for k in record if saved.get(k) != record[k]]
+    diff = data.describe_diff({k: saved.get(k) for k in record}, record)  # its config also holds what it measured
     if diff:
-        die(f"{res_path} was made with another config (changed: {', '.join(dict.fromkeys(diff))}); pass --overwrite "
-            f"or another --output_dir")
+        die(f"{res_path} was made with another config ({diff}); pass --overwrite or another --output_dir")
     return old
 
 

@@ -317,3 +317,14 @@ def test_lines_split_on_newlines_only(tmp_path):
                                                    encoding="utf-8")
     sp = data.read_file("amazon", tmp_path / "boss/amazon/train.tsv")
     assert sp.texts == [("fine\u2028text \x85 here", None), ("ok", None)] and sp.labels.tolist() == [1, 0]
+
+
+def test_describe_diff_one_readable_line_for_every_script():
+    h1, h2 = "a" * 64, "b" * 64
+    saved = {"lr": 1e-4, "epochs": 3, "model": "m1", "data": {"train": h1, "test": h1}, "kernel": None}
+    now = {"lr": 3e-4, "epochs": 3, "model": "m2", "data": {"train": h1, "test": h2}}  # kernel missing: unset
+    assert data.describe_diff(saved, saved) == "" and data.describe_diff(saved, now | {"kernel": None}) == \
+        data.describe_diff(saved, now)
+    assert data.describe_diff(saved, now) == ("model: 'm1' -> 'm2'; data.test: 'aaaaaaaaaaaa...' -> "
+                                              "'bbbbbbbbbbbb...'; lr: 0.0001 -> 0.0003")
+    assert data.describe_diff(saved, now | {"seed": 2}, most=2).endswith("(and 2 more)")

@@ -422,7 +422,7 @@ def test_rerun_on_altered_data_is_refused(tmp_path, data_dir):
     test_file = mine / "superglue" / "CB" / "val.jsonl"
     rows = test_file.read_text().splitlines()
     test_file.write_text("\n".join(rows[1:] + rows[:1]) + "\n")  # the same examples in another order
-    refused(argv, tmp_path, "the data files' content")
+    refused(argv, tmp_path, "data.test: ")
 
 
 # ---------------------------------------------------------------- ranks at a tolerance; the authors' pair regression
