@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole study in one command: LP, FT, LP-FT, LoRA, LP-LoRA; calibration; NTK; norm scaling; report.
 #
-#   bash run_all.sh                                  # default study: embedded model, SST-2/MRPC, 2-core CPU
+#   bash run_all.sh                                  # default study: embedded model, CB and SST-2, 2-core CPU
 #   bash run_all.sh --paper --model roberta-base     # the paper's full study (13 datasets, 5 seeds; a GPU)
 #   bash run_all.sh --lr_grid "1e-5 5e-5 1e-4"       # every method and seed at every learning rate
 #   bash run_all.sh --kernel_study                   # Malladi et al.'s question: k-shot FT against its kernels
