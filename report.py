@@ -7,7 +7,7 @@ Reads results.json (ft.py, lora.py), lp_results.json (lp.py), calibration.json (
 ntk_results.json (ntk.py); for the figures also kernels.npz (ntk.py), lp.py's feature cache, lp_head.pt and
 model.safetensors (the classifier rows). Every table and figure of Tomihari & Sato (2024) the runs can feed comes
 in the paper's order, each under one line "fed by: ..." naming its runs; one whose runs are missing is one line
-"Missing: ..." (a part the kit does not record: "Not produced: ..."). Learning rates are chosen per task and method
+"Missing: ..." (as is a missing part of present runs). Learning rates are chosen per task and method
 by the best mean validation metric over seeds (CoLA: MCC; ties: the lowest learning rate); test scores are never
 used to choose. A run that diverged counts as a failed point. Missing values show as "–". Every file the report
 could not use (corrupt, truncated, unfinished, of another shape) and every (task, method, lr) with fewer seeds than
