@@ -110,10 +110,9 @@ def finished_head(out, fp, overwrite):
     if not isinstance(saved, dict):
         die(f"{res_path} holds a head for another setting (it records no data fingerprint: an older kit wrote it); "
             f"pass --output_dir DIR for this one, or --overwrite to refit")
-    diff = data.describe_diff(saved, fp)
-    if diff:
-        die(f"{res_path} holds a head for another setting ({diff}); pass --output_dir DIR for this "
-            f"one, or --overwrite to replace it")
+    if data.config_diff(saved, fp):  # decided on the exact values; described with shortened hashes
+        die(f"{res_path} holds a head for another setting ({data.describe_diff(saved, fp)}); pass --output_dir DIR "
+            f"for this one, or --overwrite to replace it")
     return old if head_path.exists() and old.get("finished") else None
 
 

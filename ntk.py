@@ -592,9 +592,10 @@ def earlier_result(res_path, record, overwrite):
     if old is None:
         return None
     saved = old.get("config") if isinstance(old.get("config"), dict) else {}
-    diff = data.describe_diff({k: saved.get(k) for k in record}, record)  # its config also holds what it measured
-    if diff:
-        die(f"{res_path} was made with another config ({diff}); pass --overwrite or another --output_dir")
+    saved = {k: saved.get(k) for k in record}  # its config also holds what it measured
+    if data.config_diff(saved, record):  # decided on the exact values; described with shortened hashes
+        die(f"{res_path} was made with another config ({data.describe_diff(saved, record)}); pass --overwrite or "
+            f"another --output_dir")
     return old
 
 

@@ -4,10 +4,11 @@
     python report.py --root runs_paper
 
 Reads results.json (ft.py, lora.py), lp_results.json (lp.py), calibration.json (calibrate.py) and
-ntk_results.json (ntk.py); for the figures also kernels.npz (ntk.py), lp.py's feature cache, lp_head.pt and
-model.safetensors (the classifier rows). Every table and figure of Tomihari & Sato (2024) the runs can feed comes
-in the paper's order, each under one line "fed by: ..." naming its runs; one whose runs are missing is one line
-"Missing: ..." (as is a missing part of present runs). Learning rates are chosen per task and method
+ntk_results.json (ntk.py); for the figures also kernels.npz (ntk.py), lp.py's feature cache, features.npz
+(ft.py, lora.py: the test features before and after), lp_head.pt and model.safetensors (the classifier rows).
+Every table and figure of Tomihari & Sato (2024) the runs can feed comes in the paper's order, each under one
+line "fed by: ..." naming its runs; one whose runs are missing is one line "Missing: ..." (as is a missing part
+of present runs). Learning rates are chosen per task and method
 by the best mean validation metric over seeds (CoLA: MCC; ties: the lowest learning rate); test scores are never
 used to choose. A run that diverged counts as a failed point. Missing values show as "–". Every file the report
 could not use (corrupt, truncated, unfinished, of another shape) and every (task, method, lr) with fewer seeds than
@@ -88,9 +89,11 @@ def run_problem(r, name):
     if not all(num((m.get(s) or {}).get(sel)) for s in ("val", "test")) or not num(r.get("head_norm")):
         return f"no val/test {sel} or head_norm"
     if method == "lp":
-        curve = r.get("norm_curve")
-        return None if curve is None or isinstance(curve, list) and all(num(x) for x in curve) \
-            else "norm_curve is not a list of numbers"
+        for k in ("norm_curve", "norm_curve_test_accuracy"):
+            v = r.get(k)
+            if not (v is None or isinstance(v, list) and all(num(x) for x in v)):
+                return f"{k} is not a list of numbers"
+        return None
     return history_problem(r)
 
 
@@ -539,7 +542,7 @@ def amazon_feature_table(s):  # Table 11: feature and classifier change on Amazo
     return (title, fed_by(runs_of(s, tasks=["amazon"]), FEATURES_READ.replace("(cs_f", "(features per split: cs_f")),
             ["run", "CS(F)", "Diff(F)", "FDR(F)", "Norm(C)"], body,
             "As Table 1 (above), on Amazon's ID test split and on each OOD test set (Dynasent, SemEval, SST-5), the "
-            "features of the model trained on Amazon; -: a run made before the kit measured the OOD sets.")
+            "features of the model trained on Amazon; –: a run made before the kit measured the OOD sets.")
 
 
 def norm_table(s):  # Table 13: the classifier weight norms after training
@@ -568,10 +571,16 @@ def pubmed_table(s):  # Table 16: PubMed 20k RCT
 SCALING_SPLIT = {"amazon": "sst5"}  # the paper's Figure 3: a model trained on Amazon, its features on SST-5 (OOD)
 
 
-def scaling_diff(r):
-    """Diff(F) of a norm-scaling run on the split its figure uses: SST-5 for Amazon when recorded, else test."""
-    d = pick(r.get("features") or {}, SCALING_SPLIT.get(r["task"], "test"), "diff_f")
-    return r["diff_f"] if d is None else d
+def scaling_split(groups, task):
+    """The split a task's norm-scaling Diff(F) is read on, one for all its runs: SST-5 for Amazon when every run
+    recorded it (the older kit measured test only), else test."""
+    split = SCALING_SPLIT.get(task, "test")
+    runs = [r for (t, _), by in groups.items() if t == task for rs in by.values() for r in rs]
+    return split if all(pick(r.get("features") or {}, split, "diff_f") is not None for r in runs) else "test"
+
+
+def scaling_diff(r, split):
+    return r["diff_f"] if split == "test" else r["features"][split]["diff_f"]
 
 
 def scaling_groups(rows):
@@ -588,15 +597,16 @@ def scaling_groups(rows):
 def scaling_table(s):  # the numbers of Figures 3, 10 and 11: norm scaling, mean +- std over seeds
     title = "Norm scaling: initial head norm vs feature change (Figures 3, 10, 11)"
     groups = scaling_groups(s.rows)
-    body = [[f"{t} {NAMES[m]}", f"{sc:g}", f"{np.mean([r['head_norm0'] for r in rs]):.3f}",
-             mean_std([scaling_diff(r) for r in rs], len(s.seeds), 1, ".3f"), mean_std([r["test"] for r in rs],
-                                                                                    len(s.seeds))]
+    on = {t: scaling_split(groups, t) for t, _ in groups}
+    body = [[f"{t} {NAMES[m]}", f"{sc:g}", f"{np.mean([r['head_norm0'] for r in rs]):.3f}", on[t],
+             mean_std([scaling_diff(r, on[t]) for r in rs], len(s.seeds), 1, ".3f"),
+             mean_std([r["test"] for r in rs], len(s.seeds))]
             for (t, m), by in sorted(groups.items()) for sc, rs in sorted(by.items())]
     if not body:
         return missing(title, "no runs with --head_scale other than 1 (run_all.sh's norm scaling).")
     return (title, fed_by([r for by in groups.values() for rs in by.values() for r in rs],
                           "results.json (head_norm at epoch 0, diff_f at the best epoch, metrics.test)"),
-            ["run", "head scale", "||V|| at start", "Diff(F) (mean ± std over seeds)", "test"], body,
+            ["run", "head scale", "||V|| at start", "Diff(F) on", "Diff(F) (mean ± std over seeds)", "test"], body,
             "Scale 1 is the study's own run; feature change on test examples (Amazon: on SST-5, out of distribution, "
             "as the paper's Figure 3, when the runs recorded it).")
 
@@ -707,10 +717,11 @@ def ece_by_seed(runs, when):
 def scaling_pairs(s, task):
     """c6: for each method with head-scaled runs, Diff(F) at the smallest minus at the largest initial head scale
     (scale 1 = the study's own runs), paired by seed. -> [(method, small, large, paired)]"""
-    out = []
-    for (t, m), by in sorted(scaling_groups(s.rows).items()):
+    out, groups = [], scaling_groups(s.rows)
+    on = scaling_split(groups, task)  # as the norm-scaling table and figure (Amazon: SST-5)
+    for (t, m), by in sorted(groups.items()):
         if t == task:
-            lo, hi = ({r["seed"]: r["diff_f"] for r in by[sc]} for sc in (min(by), max(by)))
+            lo, hi = ({r["seed"]: scaling_diff(r, on) for r in by[sc]} for sc in (min(by), max(by)))
             out.append((m, min(by), max(by), paired(lo, hi)))
     return out
 
@@ -732,8 +743,10 @@ def claim_rows(s, t):
                  paired(ece_by_seed(ch("lp_ft"), "after"), ece_by_seed(ch("lp_ft"), "before")), -1, 1))
     rows.append(("c5 FT ratio larger after LP", "FT ratio LP-FT − FT (eNTK at the start)",
                  paired(ntk_by_seed(s, t, "lp_ft"), ntk_by_seed(s, t, "ft")), 1, 1))
+    on = scaling_split(scaling_groups(s.rows), t)
     for m, lo, hi, p in scaling_pairs(s, t) or [("ft", None, None, (None, None, 0))]:
         what = f"Diff(F) at head scale {lo:g} − at {hi:g}, {NAMES[m]}" if lo is not None else "Diff(F), head scaled"
+        what += f" (on {on})" if on != "test" else ""
         rows.append(("c6 larger initial head norm, less feature change", what, p, 1, 1))
     return rows
 
@@ -908,7 +921,8 @@ def fig_head_norm(s):  # Figures 1 and 4
     gap = "" if any(r.get("norm_curve") for r in lp) else \
         " Missing: the LP norm curves (lp.py --norm_curve STEPS)." if lp else " Missing: LP runs (lp.py)."
     if any(r.get("norm_curve") for r in lp) and not any(r.get("norm_curve_test_accuracy") for r in lp):
-        gap += " Missing: the test accuracy during LP (LP runs made before lp.py recorded it)."
+        gap += (" Missing: the test accuracy during LP (LP runs made before lp.py recorded it: rerun lp.py with "
+                "--overwrite --norm_curve STEPS).")
     return (title, fed_by(runs_of(s), "lp_results.json (norm_curve, norm_curve_test_accuracy: ||V|| and test "
                                      "accuracy per LBFGS iteration; metrics.test), "
                                      "results.json history (head_norm, test metric per epoch; epoch 0 = the start)"),
@@ -969,19 +983,17 @@ def fig_scaling(s):  # Figures 3, 10 and 11
     plt = pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.8 * len(tasks), 3.4), squeeze=False)
     for ax, t in zip(axes[0], tasks):
+        on = scaling_split(groups, t)
         for (_, m), by in sorted((g, by) for g, by in groups.items() if g[0] == t):
             sc = sorted(by)
             x = [np.mean([r["head_norm0"] for r in by[v]]) for v in sc]
-            d = [[scaling_diff(r) for r in by[v]] for v in sc]
+            d = [[scaling_diff(r, on) for r in by[v]] for v in sc]
             mu = np.array([np.mean(v) for v in d])
             se = np.array([np.std(v, ddof=1) / math.sqrt(len(v)) if len(v) > 1 else 0.0 for v in d])
             ax.plot(x, mu, "o-", color=COLORS[m], label=f"{NAMES[m]} (n={min(len(v) for v in d)})")
             ax.fill_between(x, mu - se, mu + se, color=COLORS[m], alpha=0.2)
             if 1.0 in by:  # the head's own norm, unscaled
                 ax.axvline(np.mean([r["head_norm0"] for r in by[1.0]]), ls="--", lw=1, color=COLORS[m])
-        rs = [r for (u, _), by in groups.items() if u == t for v in by.values() for r in v]
-        on = SCALING_SPLIT.get(t, "test")
-        on = on if all(pick(r.get("features") or {}, on, "diff_f") is not None for r in rs) else "test"
         ax.set(xscale="log", xlabel="||V||_F at the start of fine-tuning", ylabel=f"Diff(F) on {on}", title=t)
         ax.legend(fontsize=7)
     return (title, fed_by([r for by in groups.values() for rs in by.values() for r in rs],
@@ -1089,7 +1101,8 @@ def tsne_panels(s, t):
         feats = pre if m == "lp" else tuned_features(r)
         if feats is None:
             gaps.append(f"{t} {NAMES[m]}: " + ("no cached pre-trained features (lp.py's --cache_dir) or features.npz"
-                                              if m == "lp" else "no features.npz (a run made before the kit saved it)"))
+                                              if m == "lp" else "features.npz missing or damaged (a run made "
+                                                                "before the kit saved it?)"))
             continue
         w = head_rows(r)
         if w is None or w.shape[1:] != feats[0].shape[1:] or len(feats[0]) < 4:

@@ -213,8 +213,8 @@ def test_claims_are_decided_by_paired_intervals(tmp_path):
     assert rows["c6 larger initial head norm, less feature change / Diff(F) at head scale 1 − at 10, LP-FT"] == "holds"
     assert "| sst2 | c3 LP-FT at least as accurate as FT | test LP-FT − FT, points | +1.0 [" in md
     # norm scaling over every seed: scale 1 is the study's own LP-FT runs, x10 the scaled ones
-    assert "| sst2 LP-FT | 1 | 0.020 | 0.150 ± 0.050 | 81.3 ± 1.5 |" in md
-    assert "| sst2 LP-FT | 10 | 0.200 | 0.050 ± 0.046 | 80.0 ± 0.0 |" in md and "| sst2 FT | 1 |" not in md
+    assert "| sst2 LP-FT | 1 | 0.020 | test | 0.150 ± 0.050 | 81.3 ± 1.5 |" in md
+    assert "| sst2 LP-FT | 10 | 0.200 | test | 0.050 ± 0.046 | 80.0 ± 0.0 |" in md and "| sst2 FT | 1 |" not in md
     assert report.verdict((0.1, None, 1)) == "one seed: no interval"
     assert report.verdict((None, None, 0)) == "missing runs"
     assert report.verdict((-0.5, 0.1, 3), side=-1) == "holds"
@@ -306,7 +306,7 @@ def tiny_study(root, seeds=(1, 2)):
         write_lp(root, seed, [2.0, 4.0][i], phi, labels, rng)
         for m, diff in (("ft", 0.8), ("lora", 0.5), ("lp_ft", [0.1, 0.3][i]), ("lp_lora", 0.2)):
             d = write_run(root, "cb", m, seed, 1e-4, val=0.7, test=0.7 + i / 10, diff=diff)
-            write_head(d, rng, phi, labels)
+            write_head(d, rng, phi + 1e-3, labels)  # start features != lp.py's cache
             write_calibration(d, ([8.0, 10.0][i], [3.0, 4.0][i]), ([20.0, 30.0][i], [6.0, 10.0][i]))
             write_ntk(root, m, seed, [0.9, 1.0][i] if m == "lp_ft" else 0.3, rng, kernel_labels)
         write_run(root, "cb", "ft", seed, 1e-4, val=0.7, test=0.7, scale=10, diff=0.2)
@@ -388,11 +388,12 @@ def test_every_table_and_figure_of_the_paper(tmp_path):
         "LP-LoRA, after training")]
     ft_dir = next(r["dir"] for r in used if r["method"] == "ft")
     assert np.array_equal(panels[1][1], np.load(f"{ft_dir}/features.npz")["test_phi"])  # FT's own features
-    phi0 = np.load(f"{ft_dir}/features.npz")["test_phi0"]  # the pre-trained test features (float32, as cached)
-    assert np.array_equal(panels[0][1], phi0) and not gaps  # the LP panel: lp.py's cached pre-trained features
+    cached = np.random.default_rng(0).normal(size=(N_TEST, D)).astype(np.float32)  # tiny_study's phi, as cached
+    assert np.array_equal(panels[0][1], cached) and not gaps  # the LP panel: lp.py's cached pre-trained features
     shutil.rmtree(tmp_path / "cache")  # without lp.py's cache: the start features a fine-tuning run saved
     panels, gaps, _ = report.tsne_panels(study, "cb")
-    assert np.array_equal(panels[0][1], phi0) and len(panels) == 5 and not gaps
+    phi0 = np.load(f"{ft_dir}/features.npz")["test_phi0"]
+    assert np.array_equal(panels[0][1], phi0) and not np.array_equal(phi0, cached) and len(panels) == 5 and not gaps
 
 
 def test_trace_norm_heat_map_is_the_nuclear_norm_of_each_block():
@@ -427,7 +428,8 @@ def test_tables_and_figures_without_their_runs_say_so_in_one_line(tmp_path):
         lines = next(v for t, v in figures.items() if t.startswith(key))
         assert len(lines) == 1 and lines[0].startswith("Missing: "), key
     assert next(v for t, v in figures.items() if t.startswith("Figures 1"))[-1].endswith("Missing: LP runs (lp.py).")
-    assert "Missing: sst2: no LP run; sst2 FT: no features.npz (a run made before the kit saved it)." in md
+    assert "Missing: sst2: no LP run; sst2 FT: features.npz missing or damaged (a run made before the kit saved " \
+        "it?)." in md
 
 
 def test_a_damaged_kernel_file_is_named_not_fatal(tmp_path):
@@ -439,21 +441,46 @@ def test_a_damaged_kernel_file_is_named_not_fatal(tmp_path):
     assert (tmp_path / "ntk_trace_norm_cb.png").exists()
 
 
+def amazon_run(root, seed, diff, scale=1.0, splits=("test", "val", "dynasent", "semeval", "sst5")):
+    """An Amazon FT run whose feature statistics differ by split: split i (from 1) has CS 0.1 i, FDR 0.2 i and
+    Diff(F) diff x i at its best epoch (0 at the start)."""
+    d = write_run(root, "amazon", "ft", seed, 1e-4, val=0.8, test=0.8, diff=diff, scale=scale,
+                  extra={"dynasent": 0.6, "semeval": 0.6, "sst5": 0.6})
+    res = json.loads((d / "results.json").read_text())
+    for h, moved in zip(res["history"], (0.0, 1.0)):
+        h["features"] = {sp: {"diff_f": moved * diff * i, "cs_f": 0.1 * i, "fdr_f": 0.2 * i}
+                         for i, sp in enumerate(splits, 1)}
+        h |= h["features"]["test"]
+    (d / "results.json").write_text(json.dumps(res))
+    return d
+
+
 def test_table_11_reads_the_feature_statistics_of_every_ood_set(tmp_path):
     for seed, diff in ((1, 2.0), (2, 4.0)):
-        d = write_run(tmp_path, "amazon", "ft", seed, 1e-4, val=0.8, test=0.8, diff=0.5,
-                      extra={"dynasent": 0.6, "semeval": 0.6, "sst5": 0.6})
-        res = json.loads((d / "results.json").read_text())
-        for h, scale in zip(res["history"], (0.0, 1.0)):  # each OOD set's own numbers: Diff(F) diff x its index
-            h["features"] = {sp: {"diff_f": scale * diff * i, "cs_f": 0.1 * i, "fdr_f": 0.2 * i}
-                             for i, sp in enumerate(("test", "val", "dynasent", "semeval", "sst5"))}
-            h |= h["features"]["test"]
-        (d / "results.json").write_text(json.dumps(res))
+        amazon_run(tmp_path, seed, diff)
     md = report.main(["--root", str(tmp_path)])
     t11 = sections(md)["Amazon: feature and head change, ID and OOD (Table 11)"]
     assert t11[0].startswith("fed by: 2 runs (amazon; FT; seeds 1, 2)")
-    # SST-5 is index 4: CS 0.4, Diff(F) 4 x (2, 4) = 8 and 16 (mean 12, std 5.66), FDR 0.8; Pre-trained at epoch 0
-    assert "| amazon (sst5) Pre-trained | 0.4 ± 0 | – | 0.8 ± 0 | 0.02 ± 0 |" in t11
-    assert "| amazon (sst5) FT | 0.4 ± 0 | 12 ± 5.66 | 0.8 ± 0 | 1 ± 0 |" in t11
-    assert "| amazon (dynasent) FT | 0.2 ± 0 | 6 ± 2.83 | 0.4 ± 0 | 1 ± 0 |" in t11
-    assert "| amazon FT | 0 ± 0 | 0 ± 0 | 0 ± 0 | 1 ± 0 |" in t11  # the ID test split (index 0)
+    # SST-5 is split 5: CS 0.5, Diff(F) 5 x (2, 4) = 10 and 20 (mean 15, std 7.07), FDR 1; Pre-trained at epoch 0
+    assert "| amazon (sst5) Pre-trained | 0.5 ± 0 | – | 1 ± 0 | 0.02 ± 0 |" in t11
+    assert "| amazon (sst5) FT | 0.5 ± 0 | 15 ± 7.07 | 1 ± 0 | 1 ± 0 |" in t11
+    assert "| amazon (dynasent) FT | 0.3 ± 0 | 9 ± 4.24 | 0.6 ± 0 | 1 ± 0 |" in t11
+    assert "| amazon FT | 0.1 ± 0 | 3 ± 1.41 | 0.2 ± 0 | 1 ± 0 |" in t11  # the ID test split (split 1)
+
+
+def test_norm_scaling_reads_amazon_on_sst5_only_when_every_run_has_it(tmp_path):
+    """The paper's Figure 3: Amazon's models measured on SST-5; one split for all of a task's runs (table, figure
+    and claim c6 alike), test when any run lacks SST-5 (the older kit)."""
+    for seed in (1, 2):
+        amazon_run(tmp_path, seed, 2.0)  # scale 1: Diff(F) on SST-5 = 10, on test = 2
+        amazon_run(tmp_path, seed, 0.5, scale=10)  # scale 10: 2.5 on SST-5, 0.5 on test
+    md = report.main(["--root", str(tmp_path)])
+    assert "| amazon FT | 10 | 0.200 | sst5 | 2.500 ± 0.000 |" in md
+    assert "| amazon FT | 1 | 0.020 | sst5 | 10.000 ± 0.000 |" in md
+    assert "Diff(F) at head scale 1 − at 10, FT (on sst5) | +7.5" in md
+    shutil.rmtree(next((tmp_path / "amazon").glob("ft-*scale10*-seed2")))
+    amazon_run(tmp_path, 2, 0.5, scale=10, splits=("test", "val"))  # an older run: no OOD statistics
+    md = report.main(["--root", str(tmp_path)])
+    assert "| amazon FT | 10 | 0.200 | test | 0.500 ± 0.000 |" in md
+    assert "| amazon FT | 1 | 0.020 | test | 2.000 ± 0.000 |" in md
+    assert "Diff(F) at head scale 1 − at 10, FT | +1.5" in md
