@@ -484,3 +484,15 @@ def test_norm_scaling_reads_amazon_on_sst5_only_when_every_run_has_it(tmp_path):
     assert "| amazon FT | 10 | 0.200 | test | 0.500 ± 0.000 |" in md
     assert "| amazon FT | 1 | 0.020 | test | 2.000 ± 0.000 |" in md
     assert "Diff(F) at head scale 1 − at 10, FT | +1.5" in md
+
+
+def test_damaged_lp_curves_leave_the_run_out_instead_of_crashing(tmp_path, capsys):
+    tiny_study(tmp_path)
+    for seed, key in ((1, "norm_curve"), (2, "norm_curve_test_accuracy")):
+        f = tmp_path / "cb" / f"lp-seed{seed}" / "lp_results.json"
+        f.write_text(json.dumps(json.loads(f.read_text()) | {key: [None, "x"]}))
+    md = report.main(["--root", str(tmp_path)])
+    err = capsys.readouterr().err
+    for seed, key in ((1, "norm_curve"), (2, "norm_curve_test_accuracy")):
+        assert f"cb/lp-seed{seed}/lp_results.json: {key} is not a list of numbers" in err
+    assert "## Figures" in md  # the report is still written, the figures included
