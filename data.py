@@ -751,10 +751,12 @@ def no_mlm_head(name, why):
             f"{model_id(name)} has no MLM head ({why})")
 
 
-def check_prompt(name, task, max_len=None):
-    """--prompt, from the config and tokenizer alone (no weights loaded, no file written): the checkpoint is a
-    masked LM, its tokenizer has mask/cls/sep tokens and the task's label words as single tokens, and --max_len
-    holds the template with room for the text."""
+def check_prompt(name, task, max_len=None, pooling=POOLING):
+    """--prompt, from the flags, config and tokenizer alone (no weights loaded, no file written): phi is taken at
+    the mask (cls pooling), the checkpoint is a masked LM, its tokenizer has mask/cls/sep tokens and the task's label
+    words as single tokens, and --max_len holds the template with room for the text."""
+    if pooling != "cls":
+        die(f"--prompt takes phi(x) at the mask token; drop --pooling {pooling}")
     from transformers import AutoConfig, AutoTokenizer
 
     path = resolve_model(name)

@@ -353,9 +353,7 @@ def fill_from_head(args):
     data.check_max_len(args.model, args.max_len)
     prompt = getattr(args, "prompt", None)
     if prompt:
-        if args.pooling != "cls":
-            die(f"--prompt takes phi(x) at the mask token; drop --pooling {args.pooling}")
-        data.check_prompt(args.model, args.task, args.max_len)
+        data.check_prompt(args.model, args.task, args.max_len, args.pooling)
     if head is not None:
         check_head(head, args.init, args.task, args.model, model_width(args.model), args.max_len, args.pooling,
                    prompt)

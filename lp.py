@@ -76,9 +76,7 @@ def check_args(args):
     data.check_output_dir(args.cache_dir, "--cache_dir")
     data.check_max_len(args.model, args.max_len)
     if args.prompt:
-        if args.pooling != "cls":
-            die(f"--prompt takes phi(x) at the mask token; drop --pooling {args.pooling}")
-        data.check_prompt(args.model, args.task, args.max_len)
+        data.check_prompt(args.model, args.task, args.max_len, args.pooling)
 
 
 # ---------------------------------------------------------------- what a run directory records
@@ -251,17 +249,17 @@ def norm_curve(x, y, n_classes, C, steps, test=None):
         loss.backward()
         return loss
 
-    def accuracy():  # argmax of a zero head is class 0, as the untrained probe predicts
-        return float(((torch.from_numpy(test[0]).double() @ W.T + b).argmax(1).numpy() == test[1]).mean())
+    x_test = None if test is None else torch.from_numpy(test[0]).double()
 
-    with torch.no_grad():
-        curve, acc = [0.0], [accuracy()] if test is not None else []
+    @torch.no_grad()
+    def accuracy():  # argmax of a zero head is class 0, as the untrained probe predicts
+        return [] if test is None else [float(((x_test @ W.T + b).argmax(1).numpy() == test[1]).mean())]
+
+    curve, acc = [0.0], accuracy()
     for _ in range(steps):
         opt.step(closure)
         curve.append(float(W.detach().norm()))
-        if test is not None:
-            with torch.no_grad():
-                acc.append(accuracy())
+        acc += accuracy()
     return curve, acc
 
 

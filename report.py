@@ -716,14 +716,15 @@ def ece_by_seed(runs, when):
 
 def scaling_pairs(s, task):
     """c6: for each method with head-scaled runs, Diff(F) at the smallest minus at the largest initial head scale
-    (scale 1 = the study's own runs), paired by seed. -> [(method, small, large, paired)]"""
+    (scale 1 = the study's own runs), paired by seed, on the split the norm-scaling table and figure use (Amazon:
+    SST-5). -> (that split, [(method, small, large, paired)])"""
     out, groups = [], scaling_groups(s.rows)
-    on = scaling_split(groups, task)  # as the norm-scaling table and figure (Amazon: SST-5)
+    on = scaling_split(groups, task)
     for (t, m), by in sorted(groups.items()):
         if t == task:
             lo, hi = ({r["seed"]: scaling_diff(r, on) for r in by[sc]} for sc in (min(by), max(by)))
             out.append((m, min(by), max(by), paired(lo, hi)))
-    return out
+    return on, out
 
 
 def claim_rows(s, t):
@@ -743,8 +744,8 @@ def claim_rows(s, t):
                  paired(ece_by_seed(ch("lp_ft"), "after"), ece_by_seed(ch("lp_ft"), "before")), -1, 1))
     rows.append(("c5 FT ratio larger after LP", "FT ratio LP-FT − FT (eNTK at the start)",
                  paired(ntk_by_seed(s, t, "lp_ft"), ntk_by_seed(s, t, "ft")), 1, 1))
-    on = scaling_split(scaling_groups(s.rows), t)
-    for m, lo, hi, p in scaling_pairs(s, t) or [("ft", None, None, (None, None, 0))]:
+    on, pairs = scaling_pairs(s, t)
+    for m, lo, hi, p in pairs or [("ft", None, None, (None, None, 0))]:
         what = f"Diff(F) at head scale {lo:g} − at {hi:g}, {NAMES[m]}" if lo is not None else "Diff(F), head scaled"
         what += f" (on {on})" if on != "test" else ""
         rows.append(("c6 larger initial head norm, less feature change", what, p, 1, 1))
@@ -1074,11 +1075,11 @@ def tsne_panel(ax, title, phi, labels, heads):
     ax.legend(handles=ax.get_legend_handles_labels()[0] + rows, fontsize=6, loc="best")
 
 
-def tuned_features(run):
-    """(test features at the best epoch, labels) from a fine-tuning run's features.npz; None when absent (a run
-    made before the kit saved them) or damaged."""
-    z = load_arrays(Path(run["dir"]) / "features.npz", ["test_phi", "test_labels"])
-    return None if z is None else (z["test_phi"].astype(np.float64), z["test_labels"])
+def saved_features(run, key="test_phi"):
+    """(test features, labels) from a fine-tuning run's features.npz: test_phi at the best epoch, test_phi0 at the
+    start; None when absent (a run made before the kit saved them) or damaged."""
+    z = load_arrays(Path(run["dir"]) / "features.npz", [key, "test_labels"])
+    return None if z is None else (z[key].astype(np.float64), z["test_labels"])
 
 
 def tsne_panels(s, t):
@@ -1094,11 +1095,9 @@ def tsne_panels(s, t):
     panels, gaps, used = [], [] if "lp" in runs else [f"{t}: no LP run"], []
     pre = cached_features(s.root, runs["lp"]) if "lp" in runs else None
     if pre is None and "lp" in runs:  # no feature cache: the pre-trained features a fine-tuning run started from
-        z = next((z for m, r in runs.items() if m != "lp"
-                  for z in [load_arrays(Path(r["dir"]) / "features.npz", ["test_phi0", "test_labels"])] if z), None)
-        pre = None if z is None else (z["test_phi0"].astype(np.float64), z["test_labels"])
+        pre = next((f for m, r in runs.items() if m != "lp" for f in [saved_features(r, "test_phi0")] if f), None)
     for m, r in runs.items():
-        feats = pre if m == "lp" else tuned_features(r)
+        feats = pre if m == "lp" else saved_features(r)
         if feats is None:
             gaps.append(f"{t} {NAMES[m]}: " + ("no cached pre-trained features (lp.py's --cache_dir) or features.npz"
                                               if m == "lp" else "features.npz missing or damaged (a run made "
