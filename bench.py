@@ -52,15 +52,20 @@ def parse(argv=None):
     a("--warmup", type=int, help="untimed steps first (default 10 on CUDA, 2 on CPU)")
     a("--infer_examples", type=int, help="examples for the inference timing (default 4096 on CUDA, 64 on CPU)")
     a("--eval_batch_size", type=int, default=64, help="lp.py's feature-extraction batch (its default)")
-    a("--compile", action="store_true", help="also time ft.py's and lora.py's steps under torch.compile (the epoch "
-      "suite then compiles too, pads to multiples of 16 as ft.py --compile, and warms up each batch shape untimed)")
+    a("--compile", nargs="?", const="all", choices=["ft", "all"],
+      help="also time ft.py's (ft) or ft.py's and lora.py's (all, the default when given alone) steps under "
+      "torch.compile (the epoch suite then compiles too, pads to multiples of 16 as ft.py --compile, and warms up "
+      "each batch shape untimed)")
+    a("--profile", action="store_true", help="also profile a few of ft.py's steps: device time by kind of kernel "
+      "(matrix multiplies, attention, optimizer, the rest), to show where a step's time goes")
     a("--hf_attn", choices=["default", "sdpa", "eager"], default="default",
       help="the HF baseline's attention (default: what transformers picks)")
     a("--tasks", default="rte,sst2", help="tasks of the epoch/trainer suites")
     a("--max_train_samples", type=int, help="train examples per task (default: RTE all, SST-2 4000)")
     a("--data_dir", help="folder with the official files (default: $LPFT_DATA, else ./data)")
     a("--lr", type=float, default=2e-5)
-    a("--peak_tflops", type=float, default=790.0, help="the GPU's dense bf16 peak for MFU (790: the issue's H100)")
+    a("--peak_tflops", type=float, help="the dense bf16 matrix-multiply peak for MFU (default: measured in this run, "
+      "an 8192^3 bf16 product on CUDA)")
     a("--seed", type=int, default=0)
     a("--output", default="runs/bench.json")
     args = p.parse_args(argv)
@@ -109,10 +114,13 @@ def tiny_config(**kw):
 
 
 def tokenizer(name, cfg):
-    """Random configs use the embedded (BERT) tokenizer: the only one that works offline everywhere."""
+    """Random configs use the embedded (BERT) tokenizer, the only one that works offline everywhere, or the folder
+    $KIT_TOKENIZER names (a GPU machine without the embedded model: tools/gpu_check.sh --tokenizer)."""
+    import os
+
     from transformers import AutoTokenizer
 
-    path = data.resolve_model(None if cfg is not None else name)
+    path = data.resolve_model(name) if cfg is None else os.environ.get("KIT_TOKENIZER") or data.resolve_model(None)
     try:
         return AutoTokenizer.from_pretrained(path)
     except OSError as e:
@@ -193,6 +201,61 @@ def rates(seconds, examples, tokens, flops_per_token, bf16, dev, args):
             "tflops": tflops, "mfu": tflops / args.peak_tflops if dev.type == "cuda" and bf16 else None}
 
 
+def measure_peak(dev):
+    """TFLOP/s of one large matrix product, the best of three timings of 10 (bf16 8192^3 on CUDA: MFU's
+    denominator, measured in the same run as the steps; fp32 1024^3 on the CPU, reported only)."""
+    n, dt, reps = (8192, torch.bfloat16, 10) if dev.type == "cuda" else (1024, torch.float32, 3)
+    g = torch.Generator(device=dev).manual_seed(0)
+    a, b = (torch.randn(n, n, device=dev, dtype=dt, generator=g) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(3):
+        sync(dev)
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(dev)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 * reps / best / 1e12
+
+
+KERNEL_KINDS = (("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "addmm", "mm_", "bmm", "linear")),
+                ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+                ("optimizer", ("adam", "multi_tensor", "foreach", "clip", "norm_out")),
+                ("layernorm", ("layer_norm", "layernorm")))
+
+
+def kind_of(name):
+    low = name.lower()
+    return next((k for k, words in KERNEL_KINDS if any(w in low for w in words)), "other")
+
+
+def profile_steps(step, batches, dev, n=5):
+    """Device time (CUDA kernels; on CPU the operators' own time) of n steps by kind of kernel, and the top 12."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    sync(dev)
+    with profile(activities=acts) as prof:
+        for i in range(n):
+            step(*batches[i % len(batches)])
+        sync(dev)
+    own = lambda e: (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+                     if dev.type == "cuda" else e.self_cpu_time_total)
+    evs = [(e.key, own(e)) for e in prof.key_averages() if own(e) > 0]
+    if dev.type == "cuda":  # kernels only: operators' own device time is their kernels', counted once here
+        evs = [(k, t) for k, t in evs if not k.startswith("aten::")] or evs
+    total = sum(t for _, t in evs) or 1
+    kinds = {}
+    for k, t in evs:
+        kinds[kind_of(k)] = kinds.get(kind_of(k), 0) + t
+    top = sorted(evs, key=lambda e: -e[1])[:12]
+    return {"steps": n, "device_ms_per_step": total / 1000 / n,
+            "share_by_kind": {k: v / total for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"name": k[:120], "kind": kind_of(k), "share": t / total} for k, t in top]}
+
+
 # ---------------------------------------------------------------- synthetic: training steps
 def synthetic_batches(n, bs, L, vocab, C, seed, pin):
     """n random batches (ids from 3 on: no pad/special ids), every token real; pinned on CUDA."""
@@ -266,6 +329,7 @@ def synthetic_train(name, cfg, args, dev):
     if args.compile:
         contenders.insert(3, ("ft_step_compile", lambda: kit_trainer(name, cfg, args, dev, compile=True),
                               dev.type == "cuda"))
+    if args.compile == "all":
         contenders.append(("lora_step_compile", lambda: kit_trainer(name, cfg, args, dev, True, True),
                            dev.type == "cuda"))
     vocab = (cfg.vocab_size if cfg is not None else tokenizer(name, cfg).vocab_size)
@@ -284,6 +348,11 @@ def synthetic_train(name, cfg, args, dev):
              "ms_per_step": 1000 * secs / args.steps, "warmup_s": warm}
         r |= rates(secs, args.steps * bs, args.steps * bs * L, 4 * n + 2 * nt, bf16, dev, args)
         r |= {"peak_mem_gb": peak_gb(dev), "loss_first": losses[0], "loss_last": losses[-1], "losses": losses}
+        if args.profile and key in ("hf_bf16", "ft_step"):
+            try:
+                r["profile"] = profile_steps(step, batches, dev)
+            except RuntimeError as e:  # a profiler the machine does not allow costs the profile only
+                r["profile_error"] = str(e).splitlines()[0]
         rows[key] = r
         print(f"  train {key:<18} {r['ms_per_step']:>9.2f} ms/step  {r['examples_per_s']:>9.1f} ex/s")
         del model, step
@@ -486,6 +555,10 @@ def print_table(res):
             print(f"  {k:<20}{r['precision']:>15}{fmt(ms, '.2f'):>10}{r['examples_per_s']:>10.1f}"
                   f"{r['tokens_per_s']:>11.0f}{r['tflops']:>9.3f}{fmt(r['mfu'], '.3f'):>7}"
                   f"{fmt(r['peak_mem_gb'], '.2f'):>9}{x:>10}")
+        for k, r in syn["train"].items():
+            if "profile" in r:
+                shares = ", ".join(f"{kind} {100 * v:.0f}%" for kind, v in r["profile"]["share_by_kind"].items())
+                print(f"  where {k}'s time goes ({r['profile']['device_ms_per_step']:.2f} ms/step profiled): {shares}")
     for task, t in res.get("epoch", {}).items():
         print(f"\none epoch of {task} ({t['examples']} examples), batch {res['config']['batch_size']}")
         print(f"  {'contender':<16}{'seconds':>9}{'ex/s':>9}{'real tok':>11}{'computed':>11}{'padded':>11}"
@@ -535,12 +608,14 @@ def main(argv=None):
     if args.steps < 1 or args.infer_examples < 1 or args.warmup < 0:
         die("--steps and --infer_examples must be >= 1, --warmup >= 0")
     tok = tokenizer(name, cfg)
-    res = {"config": {k: v for k, v in vars(args).items()} | {
+    warm_device(dev)
+    measured = measure_peak(dev)
+    args.peak_tflops = args.peak_tflops or measured
+    res = {"config": {k: v for k, v in vars(args).items()} | {"peak_tflops_measured": measured,
         "model": name, "random_init": cfg is not None, "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads()}}
     print(f"bench: {name} ({'random init' if cfg is not None else 'pretrained'}), {res['config']['device']}, "
-          f"suites {', '.join(args.suites)}")
-    warm_device(dev)
+          f"suites {', '.join(args.suites)}; matrix-multiply peak measured: {measured:.1f} TFLOP/s")
     if "synthetic" in args.suites:
         res["synthetic"] = {"train": synthetic_train(name, cfg, args, dev), "infer": synthetic_infer(name, cfg, args,
                                                                                                      dev)}

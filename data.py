@@ -816,18 +816,28 @@ def to_device(batch, dev):
     return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(dev, precision=None):
+    """bf16 autocast with fp32 weights (precision "bf16", the default on CUDA) or plain fp32 ("fp32", the default on
+    the CPU and the paper's)."""
+    precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @torch.inference_mode()
-def extract(fn, encoded, pad_id, batch_size=64, desc=None, multiple_of=1):
+def extract(fn, encoded, pad_id, batch_size=64, desc=None, multiple_of=1, precision=None, dev=None):
     """Run fn(batch) -> tensor or tuple of tensors over length-sorted batches; -> float32 numpy
-    arrays in the original example order. bf16 autocast on CUDA."""
+    arrays in the original example order. bf16 autocast on CUDA unless precision says otherwise."""
     from tqdm import tqdm
 
-    dev = device()
+    dev = dev or device()
     order = batches(encoded, batch_size)
     outs = []
     for idx in tqdm(order, desc=desc, disable=desc is None, leave=False):
         b = to_device(collate(encoded, idx, pad_id, multiple_of), dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with autocast(dev, precision):
             o = fn(b)
         o = o if isinstance(o, tuple) else (o,)
         outs.append([t.float() for t in o])

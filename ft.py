@@ -471,10 +471,10 @@ def adamw(params, lr, dev):
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=dev.type in ("cuda", "cpu"))
 
 
-def train_step(fwd, opt, sched, params, batch, y):
-    """One optimizer step: bf16 autocast on CUDA, fp32 loss, clip 1.0. Returns the loss (no host sync)."""
-    dev = y.device
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+def train_step(fwd, opt, sched, params, batch, y, precision=None):
+    """One optimizer step: bf16 autocast on CUDA (precision "fp32": none), fp32 loss, clip 1.0. Returns the loss
+    (no host sync)."""
+    with data.autocast(y.device, precision):
         loss = F.cross_entropy(fwd(**batch).float(), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
