@@ -241,11 +241,12 @@ def profile_steps(step, batches, dev, n=5):
         for i in range(n):
             step(*batches[i % len(batches)])
         sync(dev)
-    own = lambda e: (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-                     if dev.type == "cuda" else e.self_cpu_time_total)
-    evs = [(e.key, own(e)) for e in prof.key_averages() if own(e) > 0]
-    if dev.type == "cuda":  # kernels only: operators' own device time is their kernels', counted once here
-        evs = [(k, t) for k, t in evs if not k.startswith("aten::")] or evs
+    if dev.type == "cuda":  # the kernels themselves (operators and annotations would count their kernels again)
+        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        evs = [(e.key, getattr(e, "self_device_time_total", None) or e.self_cuda_time_total) for e in kernels]
+    else:
+        evs = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    evs = [(k, t) for k, t in evs if t > 0]
     total = sum(t for _, t in evs) or 1
     kinds = {}
     for k, t in evs:
@@ -558,7 +559,10 @@ def print_table(res):
         for k, r in syn["train"].items():
             if "profile" in r:
                 shares = ", ".join(f"{kind} {100 * v:.0f}%" for kind, v in r["profile"]["share_by_kind"].items())
-                print(f"  where {k}'s time goes ({r['profile']['device_ms_per_step']:.2f} ms/step profiled): {shares}")
+                ms = r["profile"]["device_ms_per_step"]
+                busy = (f"kernels {ms:.2f} ms of its {r['ms_per_step']:.2f} ms step "
+                        f"({100 * ms / r['ms_per_step']:.0f}% busy)" if c["device"] != "cpu" else "operators' own time")
+                print(f"  where {k}'s time goes: {busy}; {shares}")
     for task, t in res.get("epoch", {}).items():
         print(f"\none epoch of {task} ({t['examples']} examples), batch {res['config']['batch_size']}")
         print(f"  {'contender':<16}{'seconds':>9}{'ex/s':>9}{'real tok':>11}{'computed':>11}{'padded':>11}"
