@@ -4,13 +4,13 @@ import json
 import shutil
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import ROOT, snapshot
 
 import report
+import report_figs
 
 
 def write_run(root, task, method, seed, lr, val, test, failed=None, scale=1.0, diff=0.5, norm=1.0, extra=None):
@@ -19,9 +19,11 @@ def write_run(root, task, method, seed, lr, val, test, failed=None, scale=1.0, d
     cfg = {"task": task, "method": method, "seed": seed, "lr": lr, "head_scale": scale}
     if failed:
         res = {"config": cfg, "history": [], "finished": False, "failed": failed}
-    else:
-        h0 = {"epoch": 0, "head_norm": 0.02 * scale, "diff_f": 0.0, "cs_f": 0.9, "fdr_f": 0.1}
-        h1 = {"epoch": 1, "head_norm": norm, "diff_f": diff, "cs_f": 0.8, "fdr_f": 0.2,
+    else:  # each epoch's feature statistics per evaluation split (features), the test split's also at the top
+        st0, st1 = {"diff_f": 0.0, "cs_f": 0.9, "fdr_f": 0.1}, {"diff_f": diff, "cs_f": 0.8, "fdr_f": 0.2}
+        splits = ("val", "test", *(extra or {}))
+        h0 = {"epoch": 0, "head_norm": 0.02 * scale, **st0, "features": {sp: st0 for sp in splits}}
+        h1 = {"epoch": 1, "head_norm": norm, **st1, "features": {sp: st1 for sp in splits},
               "val": {"accuracy": val}, "test": {"accuracy": test}}
         res = {"config": cfg, "history": [h0, h1], "best_epoch": 1, "finished": True, "head_norm": norm,
                "metrics": {"val": {"accuracy": val, "mcc": val}, "test": {"accuracy": test, "mcc": test}}}
@@ -144,7 +146,8 @@ def test_malformed_calibration_and_ntk_files_are_named_not_fatal(tmp_path):
     ntk = tmp_path / "cb/ntk-ft-seed1"
     ntk.mkdir()
     (ntk / "ntk_results.json").write_text(json.dumps({
-        "config": {"task": "cb", "n_train": 16}, "ft_ratio": "big", "head_norm": 1.0,
+        "config": {"task": "cb", "n_train": 16, "ntk_method": "ft", "kernel": "sgd"}, "ft_ratio": "big",
+        "head_norm": 1.0,
         "kernels": {K: {"fro": 1.0, "rank": 3} for K in ("P", "F", "P+F")}}))
     ntk2 = tmp_path / "cb/ntk-lp_ft-seed1"
     ntk2.mkdir()
@@ -185,7 +188,7 @@ def test_claims_are_decided_by_paired_intervals(tmp_path):
                       diff=[0.1, 0.2, 0.15][seed - 1])
         ece = {w: {"accuracy": 0.8, "nll": 0.5, "brier": 0.3, "ece": e, "mce": e} for w, e in
                (("before", 7.0 + seed), ("after", [3.0, 3.5, 2.5][seed - 1]))}
-        (d / "calibration.json").write_text(json.dumps({"temperature": 2.0, "converged": True,
+        (d / "calibration.json").write_text(json.dumps({"temperature": 2.0, "converged": True, "optimizer": "lbfgs",
                                                         "splits": {"test": {"n": 400, **ece}}}))
         write_run(tmp_path, "sst2", "lora", seed, 1e-3, val=0.7, test=0.7, diff=0.3)
         write_run(tmp_path, "sst2", "lp_lora", seed, 1e-3, val=0.7, test=0.7, diff=[0.5, 0.55, 0.6][seed - 1])
@@ -195,7 +198,8 @@ def test_claims_are_decided_by_paired_intervals(tmp_path):
             k = tmp_path / f"sst2/ntk-{m}-seed{seed}"
             k.mkdir()
             (k / "ntk_results.json").write_text(json.dumps({
-                "config": {"task": "sst2", "seed": seed, "n_train": 16}, "ft_ratio": ratio, "head_norm": 1.0,
+                "config": {"task": "sst2", "seed": seed, "n_train": 16, "ntk_method": m, "kernel": "sgd"},
+                "ft_ratio": ratio, "head_norm": 1.0,
                 "kernels": {K: {"fro": 1.0, "rank": 3} for K in ("P", "F", "P+F")}}))
     md = report.main(["--root", str(tmp_path)])
     rows = {line.split(" | ")[1] + " / " + line.split(" | ")[2]: line.split(" | ")[-1].rstrip(" |")
@@ -224,7 +228,7 @@ def test_claims_are_decided_by_paired_intervals(tmp_path):
 # ---------------------------------------------------------------- every table and figure of the paper
 C, D, N_TEST, N_KERNEL = 3, 8, 12, 6  # CB's classes; the tiny study's feature width, test set, kernel subset
 MODEL_CFG = {"model": "tiny-model", "pooling": "cls", "max_len": 16, "max_train_samples": None,
-             "max_eval_samples": None, "cache_dir": "cache"}
+             "max_eval_samples": None}
 
 
 def write_head(d, rng, phi0=None, labels=None):
@@ -247,11 +251,9 @@ def write_calibration(d, ece, mce, temperature=1.5):
 
 
 def write_lp(root, seed, norm, phi, labels, rng):
-    """An LP run as lp.py writes it: lp_results.json (with a norm curve), lp_head.pt, logits.npz and the cached
-    pre-trained test features under <root>/cache, named by lp.cache_key."""
+    """An LP run as lp.py writes it: lp_results.json (with a norm curve), lp_head.pt, logits.npz and features.npz
+    (the pre-trained test features: test_phi0 and test_phi alike, as LP leaves them unchanged)."""
     import torch
-
-    import lp
 
     d = root / "cb" / f"lp-seed{seed}"
     d.mkdir(parents=True)
@@ -264,10 +266,8 @@ def write_lp(root, seed, norm, phi, labels, rng):
                                                    "norm_curve_test_accuracy": [0.3, 0.5, 0.7]}))
     torch.save({"weight": torch.from_numpy(rng.normal(size=(C, D)))}, d / "lp_head.pt")
     np.savez(d / "logits.npz", test_logits=np.zeros((N_TEST, C), np.float32), test_labels=labels)
-    key = lp.cache_key(SimpleNamespace(**cfg), "test", fp["data:test"])
-    cache = root / "cache/cb/tiny-model_cls_L16"
-    cache.mkdir(parents=True, exist_ok=True)
-    np.save(cache / key, phi.astype(np.float32))
+    np.savez(d / "features.npz", test_phi0=phi.astype(np.float32), test_phi=phi.astype(np.float32),
+             test_labels=labels)
 
 
 def kernels(rng, labels):
@@ -289,7 +289,8 @@ def write_ntk(root, method, seed, ratio, rng, labels):
                        "effective_rank": 3.0, "sv_normalised": (sv / sv[0]).tolist(),
                        "pair_logreg": {"train": 0.9, "test": 0.6}, "kernel_regression": {"train": 1.0, "test": 0.5}}
     (d / "ntk_results.json").write_text(json.dumps({
-        "config": {"task": "cb", "seed": seed, "n_train": N_KERNEL, "head_scale": 1.0, "ntk_method": method},
+        "config": {"task": "cb", "seed": seed, "n_train": N_KERNEL, "head_scale": 1.0, "ntk_method": method,
+                   "kernel": "sgd"},
         "kernels": stats, "ft_ratio": ratio, "fro_ratio": 0.5, "head_norm": 1.0}))
     np.savez(d / "kernels.npz", P_train=P, F_train=F, train_labels=labels)
     return P, F
@@ -306,7 +307,7 @@ def tiny_study(root, seeds=(1, 2)):
         write_lp(root, seed, [2.0, 4.0][i], phi, labels, rng)
         for m, diff in (("ft", 0.8), ("lora", 0.5), ("lp_ft", [0.1, 0.3][i]), ("lp_lora", 0.2)):
             d = write_run(root, "cb", m, seed, 1e-4, val=0.7, test=0.7 + i / 10, diff=diff)
-            write_head(d, rng, phi + 1e-3, labels)  # start features != lp.py's cache
+            write_head(d, rng, phi + 1e-3, labels)  # start features != the LP run's
             write_calibration(d, ([8.0, 10.0][i], [3.0, 4.0][i]), ([20.0, 30.0][i], [6.0, 10.0][i]))
             write_ntk(root, m, seed, [0.9, 1.0][i] if m == "lp_ft" else 0.3, rng, kernel_labels)
         write_run(root, "cb", "ft", seed, 1e-4, val=0.7, test=0.7, scale=10, diff=0.2)
@@ -382,16 +383,17 @@ def test_every_table_and_figure_of_the_paper(tmp_path):
     assert "Missing" not in tsne[-1]  # every method's panel: the fine-tuned features are in features.npz
     study = report.collect(tmp_path)
     report.build(study)
-    panels, gaps, used = report.tsne_panels(study, "cb")
+    panels, gaps, used = report_figs.tsne_panels(study, "cb")
     assert [p[0] for p in panels] == [f"cb {n} (seed 1)" for n in (
         "pre-trained, LP head", "FT, after training", "LoRA, after training", "LP-FT, after training",
         "LP-LoRA, after training")]
     ft_dir = next(r["dir"] for r in used if r["method"] == "ft")
     assert np.array_equal(panels[1][1], np.load(f"{ft_dir}/features.npz")["test_phi"])  # FT's own features
-    cached = np.random.default_rng(0).normal(size=(N_TEST, D)).astype(np.float32)  # tiny_study's phi, as cached
-    assert np.array_equal(panels[0][1], cached) and not gaps  # the LP panel: lp.py's cached pre-trained features
-    shutil.rmtree(tmp_path / "cache")  # without lp.py's cache: the start features a fine-tuning run saved
-    panels, gaps, _ = report.tsne_panels(study, "cb")
+    cached = np.random.default_rng(0).normal(size=(N_TEST, D)).astype(np.float32)  # tiny_study's phi, as LP saved it
+    assert np.array_equal(panels[0][1], cached) and not gaps  # the LP panel: the LP run's pre-trained features
+    for f in (tmp_path / "cb").glob("lp-seed*/features.npz"):
+        f.unlink()  # an LP run without features.npz: the start features a fine-tuning run saved
+    panels, gaps, _ = report_figs.tsne_panels(study, "cb")
     phi0 = np.load(f"{ft_dir}/features.npz")["test_phi0"]
     assert np.array_equal(panels[0][1], phi0) and not np.array_equal(phi0, cached) and len(panels) == 5 and not gaps
 
@@ -400,16 +402,16 @@ def test_trace_norm_heat_map_is_the_nuclear_norm_of_each_block():
     rng = np.random.default_rng(1)
     labels = np.array([2, 0, 1, 0, 2, 1])
     P, F = kernels(rng, labels)
-    tn, y = report.trace_norms(F, labels)
+    tn, y = report_figs.trace_norms(F, labels)
     order = [1, 3, 2, 5, 0, 4]  # the samples grouped by class, in their order within a class
     assert y.tolist() == [0, 0, 1, 1, 2, 2]
     for a in range(6):
         for b in range(6):
             assert tn[a, b] == pytest.approx(np.linalg.norm(F[order[a], :, order[b], :], "nuc"))
     # P's blocks are (<phi, phi'> + 1) I_C: trace norm C |<phi, phi'> + 1|
-    tp, _ = report.trace_norms(P, labels)
+    tp, _ = report_figs.trace_norms(P, labels)
     assert tp[0, 2] == pytest.approx(C * abs(P[1, 0, 2, 0]))
-    means = report.block_means(tn, y)  # the number printed in each class block: its mean over the pairs
+    means = report_figs.block_means(tn, y)  # the number printed in each class block: its mean over the pairs
     assert means[(0, 1)] == pytest.approx(np.mean([tn[i, j] for i in (0, 1) for j in (2, 3)]))
     assert means[(2, 2)] == pytest.approx(np.mean(tn[4:, 4:]))
 
@@ -468,9 +470,9 @@ def test_table_11_reads_the_feature_statistics_of_every_ood_set(tmp_path):
     assert "| amazon FT | 0.1 ± 0 | 3 ± 1.41 | 0.2 ± 0 | 1 ± 0 |" in t11  # the ID test split (split 1)
 
 
-def test_norm_scaling_reads_amazon_on_sst5_only_when_every_run_has_it(tmp_path):
-    """The paper's Figure 3: Amazon's models measured on SST-5; one split for all of a task's runs (table, figure
-    and claim c6 alike), test when any run lacks SST-5 (the older kit)."""
+def test_norm_scaling_reads_amazon_on_sst5(tmp_path):
+    """The paper's Figure 3: Amazon's models measured on SST-5, in the table, the figure and claim c6 alike; a run
+    without SST-5's statistics is a missing value there (n=k), never a crash."""
     for seed in (1, 2):
         amazon_run(tmp_path, seed, 2.0)  # scale 1: Diff(F) on SST-5 = 10, on test = 2
         amazon_run(tmp_path, seed, 0.5, scale=10)  # scale 10: 2.5 on SST-5, 0.5 on test
@@ -479,11 +481,12 @@ def test_norm_scaling_reads_amazon_on_sst5_only_when_every_run_has_it(tmp_path):
     assert "| amazon FT | 1 | 0.020 | sst5 | 10.000 ± 0.000 |" in md
     assert "Diff(F) at head scale 1 − at 10, FT (on sst5) | +7.5" in md
     shutil.rmtree(next((tmp_path / "amazon").glob("ft-*scale10*-seed2")))
-    amazon_run(tmp_path, 2, 0.5, scale=10, splits=("test", "val"))  # an older run: no OOD statistics
+    amazon_run(tmp_path, 2, 0.5, scale=10, splits=("test", "val"))  # a run without the OOD sets' statistics
     md = report.main(["--root", str(tmp_path)])
-    assert "| amazon FT | 10 | 0.200 | test | 0.500 ± 0.000 |" in md
-    assert "| amazon FT | 1 | 0.020 | test | 2.000 ± 0.000 |" in md
-    assert "Diff(F) at head scale 1 − at 10, FT | +1.5" in md
+    assert "| amazon FT | 10 | 0.200 | sst5 | 2.500 (n=1) |" in md
+    assert "| amazon FT | 1 | 0.020 | sst5 | 10.000 ± 0.000 |" in md
+    assert "Diff(F) at head scale 1 − at 10, FT (on sst5) | +7.5 (n=1, no interval)" in md
+    assert (tmp_path / "feature_change_vs_norm.png").exists()
 
 
 def test_damaged_lp_curves_leave_the_run_out_instead_of_crashing(tmp_path, capsys):
@@ -496,3 +499,49 @@ def test_damaged_lp_curves_leave_the_run_out_instead_of_crashing(tmp_path, capsy
     for seed, key in ((1, "norm_curve"), (2, "norm_curve_test_accuracy")):
         assert f"cb/lp-seed{seed}/lp_results.json: {key} is not a list of numbers" in err
     assert "## Figures" in md  # the report is still written, the figures included
+
+
+# ---------------------------------------------------------------- files only; older layouts are named, not read
+def test_report_and_its_figures_import_no_stage_script():
+    import ast
+
+    for name in ("report.py", "report_figs.py"):
+        tree = ast.parse((ROOT / name).read_text())
+        mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not mods & {"lp", "ft", "lora", "ntk", "calibrate"}, (name, mods)
+
+
+def test_older_layouts_are_listed_not_used(tmp_path):
+    """Files of an older kit's layout (no per-split feature statistics, no ntk_method or kernel, no calibration
+    optimizer) and a prompt-based kernel are each named under Runs not used; the current runs are still reported."""
+    for seed in (1, 2):
+        write_run(tmp_path, "cb", "ft", seed, 1e-4, val=0.7, test=0.7)
+    old = write_run(tmp_path, "cb", "lp_ft", 1, 1e-4, val=0.7, test=0.7)
+    res = json.loads((old / "results.json").read_text())
+    for h in res["history"]:
+        del h["features"]
+    (old / "results.json").write_text(json.dumps(res))
+    write_calibration(tmp_path / "cb/ft-lr0.0001-scale1.0-seed1", (8.0, 3.0), (20.0, 6.0))
+    cal = tmp_path / "cb/ft-lr0.0001-scale1.0-seed2/calibration.json"
+    write_calibration(cal.parent, (8.0, 3.0), (20.0, 6.0))
+    cal.write_text(json.dumps({k: v for k, v in json.loads(cal.read_text()).items() if k != "optimizer"}))
+    rng = np.random.default_rng(0)
+    for name, drop, method in (("ntk-ft-seed1", "ntk_method", "ft"), ("ntk-lp_ft-seed1", "kernel", "lp_ft"),
+                               ("ntk-prompt_ft-seed1", None, "prompt_ft")):
+        write_ntk(tmp_path, method, 1, 0.3, rng, np.arange(N_KERNEL) % C)
+        f = tmp_path / "cb" / name / "ntk_results.json"
+        k = json.loads(f.read_text())
+        k["config"].pop(drop, None)
+        f.write_text(json.dumps(k))
+    md = report.main(["--root", str(tmp_path)])
+    section = md.split("## Runs not used")[1].split("\n## ")[0]
+    for path, why in (("cb/lp_ft-lr0.0001-scale1.0-seed1/results.json", "the best epoch's features.test"),
+                      ("cb/ft-lr0.0001-scale1.0-seed2/calibration.json", "not the layout calibrate.py writes"),
+                      ("cb/ntk-ft-seed1/ntk_results.json", "no ntk_method or kernel in its config"),
+                      ("cb/ntk-lp_ft-seed1/ntk_results.json", "no ntk_method or kernel in its config"),
+                      ("cb/ntk-prompt_ft-seed1/ntk_results.json", "a prompt-based run (--prompt)")):
+        assert f"- `{path}`: {why}" in section, path
+    assert "| cb | 70.0 ± 0.0 |" in md  # FT's two seeds are still reported
+    assert "| cb ECE FT | 8.00 (n=1) | 3.00 (n=1) | 5.00 | 1.500 | lbfgs |" in md  # the current calibration.json
+    assert "## eNTK at the start of fine-tuning: kernel statistics (Tables 2, 9)\n\nMissing: " in md
