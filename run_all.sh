@@ -80,9 +80,9 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-if [ $kernel_study = 1 ]; then  # Malladi et al.'s protocol on the embedded model (README, "The kernel view")
+if [ $kernel_study = 1 ]; then  # Malladi et al.'s protocol on the embedded model (docs/kernel_view.md)
   [ $paper = 0 ] || die "--kernel_study and --paper are two studies; run them one at a time"
-  tasks=${tasks:-"sst2 mrpc"}  # MRPC: the pair task with the shortest inputs, shipped in data/ (README)
+  tasks=${tasks:-"sst2 mrpc"}  # MRPC: the pair task with the shortest inputs, shipped in data/ (docs/kernel_view.md)
   methods=${methods:-"ft"}
   kernel_test=${kernel_test:-100}  # sized for a 2-core CPU: the kernel's cost grows with its test examples
   epochs=${epochs:-10}
@@ -95,7 +95,7 @@ elif [ $paper = 1 ]; then
   epochs=${epochs:-10}
   ntk_tasks=${ntk_tasks:-"cb rte boolq wic"} ntk_n=${ntk_n:-250} ntk_method=${ntk_method:-func}
   scale_tasks=${scale_tasks:-"cb rte amazon"} scales=${scales:-"0.1 0.5 2 5 10 50 100"}
-else  # default study, sized by measurement for <= 30 minutes on a 2-core CPU (README, "Results")
+else  # default study, sized by measurement for <= 30 minutes on a 2-core CPU (docs/results.md)
   tasks=${tasks:-"cb sst2"}
   seeds=${seeds:-"1001 2002 3003"}
   epochs=${epochs:-3}
@@ -107,7 +107,7 @@ methods=${methods:-"lp ft lp_ft lora lp_lora"}
 out=${out:-runs}
 first_seed=${seeds%% *}
 # Jobs at once: 2 on a CPU study (each with half the cores: measured 1.2-1.4x the throughput of one job with all of
-# them, start-up and evaluation overlapping the other's training; README, "Speed"), 1 for the paper's GPU study.
+# them, start-up and evaluation overlapping the other's training; docs/speed.md), 1 for the paper's GPU study.
 cores=$(nproc 2>/dev/null || echo 1)
 if [ -z "$par" ]; then if [ $paper = 1 ] || [ "$cores" -lt 2 ]; then par=1; else par=2; fi; fi
 
@@ -193,7 +193,7 @@ train_flags() {
 lp_cmd() {  # LP for (task, seed): its head feeds LP-FT, LP-LoRA and the LP NTK
   local d="$out/$1/lp-seed$2" f=""
   [ $force = 1 ] && f=" --overwrite"
-  [ $paper = 1 ] && f+=" --binary_head paper"  # the authors' binary LP head (README, Conventions)
+  [ $paper = 1 ] && f+=" --binary_head paper"  # the authors' binary LP head (docs/conventions.md)
   echo "$PY lp.py $(common "$1" "$2") --output_dir $d --cache_dir $out/cache --norm_curve 100$f"
 }
 
@@ -228,7 +228,7 @@ ntk_cmd() {
 
 # ---------------------------------------------------------------- the kernel study (--kernel_study)
 # Learning rates: the MiniLM grid's SST-2 choices (ft.MINILM_LR, lora.MINILM_LR) for every task and K: not tuned for
-# k-shot data (README, "The kernel view"). Batch 8 as LM-BFF / Malladi et al.'s k-shot fine-tuning.
+# k-shot data (docs/kernel_view.md). Batch 8 as LM-BFF / Malladi et al.'s k-shot fine-tuning.
 declare -A KS_LR=([ft]=1e-4 [lp_ft]=3e-5 [lora]=3e-3 [lp_lora]=3e-3)
 two_classes() { case $1 in cb|amazon|pubmed) return 1 ;; esac; }  # data.TASKS with two labels
 ks_base() { echo "$(base "$1" "$3") --k_shot $2 --data_seed $3"; }  # task K S (training seed = data seed)
@@ -257,13 +257,18 @@ ks_ntk_cmd() {  # method kind task K S: the kernel of that method's start (head 
   echo "$c"
 }
 
-jobs=() names=()
-add() { names+=("$1"); jobs+=("$2"); }
+job_kind() { case $1 in lora|lp_lora) echo lora ;; *) echo train ;; esac; }
+jobs=() names=() kinds=()
+add() {  # name command [kind task n]: kind and size feed the time-left estimate (estimate_left below)
+  names+=("$1"); jobs+=("$2"); kinds+=("${3:-train} ${4:--} ${5:-0}")
+}
 if [ $kernel_study = 1 ]; then
   for t in $tasks; do for k in $k_shots; do for s in $data_seeds; do
     for m in $methods; do
-      add "$m $t k$k data $s" "$(ks_method_cmd "$m" "$t" "$k" "$s")"
-      for kind in $kernels; do add "kernel $kind $m $t k$k data $s" "$(ks_ntk_cmd "$m" "$kind" "$t" "$k" "$s")"; done
+      add "$m $t k$k data $s" "$(ks_method_cmd "$m" "$t" "$k" "$s")" "$(job_kind "$m")" "$t" "$k"
+      for kind in $kernels; do
+        add "kernel $kind $m $t k$k data $s" "$(ks_ntk_cmd "$m" "$kind" "$t" "$k" "$s")" ntk "$t" "$k"
+      done
     done
   done; done; done
   no_ntk=1 no_scale=1 methods_loop=""
@@ -276,20 +281,24 @@ for m in $methods; do if [ "$m" != lp ]; then ordered+=" $m"; fi; done
 for t in ${methods_loop:+$tasks}; do
   for s in $seeds; do
     for m in $ordered; do
-      if [ "$m" = lp ]; then add "lp $t seed $s" "$(lp_cmd "$t" "$s")"; continue; fi
+      if [ "$m" = lp ]; then add "lp $t seed $s" "$(lp_cmd "$t" "$s")" lp "$t"; continue; fi
       lrs=${grid[$m]:-$lr_grid}
-      if [ -z "$lrs" ]; then add "$m $t seed $s" "$(method_cmd "$m" "$t" "$s")"
-      else for lr in $lrs; do add "$m $t seed $s lr $lr" "$(method_cmd "$m" "$t" "$s" "$lr")"; done; fi
+      if [ -z "$lrs" ]; then add "$m $t seed $s" "$(method_cmd "$m" "$t" "$s")" "$(job_kind "$m")" "$t"
+      else
+        for lr in $lrs; do add "$m $t seed $s lr $lr" "$(method_cmd "$m" "$t" "$s" "$lr")" "$(job_kind "$m")" "$t"; done
+      fi
     done
   done
 done
 if [ $no_scale = 0 ]; then  # norm scaling: every seed, the head scaled at the start (scale 1 = the runs above)
   for t in $scale_tasks; do
     ms="ft lp_ft"; case $t in cb|rte) ms="ft lp_ft lora lp_lora" ;; esac
-    [ $paper = 0 ] && ms="ft"  # default study: FT's fresh head x10 against x1, claim c6 (README)
+    [ $paper = 0 ] && ms="ft"  # default study: FT's fresh head x10 against x1, claim c6 (docs/results.md)
     for s in $seeds; do
       for m in $ms; do
-        for sc in $scales; do add "norm scaling $m $t seed $s x$sc" "$(method_cmd "$m" "$t" "$s" "" "$sc")"; done
+        for sc in $scales; do
+          add "norm scaling $m $t seed $s x$sc" "$(method_cmd "$m" "$t" "$s" "" "$sc")" "$(job_kind "$m")" "$t"
+        done
       done
     done
   done
@@ -299,7 +308,7 @@ if [ $no_ntk = 0 ]; then  # FT and LP-FT kernels for every seed (claim c5 is pai
     for s in $seeds; do
       for m in ft lp_ft lora lp_lora; do
         case $m in lora|lp_lora) [ "$s" = "$first_seed" ] || continue ;; esac
-        add "ntk $m $t seed $s" "$(ntk_cmd "$m" "$t" "$s")"
+        add "ntk $m $t seed $s" "$(ntk_cmd "$m" "$t" "$s")" ntk "$t" "$ntk_n"
       done
     done
   done
@@ -322,18 +331,100 @@ finish() {  # calibrate every run under $out, then the report; a failure is repo
   $PY report.py --root "$out" || failed+=("report.py --root $out")
 }
 
+# ---------------------------------------------------------------- the time-left estimate
+# Each job is weighed by its kind (lp, train, lora, ntk) and size in units: token passes (a training example is
+# three: forward and backward), plus start-up and per-optimizer-step costs in the same units. Each kind's seconds
+# per unit is measured on that kind's finished jobs (before its first, a prior ratio to a measured kind), so the
+# estimate is right once one job of each kind has finished and close before: a fine-tuning epoch is not an LP fit.
+probe_sizes() {  # one python start before the first job: per task the training examples (after the study's cap),
+  local t caps=""  # evaluation examples, mean tokens per training example, test examples, classes
+  for t in $(printf '%s\n' $tasks $ntk_tasks $scale_tasks | sort -u); do caps+=" $t:$(train_cap "$t")"; done
+  "$PY" - "$model" "$data_dir" "${max_eval:-0}" $caps <<'EOF' 2>/dev/null
+import sys
+
+import data
+
+model, data_dir, max_eval, *caps = sys.argv[1:]
+try:
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(data.resolve_model(model or None))
+except Exception:  # no tokenizer here: about 4 characters a token
+    tok = None
+cap = lambda s, c: min(len(s), int(c)) if c and int(c) > 0 else len(s)
+for tc in caps:
+    t, c = tc.split(":")
+    try:
+        sp = data.load_task(t, data_dir or None)
+    except BaseException:  # the job itself will say what is wrong
+        continue
+    texts = sp["train"].texts[:200]
+    if tok is not None:
+        lens = [len(tok(a, b, truncation=True, max_length=128)["input_ids"]) for a, b in texts]
+    else:
+        lens = [min(128, (len(a) + len(b or "")) / 4 + 3) for a, b in texts]
+    print(t, cap(sp["train"], c), sum(cap(s, max_eval) for k, s in sp.items() if k != "train"),
+          round(sum(lens) / max(len(lens), 1), 1), cap(sp["test"], max_eval), len(data.get_task(t).labels))
+EOF
+}
+
+estimate_left() {  # -> seconds left, from the plan, the sizes and the start/end times of the jobs so far
+  awk -v now="$SECONDS" -v par="$par" -v epochs="${epochs:-3}" -v max_steps="${max_steps:-0}" \
+      -v ks="$kernel_study" -v n_test="${kernel_test:-0}" -v nrun="$n" '
+    BEGIN { S = 40000; P = 250; FIT = 40; Q = 0.2    # start-up, per step, LP fit per example, eNTK pair factor
+            prior["lp"] = 1.0; prior["train"] = 1.0; prior["lora"] = 1.0; prior["ntk"] = 1.0 }
+    FILENAME ~ /sizes$/ { ntr[$1] = $2; nev[$1] = $3; L[$1] = $4; nte[$1] = $5; C[$1] = $6; next }
+    FILENAME ~ /plan$/ { kind[$1] = $2; task[$1] = $3; kn[$1] = $4; next }
+    $1 == "start" { st[$2] = $3 }
+    $1 == "end" { sec[$2] = $4 }
+    $1 == "fail" { gone[$2] = 1 }
+    function units(i,   t, tr, ev, l, c, steps, ep, m) {
+      t = task[i]; l = (t in L) ? L[t] : 64; ev = (t in nev) ? nev[t] : 600; c = (t in C) ? C[t] : 2
+      tr = (ks && kn[i] > 0) ? kn[i] * c : ((t in ntr) ? ntr[t] : 1000)
+      if (kind[i] == "lp") return S + (tr + ev) * l + FIT * tr
+      if (kind[i] == "ntk") {
+        tr = ks ? tr : kn[i]; m = n_test > 0 ? n_test : tr; if (t in nte && nte[t] < m) m = nte[t]
+        return S + 3 * c * (tr + m) * l + Q * tr * (tr + m) * l
+      }
+      steps = epochs * int((tr + 15) / 16); ep = epochs
+      if (max_steps > 0 && steps > max_steps) { ep = epochs * max_steps / steps; steps = max_steps }
+      return S + P * steps + 3 * ep * tr * l + (ep + 1) * ev * l
+    }
+    END {
+      for (i in kind) { u[i] = units(i); if (i in sec) { su[kind[i]] += u[i]; ss[kind[i]] += sec[i] } }
+      ref = ("train" in su) ? "train" : ("lora" in su) ? "lora" : ("ntk" in su) ? "ntk" : "lp"
+      if (!(ref in su)) { print -1; exit }
+      for (k in prior) rate[k] = (k in su) ? ss[k] / su[k] : prior[k] / prior[ref] * ss[ref] / su[ref]
+      for (i in kind) if (!(i in sec) && !(i in gone)) {
+        p = u[i] * rate[kind[i]]
+        if (i in st) { p -= now - st[i]; if (p < 0) p = 0 }  # a running job: what is left of it
+        left += p
+      }
+      print int(left / par + 20 + 1.5 * nrun)               # + calibration and the report
+    }' "$logs/sizes" "$logs/plan" "$logs/times"
+}
+
+fmt_min() { if [ "$1" -ge 90 ]; then echo "$(( ($1 + 30) / 60 )) min"; else echo "$1 s"; fi; }
+
 failed=()
 run_one() {  # job index: run it; with --jobs > 1 its output goes to a log file, and a line says when it is done
   local i=$1 t0=$SECONDS log k
   echo "[$((i + 1))/$n $(( (SECONDS - start) / 60 ))m] ${names[$i]}"
+  echo "start $i $SECONDS" >> "$logs/times"
   log="$logs/$(printf '%02d' $((i + 1)))-${names[$i]// /-}.log"
   if [ "$par" = 1 ]; then eval "${jobs[$i]}"; else eval "${jobs[$i]}" > "$log" 2>&1; fi && {
     echo "$i" >> "$logs/done"
+    echo "end $i $SECONDS $((SECONDS - t0))" >> "$logs/times"
     k=$(wc -l < "$logs/done")
-    [ "$par" = 1 ] || echo "  done: ${names[$i]} ($((SECONDS - t0)) s); $k of $n jobs, about" \
-      "$(( (SECONDS - start) * (n - k) / k / 60 )) min left at this pace"
+    left=$(estimate_left)
+    if [ "$par" = 1 ]; then
+      [ "$k" -lt "$n" ] && [ "$left" -ge 0 ] && echo "  about $(fmt_min "$left") left (at $((SECONDS - start)) s)"
+    else
+      echo "  done: ${names[$i]} ($((SECONDS - t0)) s); $k of $n jobs$( [ "$left" -ge 0 ] &&
+        echo ", about $(fmt_min "$left") left (at $((SECONDS - start)) s)")"
+    fi
     return 0
   }
+  echo "fail $i $SECONDS" >> "$logs/times"  # not remaining, and no measure of its kind's pace
   [ "$par" = 1 ] || tail -n 2 "$log" >&2
   echo "warning: job failed: ${names[$i]}${log:+ (log: $log)}" >&2  # a diverged lr, say: the study goes on
   echo "${jobs[$i]}" >> "$logs/failed"  # a file, not an array: with --jobs > 1 this runs in a subshell
@@ -359,10 +450,11 @@ if [ $report_only = 1 ]; then
   finish
 else
   n=${#jobs[@]}
-  mkdir -p "$logs" && rm -f "$logs/failed" "$logs/done"
+  mkdir -p "$logs" && rm -f "$logs/failed" "$logs/done" "$logs/times"
+  probe_sizes > "$logs/sizes" || true
+  for i in "${!jobs[@]}"; do echo "$i ${kinds[$i]}"; done > "$logs/plan"
   echo "run_all: ${n} jobs, $par at a time (tasks: $tasks; methods: $methods; seeds: $seeds; epochs: $epochs)" \
     "-> $out/ (logs: $logs/)"
-  [ $paper = 0 ] && [ $kernel_study = 0 ] && echo "estimate: about 26 minutes on a 2-core CPU for the default study (finished jobs are skipped)"
   lps=() rest=()  # LP first, all of it: every other job may start from an LP head
   for i in "${!jobs[@]}"; do if [[ ${names[$i]} == "lp "* ]]; then lps+=("$i"); else rest+=("$i"); fi; done
   run_phase "${lps[@]}"

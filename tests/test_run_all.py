@@ -83,7 +83,7 @@ def test_print_jobs_respects_dependencies(tmp_path):
 def test_lr_grid_end_to_end_two_jobs_at_once(tmp_path):
     log = run_all(*TINY, "--methods", "lp ft lp_ft", "--no_ntk", "--no_scale", "--lr_grid", "1e-5 1e-4",
                   "--out", str(tmp_path), "--jobs", "2")  # the last --jobs wins
-    assert "2 at a time" in log and log.count("  done: ") == 5 and "min left at this pace" in log
+    assert "2 at a time" in log and log.count("  done: ") == 5 and log.count(" left (at ") == 5
     logs = sorted(p.name for p in (tmp_path / "logs").glob("*.log"))
     assert logs[0] == "01-lp-cb-seed-1001.log" and len(logs) == 5  # LP first (its own phase), then the rest
     assert "estimated total" in (tmp_path / "logs" / logs[1]).read_text()  # ft.py's estimate after its first epoch
@@ -161,3 +161,47 @@ def test_print_jobs_under_a_parallel_runner(tmp_path):
     assert all(f" {name} " in header for name in ("LP", "FT", "LP-FT", "LoRA", "LP-LoRA")), header
     assert "–" not in row, row  # every method has a test score
     assert not list(tmp_path.rglob(".*.tmp"))
+
+
+# ---------------------------------------------------------------- the time-left estimate, on hand-made logs
+def estimate(tmp_path, plan, times, now, par=1, sizes="cb 225 81 75.6 56 3\nsst2 1000 600 14.0 300 2\n"):
+    """run_all.sh's awk estimate (estimate_left) on a plan, sizes and start/end times written by hand."""
+    src = (ROOT / "run_all.sh").read_text()
+    prog = src.split("estimate_left() {")[1].split("'\n    BEGIN")[0]  # the awk -v line(s) end in a quote
+    body = "BEGIN" + src.split("estimate_left() {")[1].split("'\n    BEGIN", 1)[1].split("' \"$logs/sizes\"")[0]
+    assert "-v now=" in prog
+    for name, text in (("sizes", sizes), ("plan", plan), ("times", times)):
+        (tmp_path / name).write_text(text)
+    p = subprocess.run(["awk", "-v", f"now={now}", "-v", f"par={par}", "-v", "epochs=3", "-v", "max_steps=0",
+                        "-v", "ks=0", "-v", "n_test=0", "-v", f"nrun={len(plan.splitlines())}", body,
+                        *(str(tmp_path / n) for n in ("sizes", "plan", "times"))], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    return int(p.stdout)
+
+
+FINISH = lambda n: 20 + 1.5 * n  # calibration and the report, added to every estimate
+
+
+def test_estimate_measures_each_kind_on_its_own_jobs(tmp_path):
+    # two CB FT jobs: the second is predicted at exactly the first's measured time
+    assert estimate(tmp_path, "0 train cb 0\n1 train cb 0\n", "start 0 0\nend 0 100 100\n", 100) == int(100 + FINISH(2))
+    # a running job counts what is left of it
+    assert estimate(tmp_path, "0 train cb 0\n1 train cb 0\n", "start 0 0\nend 0 100 100\nstart 1 100\n",
+                    130) == int(70 + FINISH(2))
+    # an LP fit is not a fine-tuning epoch: each kind at its own measured pace
+    plan = "0 lp cb 0\n1 train cb 0\n2 lp cb 0\n3 train cb 0\n"
+    times = "start 0 0\nend 0 10 10\nstart 1 10\nend 1 110 100\n"
+    assert estimate(tmp_path, plan, times, 110) == int(10 + 100 + FINISH(4))
+    # two at a time: the work left is shared by two
+    assert estimate(tmp_path, plan, times, 110, par=2) == int((10 + 100) / 2 + FINISH(4))
+    # a failed job is not left to do
+    assert estimate(tmp_path, plan, times + "start 2 110\nfail 2 111\n", 111) == int(100 + FINISH(4))
+
+
+def test_estimate_weighs_jobs_by_their_size(tmp_path):
+    """A job on a task with more (or longer) training examples is predicted longer than one measured on CB; the
+    same job on a task twice CB's size in every respect takes twice as long, less the fixed start-up."""
+    sizes = "cb 225 81 75.6 56 3\nbig 450 162 75.6 112 3\n"
+    one = estimate(tmp_path, "0 train cb 0\n1 train cb 0\n", "start 0 0\nend 0 100 100\n", 100, sizes=sizes)
+    two = estimate(tmp_path, "0 train cb 0\n1 train big 0\n", "start 0 0\nend 0 100 100\n", 100, sizes=sizes)
+    assert 100 < two - FINISH(2) < 200 and one - FINISH(2) == pytest.approx(100, abs=1)
