@@ -34,7 +34,8 @@ import torch
 import data
 import ft
 import lora
-from data import die
+import rundir
+from rundir import die
 
 SUITES = ("synthetic", "epoch", "trainer")
 SUBSET = {"rte": None, "sst2": 4000}  # default --max_train_samples per task (None: the whole train split)
@@ -80,7 +81,7 @@ def parse(argv=None):
     for k in ("batch_size", "max_len", "eval_batch_size", "max_train_samples"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             die(f"--{k} must be >= 1")
-    data.check_positive(args, ("lr", "peak_tflops"))
+    rundir.check_positive(args, ("lr", "peak_tflops"))
     check_output_file(args.output, "--output")
     return args
 
@@ -89,7 +90,7 @@ def check_output_file(path, flag):
     """Before any timing: the JSON's folder must be writable and the path itself not a folder."""
     if Path(path).is_dir():
         die(f"{flag} {path} is a folder; pass a file name such as {Path(path) / 'bench.json'}")
-    data.check_output_dir(Path(path).parent, flag)
+    rundir.check_output_dir(Path(path).parent, flag)
 
 
 # ---------------------------------------------------------------- models
@@ -595,7 +596,7 @@ def goals(res, dev):
     return g
 
 
-@data.cli
+@rundir.cli
 def main(argv=None):
     import transformers
 
@@ -627,7 +628,7 @@ def main(argv=None):
         res["epoch"] = epochs(name, cfg, args, dev, tok)
     res["goals"] = goals(res, dev)
     tf32(False)
-    data.save_json(args.output, res)
+    rundir.save_json(args.output, res)
     print_table(res)
     for k, g in res["goals"].items():
         print(f"goal {k}: {g['ratio']} (target {g['target']}x, met: {g['met']})")

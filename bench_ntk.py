@@ -29,6 +29,7 @@ import bench
 import data
 import ft
 import ntk
+import rundir
 
 
 def parse(argv=None):
@@ -56,12 +57,12 @@ def parse(argv=None):
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in ntk.ENGINES]
     if bad or not args.methods:
-        data.die(f"--methods: unknown engine {bad[0] if bad else '(none)'}; choose from {', '.join(ntk.ENGINES)}")
+        rundir.die(f"--methods: unknown engine {bad[0] if bad else '(none)'}; choose from {', '.join(ntk.ENGINES)}")
     if args.task == "cb" and args.model_config != "embedded":
-        data.die("--task cb tokenises with the embedded model's tokenizer: use --model_config embedded")
+        rundir.die("--task cb tokenises with the embedded model's tokenizer: use --model_config embedded")
     args.n = (64 if args.task == "cb" else 250) if args.n is None else args.n  # --n 0 is refused, not the default
-    data.check_positive(args, ("n", "max_len", "C", "batch_size", "max_memory_gb", "paper_n", "paper_chunk",
-                               "paper_dims"), allow_zero=("paper_n",))
+    rundir.check_positive(args, ("n", "max_len", "C", "batch_size", "max_memory_gb", "paper_n", "paper_chunk",
+                                 "paper_dims"), allow_zero=("paper_n",))
     bench.check_output_file(args.out, "--out")
     return args
 
@@ -83,7 +84,7 @@ def build(name, C, seed):
 def inputs(model, n, max_len, seed):
     cfg = model.encoder.config
     if max_len > cfg.max_position_embeddings - 2:
-        data.die(f"--max_len {max_len} exceeds this model's {cfg.max_position_embeddings - 2} positions")
+        rundir.die(f"--max_len {max_len} exceeds this model's {cfg.max_position_embeddings - 2} positions")
     rng = np.random.default_rng(seed)
     first = cfg.bos_token_id if cfg.bos_token_id is not None else 101
     return [{"input_ids": [first] + rng.integers(5, cfg.vocab_size, max_len - 1).tolist()} for _ in range(n)]
@@ -140,7 +141,7 @@ def paper_jacobian(model, x, pad_id, chunk, dims=None):
     return t1 - t0, time.time() - t1, d, dims
 
 
-@data.cli
+@rundir.cli
 def main(argv=None):
     args = parse(argv)
     model, tok = build(args.model_config, args.C, args.seed)
@@ -189,7 +190,7 @@ def main(argv=None):
         res["paper"] = {"examples_timed": k, "per_example_s": per, "projected_seconds": per * len(xs),
                         "peak_gpu_bytes": peak(), "outputs_per_example": d, "backward_passes_timed": done}
         res["speedup_per_example"] = {m: per / r["per_example_s"] for m, r in res["methods"].items()}
-    data.save_json(Path(args.out), res)
+    rundir.save_json(Path(args.out), res)
 
     gib = lambda b: f"{b / 2**30:.2f}" if b is not None else "n/a (CPU)"
     print(f"  {'approach':<34}{'seconds':>10}{'s/example':>11}{'peak GiB':>11}{'speedup':>9}{'rel err':>10}")

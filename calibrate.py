@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import data
+import rundir
 
 T_MIN, T_MAX = 1e-3, 1e3  # a fit that ends at a bound means val NLL keeps falling there: T is not identified
 GRAD_TOL = 1e-6  # |d NLL / d log T| below this counts as converged (LBFGS)
@@ -37,7 +37,7 @@ def parse(argv=None):
                    help="refit runs whose calibration.json is newer than their logits.npz (default: skip them)")
     args = p.parse_args(argv)
     if args.bins < 1:
-        data.die(f"--bins {args.bins}: need at least 1 bin")
+        rundir.die(f"--bins {args.bins}: need at least 1 bin")
     return args
 
 
@@ -89,7 +89,7 @@ def fit_temperature(val_logits, val_labels, optimizer="lbfgs", lr=1e-3, max_step
     steps (converged) or after max_steps (not). Either way T never raises val NLL above its value at T = 1.
     """
     if optimizer not in ("lbfgs", "adam"):
-        data.die(f"unknown optimizer '{optimizer}'; choose lbfgs or adam")
+        rundir.die(f"unknown optimizer '{optimizer}'; choose lbfgs or adam")
     z = torch.as_tensor(np.asarray(val_logits), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(val_labels), dtype=torch.long)
     zy, zmax = z[torch.arange(len(y)), y], z.max(1, keepdim=True).values  # true-class and top logits
@@ -157,32 +157,32 @@ def load_logits(run_dir):
     """-> {split: (logits [N,C], labels [N])} for val, test and the OOD sets (not train), checked."""
     f = Path(run_dir) / "logits.npz"
     if not f.is_file():
-        data.die(f"{f}: not found; give calibrate.py a run folder written by lp.py, ft.py or lora.py")
+        rundir.die(f"{f}: not found; give calibrate.py a run folder written by lp.py, ft.py or lora.py")
     try:
         with np.load(f) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except Exception as e:
-        data.die(f"{f}: cannot read ({type(e).__name__}: {e}); rerun the job that wrote it")
+        rundir.die(f"{f}: cannot read ({type(e).__name__}: {e}); rerun the job that wrote it")
     names = [k[: -len("_logits")] for k in arrays if k.endswith("_logits")]
     if "val" not in names:
-        data.die(f"{f}: no val_logits, needed to fit the temperature; rerun the job (it writes val, test and OOD)")
+        rundir.die(f"{f}: no val_logits, needed to fit the temperature; rerun the job (it writes val, test and OOD)")
     out = {}
     for s in ["val"] + (["test"] if "test" in names else []) + sorted(set(names) - {"val", "test", "train"}):
         z, y = arrays[f"{s}_logits"], arrays.get(f"{s}_labels")
         if y is None:
-            data.die(f"{f}: {s}_logits has no {s}_labels")
+            rundir.die(f"{f}: {s}_logits has no {s}_labels")
         if z.ndim != 2 or z.shape[1] < 2 or not np.issubdtype(z.dtype, np.number):
-            data.die(f"{f}: {s}_logits has shape {z.shape} and dtype {z.dtype}; want numbers [N, C] with C >= 2")
+            rundir.die(f"{f}: {s}_logits has shape {z.shape} and dtype {z.dtype}; want numbers [N, C] with C >= 2")
         if y.ndim != 1 or len(y) != len(z):
-            data.die(f"{f}: mismatch: {s}_logits has {len(z)} rows but {s}_labels has shape {y.shape}")
+            rundir.die(f"{f}: mismatch: {s}_logits has {len(z)} rows but {s}_labels has shape {y.shape}")
         if len(y) == 0:
-            data.die(f"{f}: split '{s}' is empty (0 examples)")
+            rundir.die(f"{f}: split '{s}' is empty (0 examples)")
         if not np.isfinite(z).all():
-            data.die(f"{f}: {s}_logits has {(~np.isfinite(z)).sum()} NaN or infinite values; the run diverged, "
-                     f"rerun it with a lower --lr")
+            rundir.die(f"{f}: {s}_logits has {(~np.isfinite(z)).sum()} NaN or infinite values; the run diverged, "
+                       f"rerun it with a lower --lr")
         if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= z.shape[1]:
-            data.die(f"{f}: {s}_labels out of range: values {y.min()}..{y.max()} ({y.dtype}) for "
-                     f"{z.shape[1]} classes; want integers in 0..{z.shape[1] - 1}")
+            rundir.die(f"{f}: {s}_labels out of range: values {y.min()}..{y.max()} ({y.dtype}) for "
+                       f"{z.shape[1]} classes; want integers in 0..{z.shape[1] - 1}")
         out[s] = (z, y.astype(np.int64))
     return out
 
@@ -208,7 +208,7 @@ def plot_reliability(z, y, T, bins, path, title):
         axes[1, col].set(xlabel="confidence", ylabel="count")
     fig.suptitle(title)
     fig.tight_layout()
-    data.atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    rundir.atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -226,7 +226,7 @@ def calibrate_run(run_dir, optimizer="lbfgs", bins=15, plots=True, splits=None, 
         if plots and s != "val":
             plot_reliability(z, y, T, bins, run_dir / f"reliability_{s}.png",
                              f"{'/'.join(run_dir.parts[-2:])}: {s}")
-    data.save_json(run_dir / "calibration.json", res)
+    rundir.save_json(run_dir / "calibration.json", res)
     if not info["converged"]:
         print(f"warning: {run_dir}: the temperature fit did not converge: {info['note']}")
     return res
@@ -274,7 +274,7 @@ def well_formed(res):
         for m in splits.values())
 
 
-@data.cli
+@rundir.cli
 def main(argv=None):
     args = parse(argv)
     results, todo = {}, {}
@@ -284,7 +284,7 @@ def main(argv=None):
             print(f"{d}: calibration.json is up to date (T={old['temperature']:.3f}); --overwrite to refit")
             results[d] = old
             continue
-        data.check_output_dir(d, "run folder")
+        rundir.check_output_dir(d, "run folder")
         todo[d] = load_logits(d)
     for d, splits in todo.items():
         results[d] = calibrate_run(d, args.optimizer, args.bins, not args.no_plots, splits=splits)

@@ -1,4 +1,5 @@
-"""Tasks, loading, splits, tokenising and batching: the one module the kit's scripts share.
+"""Tasks, loading, splits, the k-shot draw, tokenising, batching, metrics, the encoder and feature extraction: the
+one data module the kit's scripts share.
 
     python -c "import data; print({k: len(v) for k, v in data.load_task('rte').items()})"
     python -c "import data; d = data.load_task('cb'); print(d['train'].texts[0])"
@@ -7,54 +8,26 @@ Every task reads its official files from `--data_dir`, else $LPFT_DATA, else thi
 data/ folder, else the Hugging Face hub (`datasets.load_dataset`, needs internet).
 Splits as the paper: train/val = the official train set split 9:1 without shuffling (the last 10%
 is val), test = the official validation set (Amazon: its test file; PubMed: its official files).
+data.py needs rundir.py (the kit's errors); run directories live there, --prompt's templates in prompts.py.
 """
 
 import csv
-import errno
-import fcntl
 import functools
 import hashlib
 import io
 import json
-import math
 import os
 import random
-import re
-import socket
-import sys
-import time
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from rundir import KitError, check_positive, die
+
 ROOT = Path(__file__).resolve().parent
 csv.field_size_limit(1 << 30)
-
-
-class KitError(Exception):
-    """A foreseeable failure. Its message is one line naming the problem and the fix."""
-
-
-def die(msg):
-    """Raise a KitError: library code raises, a script's `main` (wrapped by `cli`) prints the one line."""
-    raise KitError(msg)
-
-
-def cli(main):
-    """Wrap a script's main(argv): a KitError becomes `error: <message>` on stderr and exit status 1, with no
-    traceback. Functions copied out of a script raise KitError and never exit."""
-
-    @functools.wraps(main)
-    def run(argv=None):
-        try:
-            return main(argv)
-        except KitError as e:
-            raise SystemExit(f"error: {e}") from None
-
-    return run
 
 
 @dataclass
@@ -97,36 +70,6 @@ TASKS = {
 }
 GLUE_FIELDS = {"cola": (3, None, 1), "sst2": ("sentence", None, "label"),
                "mrpc": ("#1 String", "#2 String", "Quality")}  # (text_a, text_b, label) columns
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A task as masked word prediction (--prompt): the input is `template` filled in, and class c's logit is the
-    masked LM's score of label word `words[label c]` at the mask. Placeholders: {a}, {b} the example's text_a /
-    text_b (see superglue_example for SuperGLUE's), {a_nopunct} text_a without its final punctuation mark,
-    {b_lower} text_b with its first letter lower-cased, {mask} the tokenizer's mask token. As LM-BFF's templates
-    (whose spaces matter to RoBERTa's BPE): a space before a sentence is encoded with it, a space before {mask}
-    belongs to the label word (encoded " word"), any other text is encoded as written."""
-    template: str
-    words: dict  # label name -> label word
-
-
-YES_NO = {"True": "Yes", "False": "No"}
-PROMPTS = {
-    # LM-BFF / Malladi et al.'s run_fewshot.sh (CB is their MNLI: the same classes)
-    "sst2": Prompt("{a} It was {mask}.", {"positive": "great", "negative": "terrible"}),
-    "cola": Prompt("{a} This is {mask}.", {"acceptable": "correct", "unacceptable": "incorrect"}),
-    "mrpc": Prompt("{a} {mask}, {b_lower}", {"equivalent": "Yes", "not_equivalent": "No"}),
-    "rte": Prompt("{a_nopunct}? {mask}, {b_lower}", {"entailment": "Yes", "not_entailment": "No"}),
-    "cb": Prompt("{a_nopunct}? {mask}, {b_lower}", {"entailment": "Yes", "contradiction": "No", "neutral": "Maybe"}),
-    # the kit's own (tasks they did not prompt)
-    "boolq": Prompt("{b} Question: {a}? Answer: {mask}.", YES_NO),  # a = question, b = passage
-    "wic": Prompt("{a} {mask}.", YES_NO),  # a already ends "Does <word> have the same meaning in both sentences?"
-    "wsc": Prompt("{a} Does the pronoun refer to {b}? {mask}.", YES_NO),  # a = "<pronoun>: <text>", b = the noun
-    "amazon": Prompt("{a} It was {mask}.", {"positive": "great", "negative": "terrible", "neutral": "okay"}),
-    "pubmed": Prompt("{mask}: {a}", {"BACKGROUND": "Background", "OBJECTIVE": "Objective", "METHODS": "Methods",
-                                     "RESULTS": "Results", "CONCLUSIONS": "Conclusions"}),  # as their TREC's
-}
 
 
 @dataclass
@@ -489,11 +432,9 @@ def metrics(task, logits, labels):
 
 
 # ---------------------------------------------------------------- tokenising and batching
-def tokenize(tok, split, max_len, prompt_task=None):
-    """-> list of dicts of int lists (input_ids, optional token_type_ids), truncated, unpadded; with prompt_task
-    (--prompt) the task's template around the text (prompt_tokenize)."""
-    if prompt_task is not None:
-        return prompt_tokenize(tok, split, max_len, prompt_task)
+def tokenize(tok, split, max_len):
+    """-> list of dicts of int lists (input_ids, optional token_type_ids), truncated, unpadded. (--prompt:
+    prompts.tokenize puts the task's template around the text.)"""
     a = [t[0] for t in split.texts]
     b = [t[1] for t in split.texts]
     if all(x is None for x in b):
@@ -502,137 +443,6 @@ def tokenize(tok, split, max_len, prompt_task=None):
         enc = tok(a, [x or "" for x in b], truncation="longest_first", max_length=max_len)
     keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
     return [{k: enc[k][i] for k in keys} for i in range(len(a))]
-
-
-# ---------------------------------------------------------------- prompts (--prompt): a template around the text
-def prompt_record(task):
-    """A task's template and label words (class order) as one readable string: what run records hold, so that a run
-    or cached features made with an earlier data.PROMPTS entry are never reused under an edited one."""
-    p = PROMPTS[task]
-    return f"{p.template} | {' '.join(p.words[label] for label in TASKS[task].labels)}"
-
-
-def template_parts(template):
-    """A Prompt's template -> [[kind, value, spaced]]: ["text", literal], ["sent", placeholder] or ["mask", None];
-    spaced: a space stood right before it (taken out of the literal: see Prompt)."""
-    parts = []
-    for piece in re.split(r"(\{\w+\})", template):
-        if not piece:
-            continue
-        if not piece.startswith("{"):
-            parts.append(["text", piece, False])
-            continue
-        spaced = bool(parts) and parts[-1][0] == "text" and parts[-1][1].endswith(" ")
-        if spaced:
-            parts[-1][1] = parts[-1][1][:-1]
-            if not parts[-1][1]:
-                parts.pop()
-        name = piece[1:-1]
-        parts.append(["mask", None, spaced] if name == "mask" else ["sent", name, spaced])
-    return parts
-
-
-def fill(name, x):
-    """A sentence placeholder ({a}, {b}, {a_nopunct}, {b_lower}) of one example's (text_a, text_b)."""
-    which, _, how = name.partition("_")
-    text = x[0] if which == "a" else x[1]
-    if text is None:
-        die(f"the prompt template uses {{{name}}} but an example has no text_{which}")
-    if how == "nopunct":  # LM-BFF's sent-: drops the last character; here only a final punctuation mark
-        text = text.rstrip()
-        text = text[:-1] if text and unicodedata.category(text[-1]).startswith("P") else text
-    elif how == "lower":
-        text = text[:1].lower() + text[1:]
-    return text
-
-
-def prompt_specials(tok, model=None):
-    """The special tokens a prompt needs: the tokenizer's own mask, cls and sep tokens."""
-    for n in ("mask", "cls", "sep"):
-        if getattr(tok, f"{n}_token_id") is None:
-            die(f"the tokenizer of model '{model_id(model or tok.name_or_path)}' has no {n} token; --prompt needs a "
-                f"masked-language model's tokenizer (e.g. roberta-base's)")
-
-
-def label_word_ids(tok, task, model=None):
-    """The token ids of a task's label words in class order, each encoded " word" (RoBERTa's BPE marks the space
-    before a word; BERT's WordPiece ignores it), as LM-BFF does. A word that is not ONE known token stops."""
-    t = get_task(task)
-    if task not in PROMPTS:
-        die(f"no prompt template for task {task}; add one to data.PROMPTS")
-    name = model_id(model or tok.name_or_path)
-    ids = []
-    for label in t.labels:
-        word = PROMPTS[task].words[label]
-        pieces = tok.tokenize(" " + word)
-        i = tok.convert_tokens_to_ids(pieces[0]) if len(pieces) == 1 else None
-        if i is None or i == tok.unk_token_id:
-            die(f"label word '{word}' of task {task} is {pieces} in model '{name}''s tokenizer, not one known token; "
-                f"--prompt needs one-token label words (change data.PROMPTS['{task}'])")
-        ids.append(i)
-    if len(set(ids)) < len(ids):
-        die(f"task {task}'s label words {list(PROMPTS[task].words.values())} share a token in model '{name}''s "
-            f"tokenizer; change data.PROMPTS['{task}']")
-    return ids
-
-
-def prompt_layout(tok, task):
-    """-> (template parts with each literal's token ids, the tokens every input has: cls, sep, mask and the
-    template's text)."""
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    parts = [[k, enc(v) if k == "text" else v, sp] for k, v, sp in template_parts(PROMPTS[task].template)]
-    return parts, 3 + sum(len(v) for k, v, _ in parts if k == "text")
-
-
-def prompt_min_len(tok, task):
-    """The shortest --max_len that holds the template, the mask, the special tokens and one token per sentence."""
-    parts, fixed = prompt_layout(tok, task)
-    return fixed + sum(k == "sent" for k, _, _ in parts)
-
-
-def longest_first(lens, room):
-    """Lengths cut to a total of at most `room` by shortening the longest first (as the tokenizers' longest_first:
-    on a tie the later sequence gives a token first)."""
-    if sum(lens) <= room:
-        return list(lens)
-    lo, hi = 0, max(lens)  # the largest level T with sum(min(n, T)) <= room
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if sum(min(n, mid) for n in lens) <= room else (lo, mid - 1)
-    out = [min(n, lo) for n in lens]
-    extra = room - sum(out)
-    for j, n in enumerate(lens):
-        if n > lo and extra:
-            out[j], extra = out[j] + 1, extra - 1
-    return out
-
-
-def prompt_tokenize(tok, split, max_len, task):
-    """tokenize for --prompt: cls + the template filled in + sep, one segment (as LM-BFF), exactly one mask token.
-    Only the sentences are truncated (longest first), never the template, so the mask survives any max_len."""
-    prompt_specials(tok)
-    parts, fixed = prompt_layout(tok, task)
-    sents = [(name, spaced) for k, name, spaced in parts if k == "sent"]
-    room = max_len - fixed
-    if room < len(sents):
-        die(f"--max_len {max_len} cannot hold {task}'s prompt template and its text; use at least "
-            f"{fixed + len(sents)}")
-    filled = [tok([" " * spaced + fill(name, x) for x in split.texts], add_special_tokens=False)["input_ids"]
-              for name, spaced in sents]
-    mask, types = tok.mask_token_id, "token_type_ids" in tok.model_input_names
-    out = []
-    for i in range(len(split)):
-        keep = iter(longest_first([len(f[i]) for f in filled], room))
-        sent = iter(f[i] for f in filled)
-        ids = [tok.cls_token_id]
-        for kind, v, _ in parts:
-            ids += v if kind == "text" else [mask] if kind == "mask" else next(sent)[:next(keep)]
-        ids.append(tok.sep_token_id)
-        if ids.count(mask) != 1:
-            die(f"example {i + 1} of this {task} split contains the mask token {tok.mask_token!r} in its text; "
-                f"--prompt needs exactly one mask per input: remove it from the data")
-        out.append({"input_ids": ids} | ({"token_type_ids": [0] * len(ids)} if types else {}))
-    return out
 
 
 def batches(encoded, batch_size, shuffle=False, seed=0, bucket=50):
@@ -743,63 +553,6 @@ def load_encoder(name):
     return enc, tok
 
 
-MLM_HEADS = ("ForMaskedLM", "ForPreTraining")  # architectures whose checkpoints carry the masked-LM head
-
-
-def no_mlm_head(name, why):
-    return (f"--prompt needs a masked-language model (a *ForMaskedLM checkpoint such as roberta-base); "
-            f"{model_id(name)} has no MLM head ({why})")
-
-
-def check_prompt(name, task, max_len=None, pooling=POOLING):
-    """--prompt, from the flags, config and tokenizer alone (no weights loaded, no file written): phi is taken at
-    the mask (cls pooling), the checkpoint is a masked LM, its tokenizer has mask/cls/sep tokens and the task's label
-    words as single tokens, and --max_len holds the template with room for the text."""
-    if pooling != "cls":
-        die(f"--prompt takes phi(x) at the mask token; drop --pooling {pooling}")
-    from transformers import AutoConfig, AutoTokenizer
-
-    path = resolve_model(name)
-    try:
-        cfg = AutoConfig.from_pretrained(path)
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        die(f"cannot load model '{name}': {str(e).splitlines()[0]} (a hub name needs internet; or pass a local "
-            f"directory)")
-    archs = getattr(cfg, "architectures", None) or []  # none recorded: load_mlm checks the weights themselves
-    if archs and not any(a.endswith(MLM_HEADS) for a in archs):
-        die(no_mlm_head(name, f"its config names {', '.join(archs)}"))
-    prompt_specials(tok, name)
-    label_word_ids(tok, task, name)
-    need = prompt_min_len(tok, task)
-    if max_len is not None and max_len < need:
-        die(f"--max_len {max_len} cannot hold {task}'s prompt template, mask and special tokens with any text; "
-            f"use at least {need}")
-
-
-def load_mlm(name):
-    """-> (AutoModelForMaskedLM, tokenizer), fp32, sdpa attention; a checkpoint without the MLM head's weights (they
-    would be random) stops with one line."""
-    import transformers
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    path = resolve_model(name)
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        mlm, info = AutoModelForMaskedLM.from_pretrained(path, attn_implementation="sdpa", output_loading_info=True)
-    except ValueError as e:  # a model type without a masked-LM class
-        die(no_mlm_head(name, str(e).splitlines()[0]))
-    except OSError as e:
-        die(f"cannot load model '{name}': {str(e).splitlines()[0]} "
-            "(a hub name needs internet; or pass a local directory)")
-    lost = sorted(k for k in info["missing_keys"] if not k.startswith(mlm.base_model_prefix + "."))
-    if lost:
-        die(no_mlm_head(name, f"its weights lack {lost[0]}"))
-    return mlm, tok
-
-
 def pool(hidden, mask, pooling):
     """phi(x): the first token's last hidden state (cls, the paper's) or the mean over real tokens."""
     if pooling == "cls":
@@ -851,162 +604,3 @@ def extract(fn, encoded, pad_id, batch_size=64, desc=None, multiple_of=1, precis
     return res
 
 
-# ---------------------------------------------------------------- run directories: atomic files, one writer, records
-def atomic(path, write):
-    """write(tmp_path) then rename, so a crash never leaves a half-written file. The temporary name carries the
-    pid, so parallel jobs never share one and an orphan (kill -9 mid-write) is recognised and removed later."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}@{HOST}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def save_json(path, obj):
-    atomic(path, lambda t: Path(t).write_text(json.dumps(obj, indent=2)))
-
-
-def save_npz(path, **arrays):
-    def write(t):
-        with open(t, "wb") as f:
-            np.savez(f, **arrays)
-    atomic(path, write)
-
-
-def save_torch(path, obj):
-    def write(t):
-        with open(t, "wb") as f:  # a file object: torch.save(name) puts the (temporary) name inside the archive,
-            torch.save(obj, f)    # so the same head would hash differently each time it is written
-    atomic(path, write)
-
-
-def read_json(path, what="file"):
-    """A JSON file -> its object, or None when absent; a corrupt one stops with one line."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        die(f"{path}: a corrupt {what} ({type(e).__name__}); delete it, or rerun with --overwrite")
-    if not isinstance(obj, dict):
-        die(f"{path}: a {type(obj).__name__}, not the {what} this kit writes; delete it, or rerun with --overwrite")
-    return obj
-
-
-def check_output_dir(path, flag="--output_dir"):
-    """Before anything is written: the directory (or its first existing parent) must be a writable folder."""
-    path = Path(path)
-    p = path
-    while not p.exists():
-        if p.parent == p:
-            break
-        p = p.parent
-    if p.exists() and not p.is_dir():
-        what = "is a file" if p == path else f"lies under the file {p}"
-        die(f"{flag} {path} {what}; pass a folder")
-    if not os.access(p, os.W_OK | os.X_OK):
-        die(f"{flag} {path}: {p} is not writable; pass a folder you can write to")
-    return path
-
-
-HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]) or "host"
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
-
-
-def clean_orphans(folder):
-    """Remove `.name.<pid>@<host>.tmp` files of this host whose writer is dead (a kill -9 during a write). Another
-    host's (a shared file system under a Slurm array) are left alone: their pids mean nothing here."""
-    for f in Path(folder).glob(".*.tmp"):
-        m = re.fullmatch(r"\..+\.(\d+)(?:@([A-Za-z0-9-]+))?\.tmp", f.name)
-        if not m or not f.is_file() or m.group(2) not in (None, HOST):
-            continue
-        if int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
-            f.unlink(missing_ok=True)
-
-
-class RunLock:
-    """One writer per run directory: an exclusive flock on <dir>/.lock, which holds the owner's pid.
-    The kernel drops the lock when its process dies (kill -9 included), so a stale lock is simply taken over.
-    wait=False: a second process stops with one line; wait=True: it waits (say, for an LP head another job is
-    fitting) and then finds the work done."""
-
-    def __init__(self, folder, wait=False):
-        self.folder, self.wait, self.fd = Path(folder), wait, None
-
-    def __enter__(self):
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / ".lock"
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            owner = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
-            if not self.wait:
-                os.close(self.fd)
-                die(f"{self.folder} is being written by process {owner}; wait for it to finish, "
-                    f"or pass another --output_dir")
-            print(f"{self.folder}: waiting for process {owner}, which is writing it", file=sys.stderr)
-            t0 = time.time()
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-            print(f"{self.folder}: free after {time.time() - t0:.0f}s", file=sys.stderr)
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
-        clean_orphans(self.folder)
-        return self
-
-    def __exit__(self, *exc):
-        os.ftruncate(self.fd, 0)
-        os.close(self.fd)  # closing releases the flock; the file stays (removing it would race a waiter)
-        return False
-
-
-def config_diff(saved, now):
-    """The keys whose values differ between two recorded configurations -> 'key: saved -> now' strings. A key one
-    record lacks reads as unset (None): a flag added since does not make an older record differ."""
-    keys = sorted(set(saved) | set(now))
-    return [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in keys
-            if saved.get(k) != now.get(k)]
-
-
-def describe_diff(saved, now, most=3):
-    """What differs between two run records, as one readable line for a refusal (ft.py, lora.py, lp.py, ntk.py):
-    'key: old -> new' for the first few (task, method and model first), a nested dict's keys as 'key.sub',
-    content hashes cut to 12 digits. '' when the records agree."""
-    def flat(d):
-        out = {}
-        for k, v in d.items():
-            for k2, v2 in (v.items() if isinstance(v, dict) else [(None, v)]):
-                short = isinstance(v2, str) and re.fullmatch(r"[0-9a-f]{64}", v2)
-                out[f"{k}.{k2}" if k2 else k] = v2[:12] + "..." if short else v2
-        return out
-
-    diff = config_diff(flat(saved), flat(now))
-    diff.sort(key=lambda d: d.split(":")[0] not in ("task", "method", "model"))  # what the run is, first
-    return "; ".join(diff[:most]) + (f" (and {len(diff) - most} more)" if len(diff) > most else "")
-
-
-def check_positive(args, names, allow_zero=()):
-    """Flags that must be finite and > 0 (>= 0 for those in allow_zero); None means 'not given'."""
-    for n in names:
-        v = getattr(args, n, None)
-        if v is None:
-            continue
-        low_ok = v >= 0 if n in allow_zero else v > 0
-        if not (math.isfinite(v) and low_ok):
-            die(f"--{n} {v}: must be {'>= 0' if n in allow_zero else '> 0'} and finite")

@@ -4,12 +4,13 @@
     python lp.py --task rte && python ft.py --init lp_head.pt   # LP-FT
 
 Holds the kit's model (encoder + one linear head on phi(x)) and its one training loop; lora.py
-and ntk.py import them. --prompt (a masked LM, e.g. --model roberta-base) is prompt-based fine-tuning: the
-task's template with a mask token, phi(x) at the mask, the head from the label words (PromptEncoder, build_model).
+and ntk.py import them. --prompt (a masked LM, e.g. --model roberta-base) is prompt-based fine-tuning: the task's
+template with a mask token, phi(x) at the mask, the head from the label words (prompts.PromptEncoder, build_model).
 Outputs go to runs/<task>/<method>-seed<seed>/ (prompt_<method> with --prompt): run.json (what determines the
 result, written first), results.json, logits.npz, features.npz (the test features phi(x) at the start and at the
 best epoch: report.py's t-SNE), model.safetensors + meta.json, and ckpt.pt (resume state, removed when done).
 A directory is skipped or resumed only when its run.json equals this run's.
+ft.py needs data.py, rundir.py and prompts.py.
 """
 
 import argparse
@@ -26,7 +27,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from data import die
+import prompts
+import rundir
+from rundir import die
 
 # Paper Table 6: task -> method -> (batch size, learning rate)
 TABLE6 = {
@@ -75,59 +78,6 @@ class Classifier(nn.Module):
         return self.head(self.drop(self.features(input_ids, attention_mask, token_type_ids)))
 
 
-class PromptEncoder(nn.Module):
-    """The encoder of prompt-based fine-tuning (--prompt; Malladi et al. 2023, after LM-BFF): phi(x) is the masked
-    LM head's transform (dense, activation, LayerNorm) of the last hidden state at the mask token, returned as
-    `last_hidden_state` [B, 1, d] so that Classifier's cls pooling takes it unchanged. With the head V, b set to the
-    decoder's label-word rows (build_model), V phi(x) + b are the MLM's label-word scores at the mask. Exposes what
-    ntk.py and ntk_structured.py use of a transformers model: config, get_input_embeddings, named_parameters."""
-
-    def __init__(self, body, dense, act, norm, mask_id):
-        super().__init__()
-        self.body, self.dense, self.act, self.norm = body, dense, act, norm
-        self.mask_id = mask_id
-        self.config = body.config  # shared with every layer: ntk.py's switch to eager attention reaches them
-
-    def get_input_embeddings(self):
-        return self.body.get_input_embeddings()
-
-    def forward(self, input_ids, attention_mask, token_type_ids=None, **kw):
-        from transformers.modeling_outputs import BaseModelOutput
-
-        h = self.body(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                      **kw).last_hidden_state
-        # the transform acts token by token, so at the mask it is the MLM head's; applied to every token (about 1%
-        # of the encoder's work) its layers' outputs stay [batch, tokens, ...], as ntk_structured records them
-        t = self.norm(self.act(self.dense(h)))
-        at = (input_ids == self.mask_id).unsqueeze(-1).to(t.dtype)  # one-hot, no data-dependent index: vmap works
-        return BaseModelOutput(last_hidden_state=(t * at).sum(1, keepdim=True))
-
-
-def mlm_parts(mlm, name):
-    """A BERT- or RoBERTa-style masked LM -> (dense, activation, LayerNorm) of its head's transform."""
-    if hasattr(mlm, "cls") and hasattr(getattr(mlm.cls, "predictions", None), "transform"):  # BERT
-        t = mlm.cls.predictions.transform
-        return t.dense, t.transform_act_fn, t.LayerNorm
-    head = getattr(mlm, "lm_head", None)
-    if head is not None and hasattr(head, "dense") and hasattr(head, "layer_norm"):  # RoBERTa: gelu whatever the
-        from transformers.activations import get_activation  # config's hidden_act, as RobertaLMHead.forward
-
-        return head.dense, get_activation("gelu"), head.layer_norm
-    die(f"--prompt takes BERT- or RoBERTa-style masked LMs (cls.predictions or lm_head); model '{name}' is a "
-        f"{type(mlm).__name__}")
-
-
-def load_prompt_encoder(model_name):
-    """-> (PromptEncoder, tokenizer, decoder weight [vocab, d], decoder bias [vocab]) of a masked-LM checkpoint."""
-    mlm, tok = data.load_mlm(model_name)
-    data.prompt_specials(tok, model_name)
-    dense, act, norm = mlm_parts(mlm, model_name)
-    dec = mlm.get_output_embeddings()
-    W = dec.weight.detach().clone()
-    b = dec.bias.detach().clone() if dec.bias is not None else torch.zeros(len(W))
-    return PromptEncoder(mlm.base_model, dense, act, norm, tok.mask_token_id), tok, W, b
-
-
 def build_model(model_name, num_labels, pooling=data.POOLING, seed=0, prompt_task=None):
     """-> (Classifier with a fresh normal(0, 0.02) head, tokenizer). With prompt_task (--prompt): the PromptEncoder,
     no dropout on phi (the MLM head has none there) and the head set to the MLM decoder's rows of the task's label
@@ -138,8 +88,8 @@ def build_model(model_name, num_labels, pooling=data.POOLING, seed=0, prompt_tas
         return Classifier(encoder, num_labels, pooling), tok
     if pooling != "cls":
         die(f"--prompt takes phi(x) at the mask token; drop --pooling {pooling}")
-    encoder, tok, W, b = load_prompt_encoder(model_name)
-    ids = data.label_word_ids(tok, prompt_task, model_name)
+    encoder, tok, W, b = prompts.load_prompt_encoder(model_name)
+    ids = prompts.label_word_ids(tok, prompt_task, model_name)
     if len(ids) != num_labels:
         die(f"task {prompt_task} has {len(ids)} label words but the model is built for {num_labels} classes")
     torch.manual_seed(seed)
@@ -235,8 +185,8 @@ def trainable_state(model):
 def save_weights(out, model, meta):
     from safetensors.torch import save_file
 
-    data.atomic(Path(out) / "model.safetensors", lambda t: save_file(trainable_state(model), str(t)))
-    data.save_json(Path(out) / "meta.json", meta)
+    rundir.atomic(Path(out) / "model.safetensors", lambda t: save_file(trainable_state(model), str(t)))
+    rundir.save_json(Path(out) / "meta.json", meta)
 
 
 def load_weights(out, model):
@@ -287,7 +237,7 @@ def common_flags(p):
 def prompt_flag(a):
     """--prompt: unset (None, as in run records made before it existed) or True."""
     a("--prompt", action="store_true", default=None,
-      help="prompt-based fine-tuning (Malladi et al.): the task's template with a mask token (data.PROMPTS), phi(x) "
+      help="prompt-based fine-tuning (Malladi et al.): the task's template with a mask token (prompts.PROMPTS), phi(x) "
            "= the masked-LM head's transform at the mask, the head from the decoder's label-word rows; needs a "
            "*ForMaskedLM model (default: the --init head's setting)")
 
@@ -325,8 +275,8 @@ def make_parser(description=__doc__):
 
 def check_flags(args):
     """The training flags' ranges (None: not given, a default follows)."""
-    data.check_positive(args, ["lr", "batch_size", "epochs", "max_steps", "max_train_samples", "max_eval_samples",
-                               "eval_batch_size", "head_scale", "patience"], allow_zero=["patience"])
+    rundir.check_positive(args, ["lr", "batch_size", "epochs", "max_steps", "max_train_samples", "max_eval_samples",
+                                 "eval_batch_size", "head_scale", "patience"], allow_zero=["patience"])
     if not 0 <= args.warmup_ratio < 1:
         die(f"--warmup_ratio {args.warmup_ratio}: must be in [0, 1) (a share of the training steps)")
     data.check_k_shot(args)
@@ -353,7 +303,7 @@ def fill_from_head(args):
     data.check_max_len(args.model, args.max_len)
     prompt = getattr(args, "prompt", None)
     if prompt:
-        data.check_prompt(args.model, args.task, args.max_len, args.pooling)
+        prompts.check_prompt(args.model, args.task, args.max_len, args.pooling)
     if head is not None:
         check_head(head, args.init, args.task, args.model, model_width(args.model), args.max_len, args.pooling,
                    prompt)
@@ -404,7 +354,7 @@ def fingerprint(args, method):
     fp |= {"method": method, "data_sha256": data.data_fingerprint(args.task, args.data_dir),
            "init_sha256": data.file_sha256(args.init) if args.init else None}
     if getattr(args, "prompt", None):
-        fp["prompt_template"] = data.prompt_record(args.task)
+        fp["prompt_template"] = prompts.prompt_record(args.task)
     return json.loads(json.dumps(fp))
 
 
@@ -418,16 +368,16 @@ def open_run_dir(out, fp, overwrite):
         for f in (*RESULT_FILES, "run.json", "calibration.json", *(p.name for p in out.glob("reliability_*.png"))):
             (out / f).unlink(missing_ok=True)  # calibration too: it described the logits being replaced
     held = [f for f in RESULT_FILES if (out / f).exists()]
-    saved = data.read_json(out / "run.json", "run record")
+    saved = rundir.read_json(out / "run.json", "run record")
     if held and saved is None:
         die(f"{out} holds {', '.join(held)} but no run.json recording their configuration (an older kit or "
             f"another script made them); pass --overwrite to replace them, or another --output_dir")
-    if held and data.config_diff(saved, fp):  # a flag added since reads as unset (None) in an older record
-        die(f"{out} holds a run of another configuration ({data.describe_diff(saved, fp)}); pass --overwrite to "
+    if held and rundir.config_diff(saved, fp):  # a flag added since reads as unset (None) in an older record
+        die(f"{out} holds a run of another configuration ({rundir.describe_diff(saved, fp)}); pass --overwrite to "
             f"replace it, or another --output_dir")
     if saved != fp:
-        data.save_json(out / "run.json", fp)
-    res = data.read_json(out / "results.json", "results file")
+        rundir.save_json(out / "run.json", fp)
+    res = rundir.read_json(out / "results.json", "results file")
     if res is not None and res.get("failed"):
         die(f"{out} failed earlier ({res['failed']}); change the flags and pass --overwrite to retry")
     if res is not None and res.get("finished"):
@@ -528,7 +478,7 @@ def build(args, method, head, splits, fp, setup=None, extra_meta=None):
     if setup is not None:
         setup(model)
     model.to(dev)
-    tokens = {s: data.tokenize(tok, sp, args.max_len, prompt_task) for s, sp in splits.items()}
+    tokens = {s: prompts.tokenize(tok, sp, args.max_len, prompt_task) for s, sp in splits.items()}
     train_tokens = tokens.pop("train")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(params, args.lr, dev)
@@ -585,24 +535,24 @@ def resume(s, state):
 
 def save_best(s, ev, phi0):
     save_weights(s.out, s.model, s.meta)
-    data.save_npz(s.out / "logits.npz", **{f"{sp}_{k}": v for sp, (lg, _) in ev.items()
-                                           for k, v in (("logits", lg), ("labels", s.labels[sp]))})
+    rundir.save_npz(s.out / "logits.npz", **{f"{sp}_{k}": v for sp, (lg, _) in ev.items()
+                                             for k, v in (("logits", lg), ("labels", s.labels[sp]))})
     # the test features before and after (report.py's t-SNE, Figures 5-6): test only, the OOD sets can be large
-    data.save_npz(s.out / "features.npz", test_phi=ev["test"][1], test_phi0=phi0["test"],
-                  test_labels=s.labels["test"])
+    rundir.save_npz(s.out / "features.npz", test_phi=ev["test"][1], test_phi0=phi0["test"],
+                    test_labels=s.labels["test"])
 
 
 def save_checkpoint(s, hist, best, step, phi0):
     cuda = {"cuda_rng": torch.cuda.get_rng_state()} if s.dev.type == "cuda" else {}
-    data.save_torch(s.out / "ckpt.pt", {"model": trainable_state(s.model), "opt": s.opt.state_dict(),
-                                        "sched": s.sched.state_dict(), "rng": torch.get_rng_state(), **cuda,
-                                        "phi0": {sp: torch.from_numpy(v) for sp, v in phi0.items()},
-                                        "history": json.dumps(hist), "best": best, "step": step})
+    rundir.save_torch(s.out / "ckpt.pt", {"model": trainable_state(s.model), "opt": s.opt.state_dict(),
+                                          "sched": s.sched.state_dict(), "rng": torch.get_rng_state(), **cuda,
+                                          "phi0": {sp: torch.from_numpy(v) for sp, v in phi0.items()},
+                                          "history": json.dumps(hist), "best": best, "step": step})
 
 
 def diverged(s, hist, msg):
     """A non-finite loss: results.json records the run as failed; the message says what the directory keeps."""
-    data.save_json(s.out / "results.json", {"config": s.cfg, "history": hist, "finished": False, "failed": msg})
+    rundir.save_json(s.out / "results.json", {"config": s.cfg, "history": hist, "finished": False, "failed": msg})
     kept = (f"the checkpoint after epoch {hist[-1]['epoch']} is kept in {s.out}" if (s.out / "ckpt.pt").exists()
             else "no checkpoint was written")
     die(f"{msg} (lr {s.cfg['lr']} too high?); {kept}; lower --lr and rerun with --overwrite")
@@ -615,7 +565,7 @@ def finish(s, hist, best, peak):
            "features": be["features"]}
     if s.dev.type == "cuda":
         res["peak_train_memory_gb"] = peak
-    data.save_json(s.out / "results.json", res)
+    rundir.save_json(s.out / "results.json", res)
     (s.out / "ckpt.pt").unlink(missing_ok=True)
     print_summary(res, s.sel)
     return res
@@ -691,8 +641,8 @@ def run(args, method, table=TABLE6, minilm=MINILM_LR, setup=None, extra_meta=Non
     splits = data.load_splits(args)
     method = run_method(method, args)
     fp = fingerprint(args, method)
-    out = data.check_output_dir(Path(args.output_dir))
-    with data.RunLock(out):
+    out = rundir.check_output_dir(Path(args.output_dir))
+    with rundir.RunLock(out):
         res, state = open_run_dir(out, fp, args.overwrite)
         if res is not None:
             print(f"{out}: already finished (best epoch {res['best_epoch']}, test {res['metrics']['test']}); "
@@ -709,7 +659,7 @@ def print_summary(res, sel):
         print(f"  {s:<10}{m[sel]:>10.4f}")
 
 
-@data.cli
+@rundir.cli
 def main(argv=None):
     args = make_parser().parse_args(argv)
     return run(args, "lp_ft" if args.init else "ft")

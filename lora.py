@@ -20,6 +20,7 @@ ft.py (runs named prompt_lora / prompt_lp_lora; the MLM head's transform stays f
     DIR/head.safetensors                                `weight` [C,d], `bias` [C]; its metadata holds
                                                         task, labels (JSON), pooling, max_len
     logits = last_hidden_state[:, 0] @ weight.T + bias  (pooling cls; mean: the mean over real tokens)
+lora.py needs ft.py (and what ft.py needs: data.py, rundir.py, prompts.py).
 """
 
 import json
@@ -31,9 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-import data
 import ft
-from data import die
+import rundir
+from rundir import die
 
 # Paper Table 6 (LoRA / LP-LoRA rows, r = alpha = 8): task -> method -> (batch size, learning rate)
 TABLE6 = {
@@ -82,7 +83,7 @@ def make_parser():
 def check_lora_args(args):
     """lora.py's own flags, before ft.run builds the model or touches a file: the LoRA config and --merge_to, a
     folder that is new or an earlier export (it is replaced whole, so it must not hold anything else)."""
-    data.check_positive(args, ["r", "alpha"])
+    rundir.check_positive(args, ["r", "alpha"])
     if not 0 <= args.lora_dropout < 1:
         die(f"--lora_dropout {args.lora_dropout}: must be in [0, 1)")
     if set(args.targets) - {"query", "key", "value"}:
@@ -90,7 +91,7 @@ def check_lora_args(args):
     if getattr(args, "merge_to", None) and getattr(args, "prompt", None):
         die(NO_PROMPT_EXPORT)
     if getattr(args, "merge_to", None):
-        dest = data.check_output_dir(Path(args.merge_to), "--merge_to").resolve()
+        dest = rundir.check_output_dir(Path(args.merge_to), "--merge_to").resolve()
         run_dir = Path(args.output_dir).resolve()
         if dest == run_dir or dest in run_dir.parents:
             die(f"--merge_to {args.merge_to} holds the run directory {args.output_dir}; pass a folder of its own")
@@ -208,7 +209,7 @@ def load_adapter(run_dir, with_tokenizer=False):
     """A trained LoRA / LP-LoRA run dir -> its model (base rebuilt from meta.json, LoRA injected, adapter
     and head loaded; eval mode, unmerged); (model, tokenizer) with with_tokenizer=True."""
     run_dir = Path(run_dir)
-    meta = data.read_json(run_dir / "meta.json", "meta.json")
+    meta = rundir.read_json(run_dir / "meta.json", "meta.json")
     if meta is None:
         die(f"no {run_dir / 'meta.json'}; is {run_dir} a finished lora.py run?")
     if "lora" not in meta:
@@ -236,7 +237,7 @@ def export_merged(run_dir, dest):
     """Write a plain merged model to dest (see the module docstring for the layout)."""
     from safetensors.torch import save_file
 
-    meta = data.read_json(Path(run_dir) / "meta.json", "meta.json")
+    meta = rundir.read_json(Path(run_dir) / "meta.json", "meta.json")
     if meta is not None and meta.get("prompt"):
         die(NO_PROMPT_EXPORT)
     model, tok = load_adapter(run_dir, with_tokenizer=True)
@@ -263,7 +264,7 @@ def export_merged(run_dir, dest):
 
 
 # ---------------------------------------------------------------- main
-@data.cli
+@rundir.cli
 def main(argv=None):
     args = make_parser().parse_args(argv)
 
@@ -273,7 +274,7 @@ def main(argv=None):
     res = ft.run(args, "lp_lora" if args.init else "lora", TABLE6, MINILM_LR, setup=add_lora,
                  extra_meta={"lora": lora_config(args)}, check=check_lora_args)
     if args.merge_to:
-        with data.RunLock(args.output_dir):  # no --overwrite of this run may delete what is being exported
+        with rundir.RunLock(args.output_dir):  # no --overwrite of this run may delete what is being exported
             export_merged(args.output_dir, args.merge_to)
     return res
 

@@ -10,6 +10,7 @@ saved as plain tensors (weight [C,d], bias [C]) for ft.py --init. lp_results.jso
 that change the result and the data's content hashes): a rerun with the same fingerprint skips, another stops with
 one line naming what differs. One process at a time writes an output folder; a second one waits for it (parallel
 jobs that need the same head) and then finds the head fit.
+lp.py needs data.py and rundir.py; --prompt also prompts.py (imported only then). It imports no other stage script.
 """
 
 import argparse
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 
 import data
-from data import die
+import rundir
+from rundir import die
 
 MAX_FOLDS = 5  # LogisticRegressionCV's folds when every class has that many examples
 # the flags that change the head, logits or lp_results.json (not where files go, nor the batch size)
@@ -69,14 +71,16 @@ def check_args(args):
     """Every flag and folder, before any data, model or file is touched."""
     data.get_task(args.task)
     args.model = data.model_id(args.model)
-    data.check_positive(args, ["C", "max_train_samples", "max_eval_samples", "eval_batch_size", "norm_curve"],
-                        allow_zero=("norm_curve",))
+    rundir.check_positive(args, ["C", "max_train_samples", "max_eval_samples", "eval_batch_size", "norm_curve"],
+                          allow_zero=("norm_curve",))
     data.check_k_shot(args)
-    data.check_output_dir(args.output_dir)
-    data.check_output_dir(args.cache_dir, "--cache_dir")
+    rundir.check_output_dir(args.output_dir)
+    rundir.check_output_dir(args.cache_dir, "--cache_dir")
     data.check_max_len(args.model, args.max_len)
     if args.prompt:
-        data.check_prompt(args.model, args.task, args.max_len, args.pooling)
+        import prompts
+
+        prompts.check_prompt(args.model, args.task, args.max_len, args.pooling)
 
 
 # ---------------------------------------------------------------- what a run directory records
@@ -87,8 +91,11 @@ def fingerprint(args):
         if isinstance(path, Path) and not path.exists():
             die(f"missing data file {path}; put the official {args.task} files there (or pass --data_dir / set "
                 f"LPFT_DATA to a folder with the layout of data/README.md)")
-    fp = {k: getattr(args, k) for k in RESULT_FLAGS} | (
-        {"prompt_template": data.prompt_record(args.task)} if args.prompt else {})
+    fp = {k: getattr(args, k) for k in RESULT_FLAGS}
+    if args.prompt:
+        import prompts
+
+        fp["prompt_template"] = prompts.prompt_record(args.task)
     return fp | {f"data:{s}": h for s, h in data.data_fingerprint(args.task, args.data_dir).items()}
 
 
@@ -101,15 +108,15 @@ def finished_head(out, fp, overwrite):
         die(f"{out} holds a run of ft.py or lora.py ({', '.join(other)}); pass lp.py its own --output_dir")
     if overwrite:
         return None
-    old = data.read_json(res_path, "lp_results.json")
+    old = rundir.read_json(res_path, "lp_results.json")
     if old is None:
         return None  # nothing fit yet (an lp_head.pt or logits.npz alone is a fit that was cut short)
     saved = old.get("fingerprint")
     if not isinstance(saved, dict):
         die(f"{res_path} holds a head for another setting (it records no data fingerprint: an older kit wrote it); "
             f"pass --output_dir DIR for this one, or --overwrite to refit")
-    if data.config_diff(saved, fp):  # decided on the exact values; described with shortened hashes
-        die(f"{res_path} holds a head for another setting ({data.describe_diff(saved, fp)}); pass --output_dir DIR "
+    if rundir.config_diff(saved, fp):  # decided on the exact values; described with shortened hashes
+        die(f"{res_path} holds a head for another setting ({rundir.describe_diff(saved, fp)}); pass --output_dir DIR "
             f"for this one, or --overwrite to replace it")
     return old if head_path.exists() and old.get("finished") else None
 
@@ -136,16 +143,16 @@ def save_npy(path, x):
     def write(t):
         with open(t, "wb") as f:  # a file object: np.save(name) would append .npy to the temporary name
             np.save(f, x)
-    data.atomic(path, write)
+    rundir.atomic(path, write)
 
 
 def features(args, splits, fp):
     """-> {split: phi [N,d] float32}, cached per (task, model, max_len, pooling or --prompt, data file content, subset).
     Parallel jobs may compute the same file: each writes its own temporary file and renames it."""
     tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.model)
-    how = args.pooling  # prompt features: keyed by the template too (an edited data.PROMPTS entry recomputes them)
+    how = args.pooling  # prompt features: keyed by the template too (an edited prompts.PROMPTS entry recomputes them)
     if args.prompt:
-        how = "prompt" + hashlib.sha256(data.prompt_record(args.task).encode()).hexdigest()[:8]
+        how = "prompt" + hashlib.sha256(fp["prompt_template"].encode()).hexdigest()[:8]
     cache = Path(args.cache_dir) / args.task / f"{tag}_{how}_L{args.max_len}"
     out, todo = {}, []
     for s, sp in splits.items():
@@ -160,19 +167,20 @@ def features(args, splits, fp):
                 continue
         todo.append((s, f))
     if todo:
-        if args.prompt:  # ft.py holds the prompt model; imported only here, so lp.py needs no more than data.py else
-            import ft
+        if args.prompt:
+            import prompts
 
-            enc, tok, _, _ = ft.load_prompt_encoder(args.model)
+            enc, tok, _, _ = prompts.load_prompt_encoder(args.model)
         else:
             enc, tok = data.load_encoder(args.model)
         enc.to(data.device()).eval()
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         fn = lambda b: data.pool(enc(**b).last_hidden_state, b["attention_mask"], args.pooling)  # noqa: E731
         if cache.is_dir():
-            data.clean_orphans(cache)
+            rundir.clean_orphans(cache)
         for s, f in todo:
-            e = data.tokenize(tok, splits[s], args.max_len, args.task if args.prompt else None)
+            e = (prompts.prompt_tokenize(tok, splits[s], args.max_len, args.task) if args.prompt
+                 else data.tokenize(tok, splits[s], args.max_len))
             out[s] = data.extract(fn, e, pad, args.eval_batch_size, desc=f"features {s}")[0]
             save_npy(f, out[s])
         print(f"cached features in {cache}")
@@ -296,17 +304,17 @@ def fit_and_save(args, out, fp, splits, folds):
     head = {"weight": W, "bias": b, "task": args.task, "model": args.model, "max_len": args.max_len,
             "pooling": args.pooling, "labels": task.labels, "C": C, "head_norm": norm, "binary_head": args.binary_head,
             "metrics": {s: v["accuracy"] for s, v in m.items()}} | ({"prompt": True} if args.prompt else {})
-    data.save_torch(out / "lp_head.pt", head)
-    data.save_npz(out / "logits.npz", **{f"{s}_{k}": v for s in logits
-                                          for k, v in (("logits", logits[s]), ("labels", splits[s].labels))})
-    data.save_json(out / "lp_results.json", res)  # last: its presence means the head and logits are complete
+    rundir.save_torch(out / "lp_head.pt", head)
+    rundir.save_npz(out / "logits.npz", **{f"{s}_{k}": v for s in logits
+                                            for k, v in (("logits", logits[s]), ("labels", splits[s].labels))})
+    rundir.save_json(out / "lp_results.json", res)  # last: its presence means the head and logits are complete
     sel = task.select_metric
     print(f"LP {args.task}: C={C:.4g} ||V||_F={norm:.3f}  " + "  ".join(f"{s} {v[sel]:.4f}" for s, v in m.items()))
     print(f"wrote {out / 'lp_head.pt'}")
     return res
 
 
-@data.cli
+@rundir.cli
 def main(argv=None):
     args = parse(argv)
     out = Path(args.output_dir)
@@ -318,7 +326,7 @@ def main(argv=None):
     splits = data.load_splits(args)
     folds = cv_folds(splits["train"].labels, args.task, args.C)  # a subset no head can be fit on stops here
     start = time.time()
-    with data.RunLock(out, wait=True):  # parallel jobs needing the same head: one fits it, the others wait
+    with rundir.RunLock(out, wait=True):  # parallel jobs needing the same head: one fits it, the others wait
         old = fit_since(out, fp, start) if args.overwrite else finished_head(out, fp, False)
         if old is not None:
             say_fit(old, out / "lp_head.pt", "fit by another process while this one waited")
@@ -332,9 +340,9 @@ def fit_since(out, fp, start):
     res_path = out / "lp_results.json"
     if not res_path.exists() or res_path.stat().st_mtime < start:
         return None
-    old = data.read_json(res_path, "lp_results.json")
-    same = old.get("fingerprint") == fp and old.get("finished") and (out / "lp_head.pt").exists()
-    return old if same else None
+    old = rundir.read_json(res_path, "lp_results.json")
+    same = old.get("fingerprint") == fp and old.get("finished")
+    return old if same and (out / "lp_head.pt").exists() else None
 
 
 def plot_curve(curve, final, path):
@@ -349,7 +357,7 @@ def plot_curve(curve, final, path):
     ax.set(xlabel="LBFGS iteration", ylabel="||V||_F", title="head norm during LP")
     ax.legend()
     fig.tight_layout()
-    data.atomic(path, lambda t: fig.savefig(t, format="png", dpi=120))
+    rundir.atomic(path, lambda t: fig.savefig(t, format="png", dpi=120))
     plt.close(fig)
 
 

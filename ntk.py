@@ -19,6 +19,7 @@ output gradients without forming J: the same kernels to rounding (float64 ~1e-14
 about twice as fast as func on a 2-core CPU (bench_ntk.py --task cb); on CUDA a float32 model contracts in TF32.
 A directory is reused only for the same flags (those in NOT_IN_RESULT aside), the same data file contents
 and the same --init head contents; one process at a time writes it.
+ntk.py needs ft.py, lora.py and ntk_structured.py (and what they need: data.py, rundir.py, prompts.py).
 Outputs in runs/<task>/ntk-<ft|lp_ft|lora|lp_lora>-seed<seed>/:
   kernels.npz       P_train, F_train [N,C,N,C]; P_test, F_test [M,C,N,C]; train_idx, test_idx (rows of
                     the train / test split), train_labels, test_labels, train_logits (f at the start)
@@ -46,8 +47,10 @@ from tqdm import tqdm
 import data
 import ft
 import lora
-from data import die
+import prompts
+import rundir
 from ntk_structured import f_structured
+from rundir import die
 
 # flags that do not change the kernels or statistics (engines agree to rounding); --init and --data_dir are
 # recorded by their files' content instead (init_sha256, data)
@@ -535,7 +538,7 @@ def plot_spectrum(path, stats, title):
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    data.atomic(path, lambda t: fig.savefig(t, format="png", dpi=120))
+    rundir.atomic(path, lambda t: fig.savefig(t, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -567,11 +570,11 @@ def resolve(args):
     args.rank_rtol = default_rank_rtol() if args.rank_rtol is None else args.rank_rtol
     if not 0 < args.rank_rtol < 1:
         die(f"--rank_rtol {args.rank_rtol}: must be in (0, 1), a fraction of the largest singular value")
-    data.check_positive(args, ("n", "n_test", "k_shot", "batch_size", "max_memory_gb", "head_scale", "ridge")
-                        + (("r", "alpha") if args.lora else ()), allow_zero=("ridge",))
+    rundir.check_positive(args, ("n", "n_test", "k_shot", "batch_size", "max_memory_gb", "head_scale", "ridge")
+                          + (("r", "alpha") if args.lora else ()), allow_zero=("ridge",))
     method = ft.run_method(("lp_" if args.init else "") + ("lora" if args.lora else "ft"), args)
     args.output_dir = args.output_dir or f"runs/{args.task}/ntk-{data.run_name(method, args)}"
-    data.check_output_dir(args.output_dir)
+    rundir.check_output_dir(args.output_dir)
     return head, method
 
 
@@ -588,13 +591,13 @@ def earlier_result(res_path, record, overwrite):
     --overwrite); stops when it was made with another record."""
     if overwrite:
         return None
-    old = data.read_json(res_path, "ntk_results.json")
+    old = rundir.read_json(res_path, "ntk_results.json")
     if old is None:
         return None
     saved = old.get("config") if isinstance(old.get("config"), dict) else {}
     saved = {k: saved.get(k) for k in record}  # its config also holds what it measured
-    if data.config_diff(saved, record):  # decided on the exact values; described with shortened hashes
-        die(f"{res_path} was made with another config ({data.describe_diff(saved, record)}); pass --overwrite or "
+    if rundir.config_diff(saved, record):  # decided on the exact values; described with shortened hashes
+        die(f"{res_path} was made with another config ({rundir.describe_diff(saved, record)}); pass --overwrite or "
             f"another --output_dir")
     return old
 
@@ -649,7 +652,7 @@ def compute(args, head, method, record):
     model, tok = build(args, head, C)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     pt = args.task if args.prompt else None  # --prompt: the task's template, phi at the mask
-    xs_tr, xs_te = data.tokenize(tok, tr, args.max_len, pt), data.tokenize(tok, te, args.max_len, pt)
+    xs_tr, xs_te = prompts.tokenize(tok, tr, args.max_len, pt), prompts.tokenize(tok, te, args.max_len, pt)
     n_par = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
     print(f"{out}: eNTK ({method}, --method {args.method}) on {args.task}: {len(tr)} train x {len(tr)} train and "
           f"{len(te)} test x train, C={C}, {n_par:,} backbone parameters in F, {data.device()}")
@@ -684,13 +687,13 @@ def compute(args, head, method, record):
     # the earlier record goes first (--overwrite): it must never describe the new kernels
     res_path.unlink(missing_ok=True)
     flip = {"P_flip": K["flip"][0], "F_flip": K["flip"][1]} if "flip" in K else {}
-    data.save_npz(out / "kernels.npz", P_train=P_tr, F_train=F_tr, P_test=P_te, F_test=F_te, **flip,
-                  train_idx=np.asarray(tr_idx, np.int64), test_idx=np.asarray(te_idx, np.int64),
-                  train_labels=tr.labels, test_labels=te.labels, train_logits=f0_tr, test_logits=f0_te,
-                  kind=np.array(args.kernel), binary_logit=np.array(args.binary_logit))
+    rundir.save_npz(out / "kernels.npz", P_train=P_tr, F_train=F_tr, P_test=P_te, F_test=F_te, **flip,
+                    train_idx=np.asarray(tr_idx, np.int64), test_idx=np.asarray(te_idx, np.int64),
+                    train_labels=tr.labels, test_labels=te.labels, train_logits=f0_tr, test_logits=f0_te,
+                    kind=np.array(args.kernel), binary_logit=np.array(args.binary_logit))
     plot_spectrum(out / "spectrum.png", stats, f"{args.kernel} kernel spectrum: {args.task} {method}, "
                                                f"N={len(tr)}, C={C}" + (", f1 - f0" if args.binary_logit else ""))
-    data.save_json(res_path, res)
+    rundir.save_json(res_path, res)
     print(f"  {secs:.1f}s; wrote {out}/kernels.npz, ntk_results.json, spectrum.png")
     print_table(res)
     return res
@@ -722,7 +725,7 @@ def solve_saved(args):
     res = {"kernels": str(path), "kind": kind, "ridge": args.ridge, "asym_gamma": args.asym_gamma,
            "asym_lambda": args.asym_lambda,
            "solvers": solve_all(K, y_tr, y_te, f0_tr, f0_te, kind, args.ridge, args.asym_gamma, args.asym_lambda)}
-    data.save_json(path.parent / "solvers.json", res)
+    rundir.save_json(path.parent / "solvers.json", res)
     print_solvers(res["solvers"])
     print(f"  wrote {path.parent / 'solvers.json'}")
     return res
@@ -737,7 +740,7 @@ def print_solvers(sol):
             print(f"  {name:<12}{r['train']:>8.4f}{r['test']:>8.4f}")
 
 
-@data.cli
+@rundir.cli
 def main(argv=None):
     args = parse(argv)
     if args.solve:
@@ -745,7 +748,7 @@ def main(argv=None):
     head, method = resolve(args)
     record = run_record(args, method)
     out = Path(args.output_dir)
-    with data.RunLock(out):
+    with rundir.RunLock(out):
         old = earlier_result(out / "ntk_results.json", record, args.overwrite)
         if old is not None:
             print(f"{out}: ntk_results.json already holds this config; skipping (--overwrite to redo)")

@@ -13,7 +13,7 @@ pair the cheaper of two exact contractions: "gram" (token Gram matrices; per pai
 C^2 in out, plus L C in out per example to form them). LoRA factors are linear layers too, embeddings are
 matched by token id (a weight row's gradient is the sum of the output gradients at the positions holding
 that id), biases and LayerNorms use their explicit per-example gradients; any other trainable parameter stops
-it. Imports data and lora only (ntk.py imports this module, never the other way round).
+it. Imports data, rundir and lora only (ntk.py imports this module, never the other way round).
 """
 
 from contextlib import contextmanager
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from data import die
 from lora import LoRALinear
+from rundir import die
 
 STRUCTURED_KINDS = "nn.Linear, nn.Embedding, nn.LayerNorm and lora.LoRALinear"
 

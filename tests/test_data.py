@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import rundir
 
 # paper Table 7 (train / val / test); train/val = official train split 9:1 without shuffling
 SIZES = {"cb": (225, 25, 56), "rte": (2241, 249, 277), "sst2": (60614, 6735, 872), "wic": (4885, 543, 638),
@@ -47,12 +48,12 @@ def test_glue_quote_none_keeps_rows(data_dir):
 
 
 def test_unknown_task_lists_valid_ones():
-    with pytest.raises(data.KitError, match="unknown task 'nope'.*rte.*pubmed"):
+    with pytest.raises(rundir.KitError, match="unknown task 'nope'.*rte.*pubmed"):
         data.get_task("nope")
 
 
 def test_missing_file_names_path_and_both_fixes(tmp_path):
-    with pytest.raises(data.KitError) as e:
+    with pytest.raises(rundir.KitError) as e:
         data.load_task("rte", tmp_path)
     msg = str(e.value)
     assert str(tmp_path / "superglue/RTE/train.jsonl") in msg and "LPFT_DATA" in msg and "hub" in msg
@@ -96,7 +97,7 @@ def test_boss_official_format_with_ood_sets(tmp_path):
 def test_bad_label_is_one_line_error(tmp_path):
     (tmp_path / "boss/amazon").mkdir(parents=True)
     (tmp_path / "boss/amazon/train.tsv").write_text("Text\tLabel\nhello\t7\n")
-    with pytest.raises(data.KitError, match="label 7 out of range"):
+    with pytest.raises(rundir.KitError, match="label 7 out of range"):
         data.load_task("amazon", tmp_path)
 
 
@@ -119,12 +120,12 @@ def test_k_shot_draw(data_dir):
 
 def test_k_shot_refusals(data_dir):
     y = data.load_file("cb", "train", data.data_root(data_dir)).labels  # 16 'neutral' examples
-    with pytest.raises(data.KitError, match="16 'neutral' training examples; --k_shot 9 needs 18"):
+    with pytest.raises(rundir.KitError, match="16 'neutral' training examples; --k_shot 9 needs 18"):
         data.k_shot_rows("cb", y, 9, 13)
     ns = lambda **kw: argparse.Namespace(**({"k_shot": None, "data_seed": None} | kw))
-    with pytest.raises(data.KitError, match="--data_seed 13 without --k_shot"):
+    with pytest.raises(rundir.KitError, match="--data_seed 13 without --k_shot"):
         data.check_k_shot(ns(data_seed=13))
-    with pytest.raises(data.KitError, match="drop --max_train_samples"):
+    with pytest.raises(rundir.KitError, match="drop --max_train_samples"):
         data.check_k_shot(ns(k_shot=4, max_train_samples=10))
     a = ns(k_shot=4)
     data.check_k_shot(a)
@@ -199,14 +200,14 @@ ROW = {"premise": "p", "hypothesis": "h", "label": "neutral", "idx": 0}
 ])
 def test_bad_data_file_is_one_line_error(tmp_path, data_dir, text, msg):
     root = cb_copy(tmp_path, data_dir, text)
-    with pytest.raises(data.KitError, match=msg.replace("(", r"\(").replace(")", r"\)")) as e:
+    with pytest.raises(rundir.KitError, match=msg.replace("(", r"\(").replace(")", r"\)")) as e:
         data.load_task("cb", root)
     assert "\n" not in str(e.value) and "train.jsonl" in str(e.value)
 
 
 def test_non_utf8_data_file(tmp_path, data_dir):
     root = cb_copy(tmp_path, data_dir, train_bytes=b'{"premise": "\xff\xfe", "hypothesis": "h", "label": 0}\n')
-    with pytest.raises(data.KitError, match="not UTF-8"):
+    with pytest.raises(rundir.KitError, match="not UTF-8"):
         data.load_task("cb", root)
 
 
@@ -223,7 +224,7 @@ def test_subsets_and_fingerprint(tmp_path, data_dir):
     assert len(a) == 10 and a.texts == data.random_subset(sp, 10, 3).texts
     assert data.random_subset(sp, 10 ** 6, 3) is sp and data.subset_indices(5, None) == [0, 1, 2, 3, 4]
     for n in (0, -1):
-        with pytest.raises(data.KitError, match="subset of"):
+        with pytest.raises(rundir.KitError, match="subset of"):
             data.random_subset(sp, n, 0)
     # the same files elsewhere fingerprint the same; one changed byte does not
     root = cb_copy(tmp_path, data_dir, (data_dir / "superglue/CB/train.jsonl").read_text())
@@ -233,82 +234,12 @@ def test_subsets_and_fingerprint(tmp_path, data_dir):
     assert data.data_fingerprint("cb", root)["train"] != fp["train"]
 
 
-# ---------------------------------------------------------------- run directories
-def test_atomic_write_leaves_no_temp_on_failure(tmp_path):
-    data.save_json(tmp_path / "a.json", {"x": 1})
-
-    def boom(t):
-        t.write_text("half")
-        raise OSError("disk full")
-    with pytest.raises(OSError):
-        data.atomic(tmp_path / "a.json", boom)
-    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1} and sorted(p.name for p in tmp_path.iterdir()) \
-        == ["a.json"]
-
-
-def test_run_lock_one_writer_and_orphans(tmp_path):
-    import subprocess
-    import sys
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    orphan = tmp_path / f".ckpt.pt.{int(dead.stdout)}.tmp"
-    orphan.write_text("half a checkpoint")
-    with data.RunLock(tmp_path):
-        assert not orphan.exists() and (tmp_path / ".lock").read_text().strip() == str(__import__("os").getpid())
-        # another process (flock is per open file, so a second lock in this process is a second writer too)
-        with pytest.raises(data.KitError, match="being written by process"):
-            with data.RunLock(tmp_path):
-                pass
-        holder = "import data, sys; data.RunLock(sys.argv[1]).__enter__()"
-        r = subprocess.run([sys.executable, "-c", holder, str(tmp_path)], capture_output=True, text=True,
-                           cwd=data.ROOT)
-        assert r.returncode == 1 and "KitError" in r.stderr and "being written by process" in r.stderr
-    # released: a killed owner's lock is free (the kernel drops a flock with its process)
-    r = subprocess.run([sys.executable, "-c", "import data, sys, os; data.RunLock(sys.argv[1]).__enter__(); "
-                        "os.kill(os.getpid(), 9)", str(tmp_path)], cwd=data.ROOT)
-    assert r.returncode == -9
-    with data.RunLock(tmp_path):
-        pass
-
-
-def test_output_dir_and_json_checks(tmp_path):
-    f = tmp_path / "file"
-    f.write_text("x")
-    for p, msg in ((f, "is a file"), (f / "sub", "lies under the file")):
-        with pytest.raises(data.KitError, match=msg):
-            data.check_output_dir(p)
-    assert data.check_output_dir(tmp_path / "new/deeper") == tmp_path / "new/deeper"
-    assert data.read_json(tmp_path / "absent.json") is None
-    (tmp_path / "bad.json").write_text('{"config": ')
-    (tmp_path / "list.json").write_text("[]")
-    for name in ("bad.json", "list.json"):
-        with pytest.raises(data.KitError, match="--overwrite"):
-            data.read_json(tmp_path / name, "results.json")
-
-
 def test_max_len_checked_from_config():
     assert data.max_positions(None) == 512
     data.check_max_len(None, 128)
     for n, msg in ((2, "too short"), (600, "exceeds the 512 positions")):
-        with pytest.raises(data.KitError, match=msg):
+        with pytest.raises(rundir.KitError, match=msg):
             data.check_max_len(None, n)
-
-
-def test_cli_turns_kit_errors_into_one_line():
-    @data.cli
-    def main(argv=None):
-        data.die("something is wrong; do this")
-    with pytest.raises(SystemExit, match="^error: something is wrong; do this$"):
-        main([])
-
-
-def test_saved_bytes_do_not_depend_on_the_writer(tmp_path):
-    """A run records the sha256 of its --init head: the same head written twice (other temp names, other pids) must
-    hash the same, or an identical refit would make every LP-FT directory refuse itself."""
-    head = {"weight": torch.arange(6.0).reshape(2, 3), "bias": torch.zeros(2), "task": "rte", "labels": ["a", "b"]}
-    data.save_torch(tmp_path / "a" / "lp_head.pt", head)
-    data.save_torch(tmp_path / "b" / "lp_head.pt", head)
-    assert data.file_sha256(tmp_path / "a/lp_head.pt") == data.file_sha256(tmp_path / "b/lp_head.pt")
 
 
 def test_lines_split_on_newlines_only(tmp_path):
@@ -319,12 +250,3 @@ def test_lines_split_on_newlines_only(tmp_path):
     assert sp.texts == [("fine\u2028text \x85 here", None), ("ok", None)] and sp.labels.tolist() == [1, 0]
 
 
-def test_describe_diff_one_readable_line_for_every_script():
-    h1, h2 = "a" * 64, "b" * 64
-    saved = {"lr": 1e-4, "epochs": 3, "model": "m1", "data": {"train": h1, "test": h1}, "kernel": None}
-    now = {"lr": 3e-4, "epochs": 3, "model": "m2", "data": {"train": h1, "test": h2}}  # kernel missing: unset
-    assert data.describe_diff(saved, saved) == "" and data.describe_diff(saved, now | {"kernel": None}) == \
-        data.describe_diff(saved, now)
-    assert data.describe_diff(saved, now) == ("model: 'm1' -> 'm2'; data.test: 'aaaaaaaaaaaa...' -> "
-                                              "'bbbbbbbbbbbb...'; lr: 0.0001 -> 0.0003")
-    assert data.describe_diff(saved, now | {"seed": 2}, most=2).endswith("(and 2 more)")

@@ -13,6 +13,7 @@ import data
 import ft
 import lora
 import lp
+import rundir
 
 TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
             max_position_embeddings=64)
@@ -139,15 +140,15 @@ def test_trainable_count_roberta_base_shape():
 
 
 def test_bad_input_stops_with_one_line(tmp_path):
-    with pytest.raises(data.KitError, match="no attention.self.keys"):  # library functions raise
+    with pytest.raises(rundir.KitError, match="no attention.self.keys"):  # library functions raise
         lora.inject_lora(tiny(), targets=("query", "keys"))
     model = tiny()
     lora.inject_lora(model)
-    with pytest.raises(data.KitError, match="already has LoRA"):
+    with pytest.raises(rundir.KitError, match="already has LoRA"):
         lora.inject_lora(model)
-    with pytest.raises(data.KitError, match="r >= 1"):
+    with pytest.raises(rundir.KitError, match="r >= 1"):
         lora.LoRALinear(torch.nn.Linear(3, 3), r=0)
-    with pytest.raises(data.KitError, match="meta.json"):
+    with pytest.raises(rundir.KitError, match="meta.json"):
         lora.load_adapter("/nonexistent/run")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")

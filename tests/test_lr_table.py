@@ -7,6 +7,7 @@ import pytest
 import data
 import ft
 import lora
+import rundir
 
 
 def resolved(method, *argv, table=ft.TABLE6, minilm=ft.MINILM_LR):
@@ -40,6 +41,6 @@ def test_other_models_and_tasks_fall_back_to_table6(capsys):
     assert "rte" not in ft.MINILM_LR
     assert ft.default_lr(rte, "ft", ft.TABLE6, ft.MINILM_LR) == ("table6", ft.TABLE6["rte"]["ft"][1])
     assert "no MiniLM learning rate for ft on rte" in capsys.readouterr().out
-    with pytest.raises(data.KitError, match="--lr_table minilm has no ft learning rate for rte.*pass --lr"):
+    with pytest.raises(rundir.KitError, match="--lr_table minilm has no ft learning rate for rte.*pass --lr"):
         ft.default_lr(SimpleNamespace(task="rte", model=data.EMBEDDED, lr_table="minilm"), "ft", ft.TABLE6,
                       ft.MINILM_LR)

@@ -16,6 +16,7 @@ import data
 import ft
 import ntk
 import ntk_structured as ns
+import rundir
 
 C = 3
 
@@ -299,7 +300,7 @@ def test_structured_contractions_agree():
 def test_structured_dies_on_unknown_parameters():
     model = tiny("bert")
     model.encoder.extra = torch.nn.Conv1d(2, 2, 1).double()
-    with pytest.raises(data.KitError, match="no rule"):
+    with pytest.raises(rundir.KitError, match="no rule"):
         ntk.f_structured(model, examples("bert"), None, 0)
 
 

@@ -17,6 +17,8 @@ import ft
 import lora
 import lp
 import ntk
+import prompts
+import rundir
 
 TOK = AutoTokenizer.from_pretrained(data.resolve_model(data.EMBEDDED))  # BERT WordPiece, uncased
 MLM = {"bert": BertForMaskedLM, "roberta": RobertaForMaskedLM}
@@ -68,29 +70,30 @@ def one_line_error(fn, argv, match):
 def test_template_parts_follow_lm_bff_spacing():
     # a space before a sentence is encoded with it (RoBERTa's " word" tokens), one before the mask belongs to the
     # label word: "{a_nopunct}? {mask}, {b_lower}" is LM-BFF's *sent-_0*?*mask*,*+sentl_1*
-    assert data.template_parts("{a_nopunct}? {mask}, {b_lower}") == [
+    assert prompts.template_parts("{a_nopunct}? {mask}, {b_lower}") == [
         ["sent", "a_nopunct", False], ["text", "?", False], ["mask", None, True], ["text", ",", False],
         ["sent", "b_lower", True]]
-    assert data.template_parts("{a} It was {mask}.") == [
+    assert prompts.template_parts("{a} It was {mask}.") == [
         ["sent", "a", False], ["text", " It was", False], ["mask", None, True], ["text", ".", False]]
 
 
 def test_every_task_has_a_template_and_one_token_label_words():
     for task, t in data.TASKS.items():
-        p = data.PROMPTS[task]
+        p = prompts.PROMPTS[task]
         assert set(p.words) == set(t.labels), task
-        kinds = [k for k, _, _ in data.template_parts(p.template)]
+        kinds = [k for k, _, _ in prompts.template_parts(p.template)]
         assert kinds.count("mask") == 1, task
-        assert {v for k, v, _ in data.template_parts(p.template) if k == "sent"} <= {"a", "b", "a_nopunct", "b_lower"}
-        ids = data.label_word_ids(TOK, task)
+        sents = {v for k, v, _ in prompts.template_parts(p.template) if k == "sent"}
+        assert sents <= {"a", "b", "a_nopunct", "b_lower"}
+        ids = prompts.label_word_ids(TOK, task)
         assert TOK.convert_ids_to_tokens(ids) == [p.words[label].lower() for label in t.labels]  # uncased vocab
-    assert TOK.convert_ids_to_tokens(data.label_word_ids(TOK, "sst2")) == ["terrible", "great"]  # class 0, 1
+    assert TOK.convert_ids_to_tokens(prompts.label_word_ids(TOK, "sst2")) == ["terrible", "great"]  # class 0, 1
 
 
 def test_sst2_template_keeps_mask_and_template_under_a_short_max_len(data_dir):
     sp = split("sst2", range(40), data_dir)
-    full = data.tokenize(TOK, sp, 128, "sst2")
-    short = data.tokenize(TOK, sp, 12, "sst2")
+    full = prompts.tokenize(TOK, sp, 128, "sst2")
+    short = prompts.tokenize(TOK, sp, 12, "sst2")
     tail = TOK.convert_tokens_to_ids(["it", "was", "[MASK]", ".", "[SEP]"])
     for x, y, (a, _) in zip(full, short, sp.texts):
         for e in (x, y):
@@ -106,14 +109,14 @@ def test_sst2_template_keeps_mask_and_template_under_a_short_max_len(data_dir):
 def test_rte_template_drops_final_punctuation_and_lowercases_the_hypothesis(data_dir):
     sp = split("rte", range(30), data_dir)
     enc = lambda s: TOK(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    full = data.tokenize(TOK, sp, 512, "rte")
+    full = prompts.tokenize(TOK, sp, 512, "rte")
     for x, (a, b) in zip(full, sp.texts):
         a = a.rstrip()
         a = a[:-1] if unicodedata.category(a[-1]).startswith("P") else a
         want = [TOK.cls_token_id] + enc(a) + enc("?") + [TOK.mask_token_id] + enc(",") + enc(
             " " + b[:1].lower() + b[1:]) + [TOK.sep_token_id]
         assert x["input_ids"] == want
-    for x in data.tokenize(TOK, sp, 24, "rte"):  # both sentences cut, the template whole
+    for x in prompts.tokenize(TOK, sp, 24, "rte"):  # both sentences cut, the template whole
         ids = x["input_ids"]
         assert len(ids) <= 24 and ids.count(TOK.mask_token_id) == 1
         m = ids.index(TOK.mask_token_id)
@@ -122,25 +125,25 @@ def test_rte_template_drops_final_punctuation_and_lowercases_the_hypothesis(data
 
 
 def test_longest_first_cuts_the_longer_sentence():
-    assert data.longest_first([10, 3], 8) == [5, 3]
-    assert data.longest_first([10, 10], 9) == [5, 4]
-    assert data.longest_first([2, 3], 9) == [2, 3]
-    assert data.longest_first([7], 4) == [4]
+    assert prompts.longest_first([10, 3], 8) == [5, 3]
+    assert prompts.longest_first([10, 10], 9) == [5, 4]
+    assert prompts.longest_first([2, 3], 9) == [2, 3]
+    assert prompts.longest_first([7], 4) == [4]
 
 
 def test_bad_prompt_inputs_stop_with_one_line(monkeypatch, data_dir):
     sp = split("sst2", range(3), data_dir)
-    with pytest.raises(data.KitError, match="cannot hold sst2's prompt") as e:
-        data.tokenize(TOK, sp, 6, "sst2")
+    with pytest.raises(rundir.KitError, match="cannot hold sst2's prompt") as e:
+        prompts.tokenize(TOK, sp, 6, "sst2")
     assert "\n" not in str(e.value)
     bad = data.Split([("it has [MASK] in it", None)], np.array([0]))
-    with pytest.raises(data.KitError, match="exactly one mask per input"):
-        data.tokenize(TOK, bad, 32, "sst2")
+    with pytest.raises(rundir.KitError, match="exactly one mask per input"):
+        prompts.tokenize(TOK, bad, 32, "sst2")
     assert len(TOK.tokenize(" greatishly")) > 1
-    monkeypatch.setitem(data.PROMPTS, "sst2", data.Prompt("{a} It was {mask}.",
+    monkeypatch.setitem(prompts.PROMPTS, "sst2", prompts.Prompt("{a} It was {mask}.",
                                                           {"positive": "greatishly", "negative": "terrible"}))
-    with pytest.raises(data.KitError, match="label word 'greatishly' of task sst2 .* not one known token") as e:
-        data.label_word_ids(TOK, "sst2", data.EMBEDDED)
+    with pytest.raises(rundir.KitError, match="label word 'greatishly' of task sst2 .* not one known token") as e:
+        prompts.label_word_ids(TOK, "sst2", data.EMBEDDED)
     assert "all-MiniLM-L6-v2" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -151,7 +154,7 @@ def test_prompt_logits_are_the_mlms_label_word_scores(mlm_dir, task, data_dir):
     model, tok = ft.build_model(str(d), len(data.TASKS[task].labels), prompt_task=task)
     model.eval()
     ref = MLM[kind].from_pretrained(d).eval()  # loaded on its own: the untied copy in the head is checked too
-    xs = data.tokenize(tok, split(task, range(6), data_dir), 64, task)
+    xs = prompts.tokenize(tok, split(task, range(6), data_dir), 64, task)
     assert len({len(x["input_ids"]) for x in xs}) > 1  # padded batches
     b = data.collate(xs, list(range(6)), tok.pad_token_id)
     with torch.no_grad():
@@ -159,7 +162,7 @@ def test_prompt_logits_are_the_mlms_label_word_scores(mlm_dir, task, data_dir):
         full = ref(**b).logits  # [B, L, vocab]
     rows, cols = (b["input_ids"] == tok.mask_token_id).nonzero(as_tuple=True)
     assert rows.tolist() == list(range(6))
-    want = full[rows, cols][:, data.label_word_ids(tok, task)]
+    want = full[rows, cols][:, prompts.label_word_ids(tok, task)]
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
     # untied: the head is a copy of the decoder rows, the word embeddings stay the encoder's own
     assert model.head.weight.data_ptr() != model.encoder.get_input_embeddings().weight.data_ptr()
@@ -170,7 +173,7 @@ def test_prompt_entk_engines_match_the_autograd_reference(mlm_dir, data_dir):
     model, tok = ft.build_model(str(d), 3, prompt_task="cb")
     model = model.double().eval()
     sp = split("cb", range(25), data_dir)
-    xs = data.tokenize(tok, sp, 128, "cb")
+    xs = prompts.tokenize(tok, sp, 128, "cb")
     pick = sorted(range(len(xs)), key=lambda i: len(xs[i]["input_ids"]))[:3]
     xs = [xs[i] for i in pick]
     assert len({len(x["input_ids"]) for x in xs}) > 1
@@ -195,18 +198,18 @@ def test_ft_prompt_run_is_recorded_and_refuses_the_plain_setting(bert_dir, data_
     assert res["config"]["prompt"] is True and res["config"]["method"] == "prompt_ft"
     assert res["config"]["lr"] == ft.TABLE6["sst2"]["ft"][1]  # the tables stay keyed by the plain method
     record = json.loads((out / "run.json").read_text())
-    assert record["prompt"] is True and record["prompt_template"] == data.prompt_record("sst2")
+    assert record["prompt"] is True and record["prompt_template"] == prompts.prompt_record("sst2")
     meta = json.loads((out / "meta.json").read_text())
     assert meta["prompt"] is True and meta["method"] == "prompt_ft"
     # epoch 0 is the masked LM's own choice between the label words
     ref = BertForMaskedLM.from_pretrained(bert_dir).eval()
     val = data.study_splits("sst2", data_dir, 16, 12, data.SEED)["val"]
-    xs = data.tokenize(TOK, val, 32, "sst2")
+    xs = prompts.tokenize(TOK, val, 32, "sst2")
     b = data.collate(xs, list(range(len(xs))), TOK.pad_token_id)
     with torch.no_grad():
         full = ref(**b).logits
     rows, cols = (b["input_ids"] == TOK.mask_token_id).nonzero(as_tuple=True)
-    zero_shot = full[rows, cols][:, data.label_word_ids(TOK, "sst2")].numpy()
+    zero_shot = full[rows, cols][:, prompts.label_word_ids(TOK, "sst2")].numpy()
     assert res["history"][0]["val"] == data.metrics("sst2", zero_shot, val.labels)
     before = snapshot(out)
     one_line_error(ft.main, run_flags(bert_dir, data_dir, out), "another configuration .*prompt")
@@ -252,8 +255,8 @@ def test_prompt_without_a_masked_lm_stops_before_writing(tmp_path):
     one_line_error(lp.main, ["--task", "sst2", "--prompt", "--output_dir", str(tmp_path / "lp"),
                              "--cache_dir", str(tmp_path / "cache")], msg)
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(data.KitError, match="its weights lack cls.predictions"):  # the check on the weights
-        data.load_mlm(data.EMBEDDED)
+    with pytest.raises(rundir.KitError, match="its weights lack cls.predictions"):  # the check on the weights
+        prompts.load_mlm(data.EMBEDDED)
 
 
 def test_lora_prompt_run_trains_adapters_and_head_and_reloads(bert_dir, data_dir, tmp_path):
@@ -266,9 +269,9 @@ def test_lora_prompt_run_trains_adapters_and_head_and_reloads(bert_dir, data_dir
     assert res["config"]["lr"] == lora.TABLE6["sst2"]["lora"][1]
     assert res["config"]["trainable_params"] == 2 * 2 * (8 * 32 + 32 * 8) + 2 * 32 + 2  # q, v in 2 layers + head
     model, tok = lora.load_adapter(out, with_tokenizer=True)
-    assert isinstance(model.encoder, ft.PromptEncoder)
+    assert isinstance(model.encoder, prompts.PromptEncoder)
     val = data.study_splits("sst2", data_dir, 16, 12, data.SEED)["val"]
-    logits = ft.evaluate(model, {"val": data.tokenize(tok, val, 32, "sst2")}, tok.pad_token_id, 8)["val"][0]
+    logits = ft.evaluate(model, {"val": prompts.tokenize(tok, val, 32, "sst2")}, tok.pad_token_id, 8)["val"][0]
     assert np.array_equal(logits, np.load(out / "logits.npz")["val_logits"])
 
 

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import rundir  # noqa: E402
 
 SHAPES = {"minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
           "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256)}
@@ -32,7 +33,7 @@ def write(out, shape="tiny", tokenizer=None, seed=0):
     try:
         tok = AutoTokenizer.from_pretrained(src)
     except OSError as e:
-        data.die(f"cannot load a tokenizer from {src}: {str(e).splitlines()[0]}; pass --tokenizer DIR")
+        rundir.die(f"cannot load a tokenizer from {src}: {str(e).splitlines()[0]}; pass --tokenizer DIR")
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=len(tok), max_position_embeddings=512, **SHAPES[shape])
     BertModel(cfg, add_pooling_layer=False).save_pretrained(out)
@@ -40,7 +41,7 @@ def write(out, shape="tiny", tokenizer=None, seed=0):
     return Path(out)
 
 
-@data.cli
+@rundir.cli
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="the folder to write (created; its files are replaced)")
@@ -49,7 +50,7 @@ def main(argv=None):
                    "model's)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    data.check_output_dir(Path(args.out), "out")
+    rundir.check_output_dir(Path(args.out), "out")
     print(f"wrote {write(args.out, args.shape, args.tokenizer, args.seed)} ({args.shape}, random weights)")
 
 

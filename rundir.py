@@ -1,0 +1,211 @@
+"""Run directories: the kit's errors, its one atomic writer, run records, the one-writer lock and orphaned temp files.
+
+    python -c "import rundir; rundir.save_json('runs/x/a.json', {'x': 1}); print(rundir.read_json('runs/x/a.json'))"
+    python -c "import rundir; print(rundir.describe_diff({'lr': 1e-4}, {'lr': 3e-4}))"
+
+Every stage script imports it (and data.py does); it imports neither data.py nor any stage script, so it travels
+alone. Every file the kit writes goes through `atomic`: written under `.name.<pid>@<host>.tmp` beside its target, then
+renamed, so a crash never leaves a half-written file and `clean_orphans` (run by `RunLock` on entry) recognises the
+leftovers of a killed writer.
+"""
+
+import errno
+import fcntl
+import functools
+import json
+import math
+import os
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class KitError(Exception):
+    """A foreseeable failure. Its message is one line naming the problem and the fix."""
+
+
+def die(msg):
+    """Raise a KitError: library code raises, a script's `main` (wrapped by `cli`) prints the one line."""
+    raise KitError(msg)
+
+
+def cli(main):
+    """Wrap a script's main(argv): a KitError becomes `error: <message>` on stderr and exit status 1, with no
+    traceback. Functions copied out of a script raise KitError and never exit."""
+
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            return main(argv)
+        except KitError as e:
+            raise SystemExit(f"error: {e}") from None
+
+    return run
+
+
+def check_positive(args, names, allow_zero=()):
+    """Flags that must be finite and > 0 (>= 0 for those in allow_zero); None means 'not given'."""
+    for n in names:
+        v = getattr(args, n, None)
+        if v is None:
+            continue
+        low_ok = v >= 0 if n in allow_zero else v > 0
+        if not (math.isfinite(v) and low_ok):
+            die(f"--{n} {v}: must be {'>= 0' if n in allow_zero else '> 0'} and finite")
+
+
+# ---------------------------------------------------------------- the one atomic writer
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]) or "host"
+
+
+def atomic(path, write):
+    """write(tmp_path) then rename, so a crash never leaves a half-written file. The temporary name carries the
+    pid, so parallel jobs never share one and an orphan (kill -9 mid-write) is recognised and removed later."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}@{HOST}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_json(path, obj):
+    atomic(path, lambda t: Path(t).write_text(json.dumps(obj, indent=2)))
+
+
+def save_npz(path, **arrays):
+    def write(t):
+        with open(t, "wb") as f:
+            np.savez(f, **arrays)
+    atomic(path, write)
+
+
+def save_torch(path, obj):
+    def write(t):
+        with open(t, "wb") as f:  # a file object: torch.save(name) puts the (temporary) name inside the archive,
+            torch.save(obj, f)    # so the same head would hash differently each time it is written
+    atomic(path, write)
+
+
+def read_json(path, what="file"):
+    """A JSON file -> its object, or None when absent; a corrupt one stops with one line."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        die(f"{path}: a corrupt {what} ({type(e).__name__}); delete it, or rerun with --overwrite")
+    if not isinstance(obj, dict):
+        die(f"{path}: a {type(obj).__name__}, not the {what} this kit writes; delete it, or rerun with --overwrite")
+    return obj
+
+
+def check_output_dir(path, flag="--output_dir"):
+    """Before anything is written: the directory (or its first existing parent) must be a writable folder."""
+    path = Path(path)
+    p = path
+    while not p.exists():
+        if p.parent == p:
+            break
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        what = "is a file" if p == path else f"lies under the file {p}"
+        die(f"{flag} {path} {what}; pass a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        die(f"{flag} {path}: {p} is not writable; pass a folder you can write to")
+    return path
+
+
+# ---------------------------------------------------------------- one writer per directory, orphans
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def clean_orphans(folder):
+    """Remove `.name.<pid>@<host>.tmp` files of this host whose writer is dead (a kill -9 during a write). Another
+    host's (a shared file system under a Slurm array) are left alone: their pids mean nothing here."""
+    for f in Path(folder).glob(".*.tmp"):
+        m = re.fullmatch(r"\..+\.(\d+)(?:@([A-Za-z0-9-]+))?\.tmp", f.name)
+        if not m or not f.is_file() or m.group(2) not in (None, HOST):
+            continue
+        if int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            f.unlink(missing_ok=True)
+
+
+class RunLock:
+    """One writer per run directory: an exclusive flock on <dir>/.lock, which holds the owner's pid.
+    The kernel drops the lock when its process dies (kill -9 included), so a stale lock is simply taken over.
+    wait=False: a second process stops with one line; wait=True: it waits (say, for an LP head another job is
+    fitting) and then finds the work done."""
+
+    def __init__(self, folder, wait=False):
+        self.folder, self.wait, self.fd = Path(folder), wait, None
+
+    def __enter__(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / ".lock"
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            owner = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            if not self.wait:
+                os.close(self.fd)
+                die(f"{self.folder} is being written by process {owner}; wait for it to finish, "
+                    f"or pass another --output_dir")
+            print(f"{self.folder}: waiting for process {owner}, which is writing it", file=sys.stderr)
+            t0 = time.time()
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            print(f"{self.folder}: free after {time.time() - t0:.0f}s", file=sys.stderr)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        clean_orphans(self.folder)
+        return self
+
+    def __exit__(self, *exc):
+        os.ftruncate(self.fd, 0)
+        os.close(self.fd)  # closing releases the flock; the file stays (removing it would race a waiter)
+        return False
+
+
+# ---------------------------------------------------------------- run records
+def config_diff(saved, now):
+    """The keys whose values differ between two recorded configurations -> 'key: saved -> now' strings. A key one
+    record lacks reads as unset (None): a flag added since does not make an older record differ."""
+    keys = sorted(set(saved) | set(now))
+    return [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in keys
+            if saved.get(k) != now.get(k)]
+
+
+def describe_diff(saved, now, most=3):
+    """What differs between two run records, as one readable line for a refusal (ft.py, lora.py, lp.py, ntk.py):
+    'key: old -> new' for the first few (task, method and model first), a nested dict's keys as 'key.sub',
+    content hashes cut to 12 digits. '' when the records agree."""
+    def flat(d):
+        out = {}
+        for k, v in d.items():
+            for k2, v2 in (v.items() if isinstance(v, dict) else [(None, v)]):
+                short = isinstance(v2, str) and re.fullmatch(r"[0-9a-f]{64}", v2)
+                out[f"{k}.{k2}" if k2 else k] = v2[:12] + "..." if short else v2
+        return out
+
+    diff = config_diff(flat(saved), flat(now))
+    diff.sort(key=lambda d: d.split(":")[0] not in ("task", "method", "model"))  # what the run is, first
+    return "; ".join(diff[:most]) + (f" (and {len(diff) - most} more)" if len(diff) > most else "")

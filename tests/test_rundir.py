@@ -1,0 +1,94 @@
+"""rundir.py: the one atomic writer, orphaned temporaries, the one-writer lock, run records."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import rundir
+
+
+def dead_pid():
+    """The pid of a process that has exited (as a writer killed by kill -9 leaves it)."""
+    r = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(r.stdout)
+
+
+def test_atomic_write_leaves_no_temp_on_failure(tmp_path):
+    rundir.save_json(tmp_path / "a.json", {"x": 1})
+
+    def boom(t):
+        t.write_text("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        rundir.atomic(tmp_path / "a.json", boom)
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1} and sorted(p.name for p in tmp_path.iterdir()) \
+        == ["a.json"]
+
+
+def test_run_lock_one_writer_and_orphans(tmp_path):
+    orphan = tmp_path / f".ckpt.pt.{dead_pid()}.tmp"
+    orphan.write_text("half a checkpoint")
+    with rundir.RunLock(tmp_path):
+        assert not orphan.exists() and (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+        # another process (flock is per open file, so a second lock in this process is a second writer too)
+        with pytest.raises(rundir.KitError, match="being written by process"):
+            with rundir.RunLock(tmp_path):
+                pass
+        holder = "import rundir, sys; rundir.RunLock(sys.argv[1]).__enter__()"
+        r = subprocess.run([sys.executable, "-c", holder, str(tmp_path)], capture_output=True, text=True,
+                           cwd=data.ROOT)
+        assert r.returncode == 1 and "KitError" in r.stderr and "being written by process" in r.stderr
+    # released: a killed owner's lock is free (the kernel drops a flock with its process)
+    r = subprocess.run([sys.executable, "-c", "import rundir, sys, os; rundir.RunLock(sys.argv[1]).__enter__(); "
+                        "os.kill(os.getpid(), 9)", str(tmp_path)], cwd=data.ROOT)
+    assert r.returncode == -9
+    with rundir.RunLock(tmp_path):
+        pass
+
+
+def test_output_dir_and_json_checks(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    for p, msg in ((f, "is a file"), (f / "sub", "lies under the file")):
+        with pytest.raises(rundir.KitError, match=msg):
+            rundir.check_output_dir(p)
+    assert rundir.check_output_dir(tmp_path / "new/deeper") == tmp_path / "new/deeper"
+    assert rundir.read_json(tmp_path / "absent.json") is None
+    (tmp_path / "bad.json").write_text('{"config": ')
+    (tmp_path / "list.json").write_text("[]")
+    for name in ("bad.json", "list.json"):
+        with pytest.raises(rundir.KitError, match="--overwrite"):
+            rundir.read_json(tmp_path / name, "results.json")
+
+
+def test_cli_turns_kit_errors_into_one_line():
+    @rundir.cli
+    def main(argv=None):
+        rundir.die("something is wrong; do this")
+    with pytest.raises(SystemExit, match="^error: something is wrong; do this$"):
+        main([])
+
+
+def test_saved_bytes_do_not_depend_on_the_writer(tmp_path):
+    """A run records the sha256 of its --init head: the same head written twice (other temp names, other pids) must
+    hash the same, or an identical refit would make every LP-FT directory refuse itself."""
+    head = {"weight": torch.arange(6.0).reshape(2, 3), "bias": torch.zeros(2), "task": "rte", "labels": ["a", "b"]}
+    rundir.save_torch(tmp_path / "a" / "lp_head.pt", head)
+    rundir.save_torch(tmp_path / "b" / "lp_head.pt", head)
+    assert data.file_sha256(tmp_path / "a/lp_head.pt") == data.file_sha256(tmp_path / "b/lp_head.pt")
+
+
+def test_describe_diff_one_readable_line_for_every_script():
+    h1, h2 = "a" * 64, "b" * 64
+    saved = {"lr": 1e-4, "epochs": 3, "model": "m1", "data": {"train": h1, "test": h1}, "kernel": None}
+    now = {"lr": 3e-4, "epochs": 3, "model": "m2", "data": {"train": h1, "test": h2}}  # kernel missing: unset
+    assert rundir.describe_diff(saved, saved) == "" and rundir.describe_diff(saved, now | {"kernel": None}) == \
+        rundir.describe_diff(saved, now)
+    assert rundir.describe_diff(saved, now) == ("model: 'm1' -> 'm2'; data.test: 'aaaaaaaaaaaa...' -> "
+                                                "'bbbbbbbbbbbb...'; lr: 0.0001 -> 0.0003")
+    assert rundir.describe_diff(saved, now | {"seed": 2}, most=2).endswith("(and 2 more)")
