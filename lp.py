@@ -85,7 +85,7 @@ def check_args(args):
 
 # ---------------------------------------------------------------- what a run directory records
 def fingerprint(args):
-    """The flags that change the result plus the content hash of every data file ('data:<split>')."""
+    """The flags that change the result plus the content hash of every data file (data_sha256 {split: sha256})."""
     files = data.data_files(args.task, args.data_dir)
     for path in files.values():
         if isinstance(path, Path) and not path.exists():
@@ -96,7 +96,7 @@ def fingerprint(args):
         import prompts
 
         fp["prompt_template"] = prompts.prompt_record(args.task)
-    return fp | {f"data:{s}": h for s, h in data.data_fingerprint(args.task, args.data_dir).items()}
+    return fp | {"data_sha256": data.data_fingerprint(args.task, args.data_dir)}
 
 
 def finished_head(out, fp, overwrite):
@@ -115,6 +115,7 @@ def finished_head(out, fp, overwrite):
     if not isinstance(saved, dict):
         die(f"{res_path} holds a head for another setting (it records no data fingerprint: an older kit wrote it); "
             f"pass --output_dir DIR for this one, or --overwrite to refit")
+    saved = rundir.upgrade_record(saved)  # data hashes recorded under an earlier key
     if rundir.config_diff(saved, fp):  # decided on the exact values; described with shortened hashes
         die(f"{res_path} holds a head for another setting ({rundir.describe_diff(saved, fp)}); pass --output_dir DIR "
             f"for this one, or --overwrite to replace it")
@@ -135,8 +136,10 @@ def cache_key(args, split, source_hash):
 
 
 def source(split, fp):
-    """The data file a split comes from: val is cut from the train file unless the task ships one."""
-    return fp.get(f"data:{split}") or fp["data:train"]
+    """The content hash of the data file a split comes from (val is cut from the train file unless the task ships
+    one), from a fingerprint of this kit or an earlier one."""
+    hashes = rundir.upgrade_record(fp)["data_sha256"]
+    return hashes.get(split) or hashes["train"]
 
 
 def save_npy(path, x):
@@ -341,7 +344,7 @@ def fit_since(out, fp, start):
     if not res_path.exists() or res_path.stat().st_mtime < start:
         return None
     old = rundir.read_json(res_path, "lp_results.json")
-    same = old.get("fingerprint") == fp and old.get("finished")
+    same = rundir.upgrade_record(old.get("fingerprint") or {}) == fp and old.get("finished")
     return old if same and (out / "lp_head.pt").exists() else None
 
 

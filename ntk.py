@@ -53,7 +53,7 @@ from ntk_structured import f_structured
 from rundir import die
 
 # flags that do not change the kernels or statistics (engines agree to rounding); --init and --data_dir are
-# recorded by their files' content instead (init_sha256, data)
+# recorded by their files' content instead (init_sha256, data_sha256)
 NOT_IN_RESULT = ("method", "batch_size", "max_memory_gb", "output_dir", "overwrite", "data_dir", "init")
 
 
@@ -582,7 +582,7 @@ def run_record(args, method):
     """What determines the result: every flag but NOT_IN_RESULT, the content of the data files and of the head."""
     lora_only = () if args.lora else ("r", "alpha", "targets")  # no LoRA: its flags change nothing
     return {k: v for k, v in vars(args).items() if k not in NOT_IN_RESULT + lora_only} | {
-        "ntk_method": method, "data": data.data_fingerprint(args.task, args.data_dir),
+        "ntk_method": method, "data_sha256": data.data_fingerprint(args.task, args.data_dir),
         "init_sha256": data.file_sha256(args.init) if args.init else None}
 
 
@@ -594,7 +594,7 @@ def earlier_result(res_path, record, overwrite):
     old = rundir.read_json(res_path, "ntk_results.json")
     if old is None:
         return None
-    saved = old.get("config") if isinstance(old.get("config"), dict) else {}
+    saved = rundir.upgrade_record(old["config"]) if isinstance(old.get("config"), dict) else {}
     saved = {k: saved.get(k) for k in record}  # its config also holds what it measured
     if rundir.config_diff(saved, record):  # decided on the exact values; described with shortened hashes
         die(f"{res_path} was made with another config ({rundir.describe_diff(saved, record)}); pass --overwrite or "

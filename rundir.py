@@ -186,6 +186,18 @@ class RunLock:
 
 
 # ---------------------------------------------------------------- run records
+def upgrade_record(rec):
+    """A run record with its data hashes under today's one key, data_sha256 {split: sha256}: the kit once recorded
+    them as 'data:<split>' keys (lp.py) and as 'data' (ntk.py), and a rerun must still skip or resume those runs."""
+    rec = dict(rec)
+    old = {k.removeprefix("data:"): rec.pop(k) for k in [k for k in rec if k.startswith("data:")]}
+    if isinstance(rec.get("data"), dict):
+        old = rec.pop("data")
+    if old and "data_sha256" not in rec:
+        rec["data_sha256"] = old
+    return rec
+
+
 def config_diff(saved, now):
     """The keys whose values differ between two recorded configurations -> 'key: saved -> now' strings. A key one
     record lacks reads as unset (None): a flag added since does not make an older record differ."""

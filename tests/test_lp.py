@@ -152,7 +152,7 @@ def test_other_data_same_task_is_never_reused(two_data_dirs, tmp_path, monkeypat
     out, cache = tmp_path / "out", tmp_path / "cache"
     a = lp.main([*T, "--data_dir", str(two_data_dirs["A"]), "--output_dir", str(out), "--cache_dir", str(cache)])
     assert a["cv_folds"] == 2 and "2-fold" in a["cv_note"]  # 2 'neutral' of 16: fewer folds, and it says so
-    assert a["fingerprint"]["data:train"] == data.file_sha256(two_data_dirs["A"] / "superglue/CB/train.jsonl")
+    assert a["fingerprint"]["data_sha256"]["train"] == data.file_sha256(two_data_dirs["A"] / "superglue/CB/train.jsonl")
     cached = sorted(cache.rglob("*.npy"))
     assert len(cached) == 3
 
@@ -161,8 +161,8 @@ def test_other_data_same_task_is_never_reused(two_data_dirs, tmp_path, monkeypat
     with monkeypatch.context() as m:
         m.setattr(data, "load_encoder", lambda *a: pytest.fail("the model was loaded"))
         msg = one_line_error([*T, "--data_dir", str(two_data_dirs["B"]), "--output_dir", str(out), "--cache_dir",
-                              str(cache)], "holds a head for another setting (data:train: ")
-        assert "--overwrite" in msg and "data:test" not in msg  # only the file that differs is named
+                              str(cache)], "holds a head for another setting (data_sha256.train: ")
+        assert "--overwrite" in msg and "data_sha256.test" not in msg  # only the file that differs is named
         # the same content under another path is the same data: skipped
         again = lp.main([*T, "--data_dir", str(two_data_dirs["A2"]), "--output_dir", str(out), "--cache_dir",
                          str(cache)])
@@ -174,7 +174,7 @@ def test_other_data_same_task_is_never_reused(two_data_dirs, tmp_path, monkeypat
                  "--cache_dir", str(cache)])
     new = sorted(set(cache.rglob("*.npy")) - set(cached))
     assert sorted(p.name.split("_")[0] for p in new) == ["train", "val"]
-    assert b["fingerprint"]["data:test"] == a["fingerprint"]["data:test"]
+    assert b["fingerprint"]["data_sha256"]["test"] == a["fingerprint"]["data_sha256"]["test"]
     xa = np.load([p for p in cached if p.name.startswith("train")][0])
     xb = np.load([p for p in new if p.name.startswith("train")][0])
     assert xa.shape == xb.shape and not np.allclose(xa, xb)  # B's text, not A's features

@@ -419,11 +419,11 @@ def test_rerun_on_altered_data_is_refused(tmp_path, data_dir):
     out = tmp_path / "run"
     argv = ["--task", "cb", "--n", "2", "--n_test", "2", "--max_len", "16", "--data_dir", mine, "--output_dir", out]
     res = ntk.main(list(map(str, argv)))
-    assert set(res["config"]["data"]) == {"train", "test"} and res["config"]["init_sha256"] is None
+    assert set(res["config"]["data_sha256"]) == {"train", "test"} and res["config"]["init_sha256"] is None
     test_file = mine / "superglue" / "CB" / "val.jsonl"
     rows = test_file.read_text().splitlines()
     test_file.write_text("\n".join(rows[1:] + rows[:1]) + "\n")  # the same examples in another order
-    refused(argv, tmp_path, "data.test: ")
+    refused(argv, tmp_path, "data_sha256.test: ")
 
 
 # ---------------------------------------------------------------- ranks at a tolerance; the authors' pair regression

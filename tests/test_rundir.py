@@ -1,4 +1,5 @@
-"""rundir.py: the one atomic writer, orphaned temporaries, the one-writer lock, run records."""
+"""rundir.py: the one atomic writer, orphaned temporaries, the one-writer lock, run records (and records made before
+the kit used one data-hash key, which a rerun must still skip)."""
 
 import json
 import os
@@ -7,8 +8,11 @@ import sys
 
 import pytest
 import torch
+from conftest import snapshot
 
 import data
+import lp
+import ntk
 import rundir
 
 
@@ -85,10 +89,51 @@ def test_saved_bytes_do_not_depend_on_the_writer(tmp_path):
 
 def test_describe_diff_one_readable_line_for_every_script():
     h1, h2 = "a" * 64, "b" * 64
-    saved = {"lr": 1e-4, "epochs": 3, "model": "m1", "data": {"train": h1, "test": h1}, "kernel": None}
-    now = {"lr": 3e-4, "epochs": 3, "model": "m2", "data": {"train": h1, "test": h2}}  # kernel missing: unset
+    saved = {"lr": 1e-4, "epochs": 3, "model": "m1", "data_sha256": {"train": h1, "test": h1}, "kernel": None}
+    now = {"lr": 3e-4, "epochs": 3, "model": "m2", "data_sha256": {"train": h1, "test": h2}}  # kernel missing: unset
     assert rundir.describe_diff(saved, saved) == "" and rundir.describe_diff(saved, now | {"kernel": None}) == \
         rundir.describe_diff(saved, now)
-    assert rundir.describe_diff(saved, now) == ("model: 'm1' -> 'm2'; data.test: 'aaaaaaaaaaaa...' -> "
+    assert rundir.describe_diff(saved, now) == ("model: 'm1' -> 'm2'; data_sha256.test: 'aaaaaaaaaaaa...' -> "
                                                 "'bbbbbbbbbbbb...'; lr: 0.0001 -> 0.0003")
     assert rundir.describe_diff(saved, now | {"seed": 2}, most=2).endswith("(and 2 more)")
+
+
+def test_records_of_an_earlier_kit_read_with_one_data_key():
+    h = {"train": "a" * 64, "test": "b" * 64}
+    lp_old = {"task": "cb", "data:train": h["train"], "data:test": h["test"]}
+    ntk_old = {"task": "cb", "data": h}
+    new = {"task": "cb", "data_sha256": h}
+    assert rundir.upgrade_record(lp_old) == rundir.upgrade_record(ntk_old) == rundir.upgrade_record(new) == new
+    assert lp_old == {"task": "cb", "data:train": h["train"], "data:test": h["test"]}  # the caller's is left alone
+
+
+def old_keys(path, field, rename):
+    """Rewrite a finished run's record as the kit wrote it before data_sha256: what a runs/ folder made then holds."""
+    res = json.loads(path.read_text())
+    rec = dict(res[field])
+    hashes = rec.pop("data_sha256")
+    res[field] = rec | rename(hashes)
+    path.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def test_runs_recorded_with_the_old_keys_are_skipped(tmp_path, monkeypatch, capsys):
+    lp_argv = ["--task", "cb", "--max_train_samples", "16", "--max_eval_samples", "16", "--C", "1",
+               "--output_dir", str(tmp_path / "lp"), "--cache_dir", str(tmp_path / "cache")]
+    ntk_argv = ["--task", "cb", "--n", "2", "--n_test", "2", "--max_len", "16", "--output_dir", str(tmp_path / "ntk")]
+    lp.main(lp_argv)
+    ntk.main(ntk_argv)
+    old_lp = old_keys(tmp_path / "lp/lp_results.json", "fingerprint", lambda h: {f"data:{s}": v for s, v in h.items()})
+    old_ntk = old_keys(tmp_path / "ntk/ntk_results.json", "config", lambda h: {"data": h})
+    assert "data:train" in old_lp["fingerprint"] and "data" in old_ntk["config"]
+    before = snapshot(tmp_path)
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded: the run was redone")
+    monkeypatch.setattr(data, "load_encoder", boom)
+    capsys.readouterr()
+    assert lp.main(lp_argv) == old_lp and "already fit" in capsys.readouterr().out
+    assert ntk.main(ntk_argv) == old_ntk and "skipping" in capsys.readouterr().out
+    assert snapshot(tmp_path) == before  # neither redone nor rewritten
+    # the old record still names its cached features (report.py reads them by lp.source)
+    assert lp.source("test", old_lp["fingerprint"]) == data.file_sha256(data.data_files("cb")["test"])
