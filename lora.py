@@ -20,13 +20,13 @@ ft.py (runs named prompt_lora / prompt_lp_lora; the MLM head's transform stays f
     DIR/head.safetensors                                `weight` [C,d], `bias` [C]; its metadata holds
                                                         task, labels (JSON), pooling, max_len
     logits = last_hidden_state[:, 0] @ weight.T + bias  (pooling cls; mean: the mean over real tokens)
+DIR is written whole under a temporary name beside it and then swapped in (rundir.atomic), so a crash leaves the
+earlier export or none, and the next export removes a killed one's leftovers.
 lora.py needs ft.py (and what ft.py needs: data.py, rundir.py, prompts.py).
 """
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -243,23 +243,18 @@ def export_merged(run_dir, dest):
     model, tok = load_adapter(run_dir, with_tokenizer=True)
     unwrap(model)
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # written whole under a pid-tagged name, then swapped in: a crash leaves the earlier export or none, never half
-    tmp, old = (dest.with_name(f".{dest.name}.{os.getpid()}.{x}") for x in ("partial", "old"))
-    try:
+    head = {"weight": model.head.weight.detach().contiguous(), "bias": model.head.bias.detach().contiguous()}
+    info = {"task": meta["task"], "labels": json.dumps(meta["labels"]), "pooling": meta["pooling"],
+            "max_len": str(meta["max_len"]), "model": meta["model"]}
+
+    def write(tmp):  # a whole folder under the kit's temporary name, swapped in by rundir.atomic
         model.encoder.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        head = {"weight": model.head.weight.detach().contiguous(), "bias": model.head.bias.detach().contiguous()}
-        info = {"task": meta["task"], "labels": json.dumps(meta["labels"]), "pooling": meta["pooling"],
-                "max_len": str(meta["max_len"]), "model": meta["model"]}
-        save_file(head, str(tmp / "head.safetensors"), metadata=info)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
+        save_file(head, str(Path(tmp) / "head.safetensors"), metadata=info)
+
+    if dest.parent.is_dir():  # the leftovers of an export killed mid-write (its temporary folders beside dest)
+        rundir.clean_orphans(dest.parent, dest.name)
+    rundir.atomic(dest, write)
     print(f"wrote merged model to {dest} (AutoModel.from_pretrained + head.safetensors)")
 
 

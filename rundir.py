@@ -12,10 +12,12 @@ leftovers of a killed writer.
 import errno
 import fcntl
 import functools
+import glob
 import json
 import math
 import os
 import re
+import shutil
 import socket
 import sys
 import time
@@ -63,18 +65,37 @@ def check_positive(args, names, allow_zero=()):
 HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]) or "host"
 
 
+def temp_name(path, tag=""):
+    """`.name[.tag].<pid>@<host>.tmp` beside path: the pid keeps parallel writers apart and tells clean_orphans
+    whether the writer still lives; the host, whose pid it is (a shared file system under a Slurm array)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{'.' + tag if tag else ''}.{os.getpid()}@{HOST}.tmp")
+
+
+def remove(path):
+    """Delete a file or a folder (a written-out model directory), if there."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def atomic(path, write):
-    """write(tmp_path) then rename, so a crash never leaves a half-written file. The temporary name carries the
-    pid, so parallel jobs never share one and an orphan (kill -9 mid-write) is recognised and removed later."""
+    """write(tmp_path) then rename, so a crash never leaves a half-written file. write may make a folder there
+    (lora.py's --merge_to export): an earlier folder at path is moved aside under a temporary name and removed once
+    the new one is in place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}@{HOST}.tmp")
+    tmp, old = temp_name(path), temp_name(path, "old")
     try:
         write(tmp)
+        if tmp.is_dir() and path.exists():  # os.replace cannot put a folder over a non-empty one
+            os.replace(path, old)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        remove(tmp)
+        remove(old)
 
 
 def save_json(path, obj):
@@ -136,15 +157,16 @@ def pid_alive(pid):
     return True
 
 
-def clean_orphans(folder):
-    """Remove `.name.<pid>@<host>.tmp` files of this host whose writer is dead (a kill -9 during a write). Another
-    host's (a shared file system under a Slurm array) are left alone: their pids mean nothing here."""
-    for f in Path(folder).glob(".*.tmp"):
+def clean_orphans(folder, name=None):
+    """Remove the temporary files and folders (temp_name) of this host whose writer is dead (a kill -9 during a
+    write); with name, only those of that file or folder (in a folder the kit does not own, such as --merge_to's
+    parent). Another host's (a shared file system under a Slurm array) are left alone: their pids mean nothing here."""
+    for f in Path(folder).glob(f".{glob.escape(name)}.*.tmp" if name else ".*.tmp"):
         m = re.fullmatch(r"\..+\.(\d+)(?:@([A-Za-z0-9-]+))?\.tmp", f.name)
-        if not m or not f.is_file() or m.group(2) not in (None, HOST):
+        if not m or f.is_symlink() or m.group(2) not in (None, HOST):
             continue
         if int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
-            f.unlink(missing_ok=True)
+            remove(f)
 
 
 class RunLock:

@@ -1,6 +1,8 @@
 """lora.py: the LoRA layer on tiny random BERT/RoBERTa configs; LoRA / LP-LoRA runs on the embedded model."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -164,12 +166,15 @@ def test_bad_input_stops_with_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------- runs on the embedded model and real data
+def rte_argv(tmp):
+    return ["--task", "rte", "--max_train_samples", "64", "--max_eval_samples", "32", "--epochs", "3",
+            "--output_dir", str(tmp / "run"), "--merge_to", str(tmp / "merged")]
+
+
 @pytest.fixture(scope="module")
 def rte_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rte")
-    res = lora.main(["--task", "rte", "--max_train_samples", "64", "--max_eval_samples", "32", "--epochs", "3",
-                     "--output_dir", str(tmp / "run"), "--merge_to", str(tmp / "merged")])
-    return res, tmp
+    return lora.main(rte_argv(tmp)), tmp
 
 
 def val_split(n=32):
@@ -215,6 +220,21 @@ def test_merged_export_loads_without_the_kit(rte_run):
     logits = data.extract(fn, data.tokenize(tok, val_split(), 128), tok.pad_token_id, 64)[0]
     saved = np.load(tmp / "run" / "logits.npz")["val_logits"]
     assert np.allclose(logits, saved, atol=1e-4)
+
+
+def test_next_export_removes_a_killed_ones_leftovers(rte_run, capsys):
+    """--merge_to is written under the kit's temporary names, so a killed export's folders are found and removed."""
+    _, tmp = rte_run
+    r = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(r.stdout)  # a writer's pid that has exited, as a kill -9 during the export leaves it
+    left = [tmp / f".merged.{dead}@{rundir.HOST}.tmp", tmp / f".merged.old.{dead}@{rundir.HOST}.tmp"]
+    for d in left:
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+    lora.main(rte_argv(tmp))  # the same run: already finished, exported again
+    assert "already finished" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp.iterdir()) == ["merged", "run"]
+    assert (tmp / "merged" / "head.safetensors").exists()
 
 
 def test_lp_lora_starts_at_lp_accuracy(tmp_path):

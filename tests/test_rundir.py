@@ -1,5 +1,5 @@
-"""rundir.py: the one atomic writer, orphaned temporaries, the one-writer lock, run records (and records made before
-the kit used one data-hash key, which a rerun must still skip)."""
+"""rundir.py: the one atomic writer (files and folders), orphaned temporaries, the one-writer lock, run records
+(and records made before the kit used one data-hash key, which a rerun must still skip)."""
 
 import json
 import os
@@ -96,6 +96,39 @@ def test_describe_diff_one_readable_line_for_every_script():
     assert rundir.describe_diff(saved, now) == ("model: 'm1' -> 'm2'; data_sha256.test: 'aaaaaaaaaaaa...' -> "
                                                 "'bbbbbbbbbbbb...'; lr: 0.0001 -> 0.0003")
     assert rundir.describe_diff(saved, now | {"seed": 2}, most=2).endswith("(and 2 more)")
+
+
+def test_atomic_folder_replaces_the_earlier_one_whole(tmp_path):
+    dest = tmp_path / "merged"
+    dest.mkdir()
+    (dest / "old.txt").write_text("the earlier export")
+
+    def write(t):
+        t.mkdir()
+        (t / "new.txt").write_text("this export")
+    rundir.atomic(dest, write)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"] and sorted(os.listdir(dest)) == ["new.txt"]
+
+    def boom(t):
+        write(t)
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        rundir.atomic(dest, boom)  # a failed export leaves the earlier one and no temporary folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"] and sorted(os.listdir(dest)) == ["new.txt"]
+
+
+def test_orphaned_folders_are_found_by_name(tmp_path):
+    pid = dead_pid()
+    mine = [tmp_path / f".merged.{pid}@{rundir.HOST}.tmp", tmp_path / f".merged.old.{pid}@{rundir.HOST}.tmp"]
+    kept = [tmp_path / f".notes.{pid}@{rundir.HOST}.tmp",  # another file's: not asked for
+            tmp_path / f".merged.{pid}@other-host.tmp",  # another host's pid means nothing here
+            tmp_path / f".merged.{os.getpid()}@{rundir.HOST}.tmp"]  # a live writer's
+    for p in mine + kept:
+        p.mkdir()
+        (p / "config.json").write_text("{}")
+    rundir.clean_orphans(tmp_path, "merged")
+    assert [p.exists() for p in mine + kept] == [False, False, True, True, True]
+    assert rundir.temp_name(tmp_path / "merged").name == f".merged.{os.getpid()}@{rundir.HOST}.tmp"
 
 
 def test_records_of_an_earlier_kit_read_with_one_data_key():
