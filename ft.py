@@ -153,7 +153,7 @@ def check_head(h, path, task, model_name, hidden, max_len=None, pooling=None, pr
         die(f"head {path} was fit on task '{h['task']}', not '{task}'; drop --task or run lp.py --task {task}")
     if len(h["labels"]) != len(t.labels):
         die(f"head {path} has {len(h['labels'])} labels but {task} has {len(t.labels)}; rerun lp.py --task {task}")
-    if data.model_id(model_name) != h["model"]:
+    if data.model_id(model_name) != data.model_id(h["model"]):  # the embedded model by name or by its directory
         die(f"head {path} was fit on model '{h['model']}', not '{data.model_id(model_name)}'; "
             f"drop --model or rerun lp.py with this model")
     if h["weight"].shape[1] != hidden:

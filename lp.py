@@ -1,12 +1,13 @@
 """Linear probing (LP): frozen encoder features -> scikit-learn logistic regression head.
 
-    python lp.py --task rte                       # writes ./lp_head.pt, lp_results.json, logits.npz
+    python lp.py --task rte                       # writes ./lp_head.pt, lp_results.json, logits.npz, features.npz
     python lp.py --task cb --output_dir runs/cb/lp-seed1001 --C 1.0
     python lp.py --task rte --prompt --model roberta-base  # LP on prompt features, for prompt-based LP-FT
 
 Features (eval mode, no grad, bf16 autocast on CUDA) are cached under --cache_dir, keyed by the model, pooling (or
 --prompt), max length, subset and the content hash of the split's data file, so a rerun only refits. The head is
-saved as plain tensors (weight [C,d], bias [C]) for ft.py --init. lp_results.json records a fingerprint (the flags
+saved as plain tensors (weight [C,d], bias [C]) for ft.py --init; features.npz holds the test features (test_phi0
+= test_phi: the backbone is frozen) and test_labels, as ft.py's. lp_results.json records a fingerprint (the flags
 that change the result and the data's content hashes): a rerun with the same fingerprint skips, another stops with
 one line naming what differs. One process at a time writes an output folder; a second one waits for it (parallel
 jobs that need the same head) and then finds the head fit.
@@ -310,6 +311,9 @@ def fit_and_save(args, out, fp, splits, folds):
     rundir.save_torch(out / "lp_head.pt", head)
     rundir.save_npz(out / "logits.npz", **{f"{s}_{k}": v for s in logits
                                             for k, v in (("logits", logits[s]), ("labels", splits[s].labels))})
+    # the test features as ft.py saves them (report.py's t-SNE): before = after, the backbone is frozen
+    rundir.save_npz(out / "features.npz", test_phi0=feats["test"], test_phi=feats["test"],
+                    test_labels=splits["test"].labels)
     rundir.save_json(out / "lp_results.json", res)  # last: its presence means the head and logits are complete
     sel = task.select_metric
     print(f"LP {args.task}: C={C:.4g} ||V||_F={norm:.3f}  " + "  ".join(f"{s} {v[sel]:.4f}" for s, v in m.items()))

@@ -1,12 +1,15 @@
 """lp.py and ft.py end to end on real data with the embedded model (small slices)."""
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import data
 import ft
 import lp
 
@@ -76,6 +79,29 @@ def test_lp_ft_starts_exactly_at_lp(cb_lp, tmp_path):
         assert r["history"][0][s]["accuracy"] == res["metrics"][s]["accuracy"]
     assert r["history"][0]["head_norm"] == pytest.approx(res["head_norm"], rel=1e-6)
     assert r["history"][0]["diff_f"] == 0
+
+
+def test_embedded_head_fits_its_own_directory_and_lp_saves_features(cb_lp, tmp_path):
+    """The embedded model by name or by its directory (any path to it) is one model: its head is accepted either way,
+    another model's directory is refused. LP and LP-FT save the same pre-trained test features (report.py's t-SNE)."""
+    out, _ = cb_lp
+    emb = data.resolve_model(None)
+    (tmp_path / "link").symlink_to(emb)
+    assert data.model_id(emb) == data.model_id(str(tmp_path / "link")) == data.model_id(emb + "/") == data.EMBEDDED
+    r = ft.main(["--init", str(out / "lp_head.pt"), "--model", emb, "--max_steps", "1", "--output_dir",
+                 str(tmp_path / "ft"), *FAST])
+    assert r["config"]["model"] == data.EMBEDDED and r["config"]["lr_table"] == "minilm"
+    a, b = np.load(out / "features.npz"), np.load(tmp_path / "ft" / "features.npz")
+    assert a["test_phi0"].shape == (24, 384) and a["test_phi0"].dtype == np.float32
+    assert np.array_equal(a["test_phi"], a["test_phi0"]) and a["test_labels"].dtype == np.int64
+    assert np.array_equal(a["test_labels"], np.load(out / "logits.npz")["test_labels"])
+    assert np.array_equal(a["test_labels"], b["test_labels"])
+    np.testing.assert_allclose(a["test_phi0"], b["test_phi0"], atol=1e-5)
+    other = tmp_path / "other"  # another model: here the embedded one's config alone, in a folder of its own
+    other.mkdir()
+    shutil.copy(Path(emb) / "config.json", other)
+    with pytest.raises(SystemExit, match=re.escape(f"fit on model 'all-MiniLM-L6-v2', not '{other}'")):
+        ft.main(["--init", str(out / "lp_head.pt"), "--model", str(other), "--output_dir", str(tmp_path / "o"), *FAST])
 
 
 def _bad_head(cb_lp, tmp_path, **change):
