@@ -68,6 +68,17 @@ def parse(argv=None):
     return args
 
 
+def prompt_module():
+    """prompts.py, imported only for --prompt: without that flag lp.py needs no more than data.py and rundir.py."""
+    try:
+        import prompts
+    except ModuleNotFoundError as e:
+        if e.name != "prompts":
+            raise
+        die("--prompt needs prompts.py beside lp.py (copy it from the kit), or drop --prompt")
+    return prompts
+
+
 def check_args(args):
     """Every flag and folder, before any data, model or file is touched."""
     data.get_task(args.task)
@@ -79,9 +90,7 @@ def check_args(args):
     rundir.check_output_dir(args.cache_dir, "--cache_dir")
     data.check_max_len(args.model, args.max_len)
     if args.prompt:
-        import prompts
-
-        prompts.check_prompt(args.model, args.task, args.max_len, args.pooling)
+        prompt_module().check_prompt(args.model, args.task, args.max_len, args.pooling)
 
 
 # ---------------------------------------------------------------- what a run directory records
@@ -94,9 +103,7 @@ def fingerprint(args):
                 f"LPFT_DATA to a folder with the layout of data/README.md)")
     fp = {k: getattr(args, k) for k in RESULT_FLAGS}
     if args.prompt:
-        import prompts
-
-        fp["prompt_template"] = prompts.prompt_record(args.task)
+        fp["prompt_template"] = prompt_module().prompt_record(args.task)
     return fp | {"data_sha256": data.data_fingerprint(args.task, args.data_dir)}
 
 
@@ -172,9 +179,7 @@ def features(args, splits, fp):
         todo.append((s, f))
     if todo:
         if args.prompt:
-            import prompts
-
-            enc, tok, _, _ = prompts.load_prompt_encoder(args.model)
+            enc, tok, _, _ = prompt_module().load_prompt_encoder(args.model)
         else:
             enc, tok = data.load_encoder(args.model)
         enc.to(data.device()).eval()
@@ -183,7 +188,7 @@ def features(args, splits, fp):
         if cache.is_dir():
             rundir.clean_orphans(cache)
         for s, f in todo:
-            e = (prompts.prompt_tokenize(tok, splits[s], args.max_len, args.task) if args.prompt
+            e = (prompt_module().prompt_tokenize(tok, splits[s], args.max_len, args.task) if args.prompt
                  else data.tokenize(tok, splits[s], args.max_len))
             out[s] = data.extract(fn, e, pad, args.eval_batch_size, desc=f"features {s}")[0]
             save_npy(f, out[s])
