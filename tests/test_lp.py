@@ -228,8 +228,12 @@ def test_paper_binary_head_is_the_authors_symmetric_softmax_fit(tmp_path):
     opt.step(closure)
     u, c = (W[1] - W[0]).detach() / 2, (b[1] - b[0]).detach() / 2  # the class-1 row of the symmetric solution
     want = torch.stack([-u / 2, u / 2]).float()
-    assert torch.linalg.norm(paper["weight"] - want) < 1e-3 * torch.linalg.norm(want)
-    torch.testing.assert_close(paper["bias"], torch.stack([-c / 2, c / 2]).float(), rtol=1e-3, atol=1e-4)
+    # scikit-learn stops at its own tolerance (1e-4 on its scaled gradient), which leaves its head 1e-3 to 2e-3
+    # (relative) from this tight fit depending on the processor's floating-point path (1.4e-3 here, 2.1e-3 on
+    # another machine of the same kind): 1e-2 is what that stopping rule can promise. A head of another objective
+    # is far outside it: the exact head at C (not 2C) is about 30% away on these features.
+    assert torch.linalg.norm(paper["weight"] - want) < 1e-2 * torch.linalg.norm(want)
+    torch.testing.assert_close(paper["bias"], torch.stack([-c / 2, c / 2]).float(), rtol=1e-2, atol=1e-3)
 
 
 def test_norm_curve_moves_and_reaches_the_minimiser_on_features_with_a_common_direction():
