@@ -233,7 +233,10 @@ def test_paper_binary_head_is_the_authors_symmetric_softmax_fit(tmp_path):
     # another machine of the same kind): 1e-2 is what that stopping rule can promise. A head of another objective
     # is far outside it: the exact head at C (not 2C) is about 30% away on these features.
     assert torch.linalg.norm(paper["weight"] - want) < 1e-2 * torch.linalg.norm(want)
-    torch.testing.assert_close(paper["bias"], torch.stack([-c / 2, c / 2]).float(), rtol=1e-2, atol=1e-3)
+    # the bias has no penalty: the stopping rule bounds the whole parameter vector's error, so its tolerance is on
+    # the head's scale, not the (small) bias's own (measured here: 3.5e-3 absolute, 0.2% of ||want||)
+    torch.testing.assert_close(paper["bias"], torch.stack([-c / 2, c / 2]).float(), rtol=0,
+                               atol=1e-2 * float(torch.linalg.norm(want)))
 
 
 def test_norm_curve_moves_and_reaches_the_minimiser_on_features_with_a_common_direction():
