@@ -47,7 +47,7 @@ TABLE6 = {
 
 # The embedded all-MiniLM-L6-v2 is not roberta-base: its learning rates are the kit's own, chosen on validation by
 # the grid at the default study's sizes and epochs (seed 1001; batch sizes stay Table 6's), each choice inside the
-# values tried (README, "Learning rates for the embedded model", shows val at every point). Chosen by:
+# values tried (docs/results.md, "Learning rates for the embedded model", shows val at every point). Chosen by:
 #   bash run_all.sh --no_ntk --no_scale --seeds 1001 --lr_grid_ft "3e-5 1e-4 3e-4" --lr_grid_lpft "3e-5 1e-4 3e-4" \
 #       --lr_grid_lora "1e-3 3e-3 1e-2" --lr_grid_lplora "1e-3 3e-3 1e-2" --out runs_grid
 # (SST-2 also 3e-4 for LoRA and LP-LoRA), then widened where the choice sat on an edge: LP-FT 1e-5 on both tasks,
@@ -56,6 +56,135 @@ MINILM_LR = {
     "cb": {"ft": 1e-4, "lp_ft": 3e-5},
     "sst2": {"ft": 1e-4, "lp_ft": 3e-5},
 }
+
+# the run directory: what its record leaves out, the files a run writes, what a checkpoint holds
+NOT_RECORDED = ("output_dir", "overwrite", "merge_to", "data_dir", "init")  # where and how, never what: not recorded
+RESULT_FILES = ("results.json", "logits.npz", "features.npz", "model.safetensors", "meta.json", "ckpt.pt")
+CKPT_KEYS = {"model", "opt", "sched", "rng", "phi0", "history", "best", "step"}
+
+
+# ---------------------------------------------------------------- flags
+def common_flags(p):
+    """The flags every script that can start from an LP head shares (ft.py, lora.py, ntk.py)."""
+    a = p.add_argument
+    a("--task", help=f"one of {', '.join(data.TASKS)} (default: the --init head's task)")
+    a("--model", help="hub name or directory (default: the head's model, else the embedded all-MiniLM-L6-v2)")
+    a("--data_dir", help="folder with the official files (default: $LPFT_DATA, else ./data)")
+    a("--max_len", type=int, help=f"max tokens (default: the head's, else {data.MAX_LEN})")
+    a("--pooling", choices=["cls", "mean"], help=f"phi(x) (default: the head's, else {data.POOLING})")
+    data.k_shot_flags(a)
+    return a
+
+
+def prompt_flag(a):
+    """--prompt: unset (None, as in run records made before it existed) or True."""
+    a("--prompt", action="store_true", default=None,
+      help="prompt-based fine-tuning (Malladi et al.): the task's template with a mask token (prompts.PROMPTS), phi(x) "
+           "= the masked-LM head's transform at the mask, the head from the decoder's label-word rows; needs a "
+           "*ForMaskedLM model (default: the --init head's setting)")
+
+
+def make_parser(description=__doc__):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = common_flags(p)
+    a("--seed", type=int, default=data.SEED)
+    a("--output_dir", help="default runs/<task>/[prompt_]<method>[-k<K>-data<S>]-seed<seed>")
+    a("--overwrite", action="store_true", help="start afresh, replacing this directory's results and checkpoint")
+    a("--init", help="lp_head.pt from lp.py: start from the LP head (LP-FT, LP-LoRA) instead of a fresh one")
+    a("--lr", type=float, help="default: from --lr_table for the task and method")
+    a("--lr_table", choices=["minilm", "table6"],
+      help="where the default --lr comes from: minilm (the kit's grid on validation for the embedded model; its "
+           "default where it has the task) or table6 (the paper's Table 6, for roberta-base; default otherwise)")
+    a("--batch_size", type=int, help="default: paper Table 6 for the task and method")
+    a("--epochs", type=int, default=10)
+    a("--max_steps", type=int, help="stop after this many optimizer steps")
+    a("--max_train_samples", type=int, help="seeded random subset of the train split")
+    a("--max_eval_samples", type=int, help="seeded random subset of val/test (and OOD) splits")
+    a("--head_scale", type=float, default=1.0, help="multiply the initial head (norm-scaling experiment)")
+    a("--warmup_ratio", type=float, default=0.0, help="share of the steps with a linear warm-up, in [0, 1)")
+    a("--patience", type=int, default=0, help="stop after N epochs without a better val metric (0: off)")
+    a("--eval_batch_size", type=int, default=64)
+    a("--compile", action="store_true", help="torch.compile the model (pays on CUDA)")
+    prompt_flag(a)
+    return p
+
+
+def resolve(args, method, table, minilm):
+    """Fill task/model/max_len/pooling from the head (only those not given), lr/batch from the tables; validate
+    every flag, the head and the model's config (no weights loaded). -> the head or None."""
+    rundir.check_positive(args, ["lr", "batch_size", "epochs", "max_steps", "max_train_samples", "max_eval_samples",
+                                 "eval_batch_size", "head_scale", "patience"], allow_zero=["patience"])
+    if not 0 <= args.warmup_ratio < 1:
+        die(f"--warmup_ratio {args.warmup_ratio}: must be in [0, 1) (a share of the training steps)")
+    data.check_k_shot(args)
+    head = fill_from_head(args)
+    if head is not None and not torch.isfinite(head["weight"] * args.head_scale).all():
+        die(f"--head_scale {args.head_scale} makes the head {args.init} overflow; pass a smaller one")
+    args.batch_size = table[args.task][method][0] if args.batch_size is None else args.batch_size
+    if args.lr is None:
+        args.lr_table, args.lr = default_lr(args, method, table, minilm)
+    else:
+        args.lr_table = None  # the user's --lr: no table
+    args.output_dir = args.output_dir or f"runs/{args.task}/{data.run_name(run_method(method, args), args)}"
+    return head
+
+
+def fill_from_head(args):
+    """--init's head (or None) -> task, model, max_len and pooling the user did not give come from it, the rest from
+    the kit's defaults; then the head is checked against them and --max_len against the model's config (no weights
+    loaded). Shared by ft.py, lora.py and ntk.py."""
+    head = load_head(args.init) if args.init else None
+    if head is not None:
+        args.task = args.task or head["task"]
+        args.model = args.model or head["model"]
+        args.max_len = head.get("max_len") if args.max_len is None else args.max_len
+        args.pooling = args.pooling or head.get("pooling")
+        if hasattr(args, "prompt") and args.prompt is None and head.get("prompt"):
+            args.prompt = True  # a head of prompt features: the run prompts too (a mismatch stops in check_head)
+    if not args.task:
+        die("no task: pass --task (e.g. --task rte) or --init lp_head.pt")
+    data.get_task(args.task)
+    args.max_len = data.MAX_LEN if args.max_len is None else args.max_len
+    args.pooling = args.pooling or data.POOLING
+    args.model = data.model_id(args.model)
+    data.check_max_len(args.model, args.max_len)
+    prompt = getattr(args, "prompt", None)
+    if prompt:
+        prompts.check_prompt(args.model, args.task, args.max_len, args.pooling)
+    if head is not None:
+        check_head(head, args.init, args.task, args.model, model_width(args.model), args.max_len, args.pooling,
+                   prompt)
+    return head
+
+
+def model_width(model_name):
+    """The width of phi(x), from the model's config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(data.resolve_model(model_name)).hidden_size
+    except (OSError, ValueError, AttributeError) as e:
+        die(f"cannot read the config of model '{model_name}' ({type(e).__name__}); pass a BERT/RoBERTa-style model")
+
+
+def default_lr(args, method, table, minilm):
+    """-> (table name, lr) when --lr is not given: the kit's grid choice for the embedded model where it has one
+    (--lr_table minilm), else the paper's Table 6 (--lr_table table6; always for other models)."""
+    have = args.task in minilm and minilm[args.task].get(method) is not None
+    name = args.lr_table or ("minilm" if args.model == data.EMBEDDED and have else "table6")
+    if name == "minilm" and not have:
+        die(f"--lr_table minilm has no {method} learning rate for {args.task} (it has "
+            f"{', '.join(sorted(minilm))}); pass --lr or --lr_table table6")
+    if name == "table6" and args.model == data.EMBEDDED and args.lr_table is None:
+        print(f"note: no MiniLM learning rate for {method} on {args.task}: using roberta-base's Table 6 value; "
+              f"choose one with bash run_all.sh --lr_grid")
+    return name, minilm[args.task][method] if name == "minilm" else table[args.task][method][1]
+
+
+def run_method(method, args):
+    """The method a run records and is named by: prompt_<method> with --prompt, so neither its directory nor the
+    reports mix it with classifier-head runs (the learning-rate tables stay keyed by the plain method)."""
+    return f"prompt_{method}" if getattr(args, "prompt", None) else method
 
 
 # ---------------------------------------------------------------- the model
@@ -100,16 +229,6 @@ def build_model(model_name, num_labels, pooling=data.POOLING, seed=0, prompt_tas
         model.head.weight.copy_(W[ids])
         model.head.bias.copy_(b[ids])
     return model, tok
-
-
-def model_width(model_name):
-    """The width of phi(x), from the model's config alone (no weights loaded)."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(data.resolve_model(model_name)).hidden_size
-    except (OSError, ValueError, AttributeError) as e:
-        die(f"cannot read the config of model '{model_name}' ({type(e).__name__}); pass a BERT/RoBERTa-style model")
 
 
 def load_head(path):
@@ -177,175 +296,7 @@ def init_head(model, head, args):
             f"{args.head_scale}); refit it with lp.py or pass a finite --head_scale")
 
 
-# ---------------------------------------------------------------- weights on disk
-def trainable_state(model):
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_weights(out, model, meta):
-    from safetensors.torch import save_file
-
-    rundir.atomic(Path(out) / "model.safetensors", lambda t: save_file(trainable_state(model), str(t)))
-    rundir.save_json(Path(out) / "meta.json", meta)
-
-
-def load_weights(out, model):
-    """Load model.safetensors (the trainable tensors) into a model built from meta.json."""
-    from safetensors.torch import load_file
-
-    try:
-        sd = load_file(str(Path(out) / "model.safetensors"))
-    except Exception as e:
-        die(f"cannot read {Path(out) / 'model.safetensors'} ({type(e).__name__}); rerun the training")
-    missing = set(sd) - set(dict(model.named_parameters()))
-    if missing:
-        die(f"{out}/model.safetensors has tensors this model lacks ({sorted(missing)[:3]}...); wrong --model?")
-    model.load_state_dict(sd, strict=False)
-
-
-# ---------------------------------------------------------------- feature statistics (paper Tables 1, 12)
-def feature_stats(phi, phi0, labels):
-    """Diff(F): mean ||phi_t(x) - phi_0(x)||; CS(F): mean cosine similarity over pairs of different
-    examples; FDR (the kit's definition): tr(S_B) / tr(S_W), between- over within-class scatter."""
-    phi, phi0 = np.asarray(phi, np.float64), np.asarray(phi0, np.float64)
-    n = len(phi)
-    z = phi / np.linalg.norm(phi, axis=1, keepdims=True).clip(1e-12)
-    cs = (np.square(z.sum(0)).sum() - n) / max(n * (n - 1), 1)
-    mu = phi.mean(0)
-    sb = sw = 0.0
-    for c in np.unique(labels):
-        x = phi[labels == c]
-        sb += len(x) * np.square(x.mean(0) - mu).sum()
-        sw += np.square(x - x.mean(0)).sum()
-    return {"diff_f": float(np.linalg.norm(phi - phi0, axis=1).mean()), "cs_f": float(cs),
-            "fdr_f": float(sb / max(sw, 1e-12))}
-
-
-# ---------------------------------------------------------------- args
-def common_flags(p):
-    """The flags every script that can start from an LP head shares (ft.py, lora.py, ntk.py)."""
-    a = p.add_argument
-    a("--task", help=f"one of {', '.join(data.TASKS)} (default: the --init head's task)")
-    a("--model", help="hub name or directory (default: the head's model, else the embedded all-MiniLM-L6-v2)")
-    a("--data_dir", help="folder with the official files (default: $LPFT_DATA, else ./data)")
-    a("--max_len", type=int, help=f"max tokens (default: the head's, else {data.MAX_LEN})")
-    a("--pooling", choices=["cls", "mean"], help=f"phi(x) (default: the head's, else {data.POOLING})")
-    data.k_shot_flags(a)
-    return a
-
-
-def prompt_flag(a):
-    """--prompt: unset (None, as in run records made before it existed) or True."""
-    a("--prompt", action="store_true", default=None,
-      help="prompt-based fine-tuning (Malladi et al.): the task's template with a mask token (prompts.PROMPTS), phi(x) "
-           "= the masked-LM head's transform at the mask, the head from the decoder's label-word rows; needs a "
-           "*ForMaskedLM model (default: the --init head's setting)")
-
-
-def run_method(method, args):
-    """The method a run records and is named by: prompt_<method> with --prompt, so neither its directory nor the
-    reports mix it with classifier-head runs (the learning-rate tables stay keyed by the plain method)."""
-    return f"prompt_{method}" if getattr(args, "prompt", None) else method
-
-
-def make_parser(description=__doc__):
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = common_flags(p)
-    a("--seed", type=int, default=data.SEED)
-    a("--output_dir", help="default runs/<task>/[prompt_]<method>[-k<K>-data<S>]-seed<seed>")
-    a("--overwrite", action="store_true", help="start afresh, replacing this directory's results and checkpoint")
-    a("--init", help="lp_head.pt from lp.py: start from the LP head (LP-FT, LP-LoRA) instead of a fresh one")
-    a("--lr", type=float, help="default: from --lr_table for the task and method")
-    a("--lr_table", choices=["minilm", "table6"],
-      help="where the default --lr comes from: minilm (the kit's grid on validation for the embedded model; its "
-           "default where it has the task) or table6 (the paper's Table 6, for roberta-base; default otherwise)")
-    a("--batch_size", type=int, help="default: paper Table 6 for the task and method")
-    a("--epochs", type=int, default=10)
-    a("--max_steps", type=int, help="stop after this many optimizer steps")
-    a("--max_train_samples", type=int, help="seeded random subset of the train split")
-    a("--max_eval_samples", type=int, help="seeded random subset of val/test (and OOD) splits")
-    a("--head_scale", type=float, default=1.0, help="multiply the initial head (norm-scaling experiment)")
-    a("--warmup_ratio", type=float, default=0.0, help="share of the steps with a linear warm-up, in [0, 1)")
-    a("--patience", type=int, default=0, help="stop after N epochs without a better val metric (0: off)")
-    a("--eval_batch_size", type=int, default=64)
-    a("--compile", action="store_true", help="torch.compile the model (pays on CUDA)")
-    prompt_flag(a)
-    return p
-
-
-def check_flags(args):
-    """The training flags' ranges (None: not given, a default follows)."""
-    rundir.check_positive(args, ["lr", "batch_size", "epochs", "max_steps", "max_train_samples", "max_eval_samples",
-                                 "eval_batch_size", "head_scale", "patience"], allow_zero=["patience"])
-    if not 0 <= args.warmup_ratio < 1:
-        die(f"--warmup_ratio {args.warmup_ratio}: must be in [0, 1) (a share of the training steps)")
-    data.check_k_shot(args)
-
-
-def fill_from_head(args):
-    """--init's head (or None) -> task, model, max_len and pooling the user did not give come from it, the rest from
-    the kit's defaults; then the head is checked against them and --max_len against the model's config (no weights
-    loaded). Shared by ft.py, lora.py and ntk.py."""
-    head = load_head(args.init) if args.init else None
-    if head is not None:
-        args.task = args.task or head["task"]
-        args.model = args.model or head["model"]
-        args.max_len = head.get("max_len") if args.max_len is None else args.max_len
-        args.pooling = args.pooling or head.get("pooling")
-        if hasattr(args, "prompt") and args.prompt is None and head.get("prompt"):
-            args.prompt = True  # a head of prompt features: the run prompts too (a mismatch stops in check_head)
-    if not args.task:
-        die("no task: pass --task (e.g. --task rte) or --init lp_head.pt")
-    data.get_task(args.task)
-    args.max_len = data.MAX_LEN if args.max_len is None else args.max_len
-    args.pooling = args.pooling or data.POOLING
-    args.model = data.model_id(args.model)
-    data.check_max_len(args.model, args.max_len)
-    prompt = getattr(args, "prompt", None)
-    if prompt:
-        prompts.check_prompt(args.model, args.task, args.max_len, args.pooling)
-    if head is not None:
-        check_head(head, args.init, args.task, args.model, model_width(args.model), args.max_len, args.pooling,
-                   prompt)
-    return head
-
-
-def default_lr(args, method, table, minilm):
-    """-> (table name, lr) when --lr is not given: the kit's grid choice for the embedded model where it has one
-    (--lr_table minilm), else the paper's Table 6 (--lr_table table6; always for other models)."""
-    have = args.task in minilm and minilm[args.task].get(method) is not None
-    name = args.lr_table or ("minilm" if args.model == data.EMBEDDED and have else "table6")
-    if name == "minilm" and not have:
-        die(f"--lr_table minilm has no {method} learning rate for {args.task} (it has "
-            f"{', '.join(sorted(minilm))}); pass --lr or --lr_table table6")
-    if name == "table6" and args.model == data.EMBEDDED and args.lr_table is None:
-        print(f"note: no MiniLM learning rate for {method} on {args.task}: using roberta-base's Table 6 value; "
-              f"choose one with bash run_all.sh --lr_grid")
-    return name, minilm[args.task][method] if name == "minilm" else table[args.task][method][1]
-
-
-def resolve(args, method, table, minilm):
-    """Fill task/model/max_len/pooling from the head (only those not given), lr/batch from the tables; validate
-    every flag, the head and the model's config (no weights loaded). -> the head or None."""
-    check_flags(args)
-    head = fill_from_head(args)
-    if head is not None and not torch.isfinite(head["weight"] * args.head_scale).all():
-        die(f"--head_scale {args.head_scale} makes the head {args.init} overflow; pass a smaller one")
-    args.batch_size = table[args.task][method][0] if args.batch_size is None else args.batch_size
-    if args.lr is None:
-        args.lr_table, args.lr = default_lr(args, method, table, minilm)
-    else:
-        args.lr_table = None  # the user's --lr: no table
-    args.output_dir = args.output_dir or f"runs/{args.task}/{data.run_name(run_method(method, args), args)}"
-    return head
-
-
-# ---------------------------------------------------------------- the run's record
-NOT_RECORDED = ("output_dir", "overwrite", "merge_to", "data_dir", "init")  # where and how, never what: not recorded
-RESULT_FILES = ("results.json", "logits.npz", "features.npz", "model.safetensors", "meta.json", "ckpt.pt")
-CKPT_KEYS = {"model", "opt", "sched", "rng", "phi0", "history", "best", "step"}
-
-
+# ---------------------------------------------------------------- the run directory: its record and the resume state
 def fingerprint(args, method):
     """What determines a run's numbers: every flag but NOT_RECORDED, the method, the data files' content hashes
     (not their folder), the --init head's hash (not its path) and with --prompt the template and label words.
@@ -403,48 +354,7 @@ def load_checkpoint(path):
     return state
 
 
-# ---------------------------------------------------------------- train / evaluate
-def evaluate(model, tokens, pad_id, bs, mult=1):
-    """-> {split: (logits [N,C], phi [N,d])} in eval mode."""
-    model.eval()
-
-    def logits_and_phi(batch):
-        phi = model.features(**batch)
-        return model.head(phi), phi
-
-    return {s: data.extract(logits_and_phi, e, pad_id, bs, multiple_of=mult) for s, e in tokens.items()}
-
-
-def adamw(params, lr, dev):
-    """The kit's optimizer: AdamW without weight decay, fused on CPU too (its step is ~10x faster than foreach
-    there: 0.03 s vs 0.3 s for 22.6M parameters)."""
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=dev.type in ("cuda", "cpu"))
-
-
-def train_step(fwd, opt, sched, params, batch, y, precision=None):
-    """One optimizer step: bf16 autocast on CUDA (precision "fp32": none), fp32 loss, clip 1.0. Returns the loss
-    (no host sync)."""
-    with data.autocast(y.device, precision):
-        loss = F.cross_entropy(fwd(**batch).float(), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-    opt.step()
-    sched.step()
-    return loss
-
-
-def epoch_record(task, ev, labels, phi0, head):
-    """Metrics on every evaluation split, the head's norm, and the feature statistics on every evaluation split
-    (val, test, the OOD sets: Table 11) against the pre-trained features phi0[split]; the test split's also at the
-    top level, as Tables 1 and 12 read them."""
-    rec = {s: data.metrics(task, lg, labels[s]) for s, (lg, _) in ev.items()}
-    rec["head_norm"] = float(head.weight.detach().float().norm())
-    rec["features"] = {s: feature_stats(phi, phi0[s], labels[s]) for s, (_, phi) in ev.items()}
-    rec.update(rec["features"]["test"])
-    return rec
-
-
+# ---------------------------------------------------------------- the loop
 @dataclass
 class Setup:
     """Everything the loop uses that does not change during training."""
@@ -499,6 +409,12 @@ def build(args, method, head, splits, fp, setup=None, extra_meta=None):
                  total=total, cfg=vars(args) | fp | counts, meta=meta, sel=task.select_metric, dev=dev)
 
 
+def adamw(params, lr, dev):
+    """The kit's optimizer: AdamW without weight decay, fused on CPU too (its step is ~10x faster than foreach
+    there: 0.03 s vs 0.3 s for 22.6M parameters)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=dev.type in ("cuda", "cpu"))
+
+
 def start(s, args):
     """Epoch 0: the untrained model's record (recorded, never chosen as best). -> (history, best, step, phi0)"""
     ev = evaluate(s.fwd, s.tokens, s.pad, args.eval_batch_size, s.mult)
@@ -533,53 +449,57 @@ def resume(s, state):
     return hist, best, step, phi0
 
 
-def save_best(s, ev, phi0):
-    save_weights(s.out, s.model, s.meta)
-    rundir.save_npz(s.out / "logits.npz", **{f"{sp}_{k}": v for sp, (lg, _) in ev.items()
-                                             for k, v in (("logits", lg), ("labels", s.labels[sp]))})
-    # the test features before and after (report.py's t-SNE, Figures 5-6): test only, the OOD sets can be large
-    rundir.save_npz(s.out / "features.npz", test_phi=ev["test"][1], test_phi0=phi0["test"],
-                    test_labels=s.labels["test"])
+def train_step(fwd, opt, sched, params, batch, y, precision=None):
+    """One optimizer step: bf16 autocast on CUDA (precision "fp32": none), fp32 loss, clip 1.0. Returns the loss
+    (no host sync)."""
+    with data.autocast(y.device, precision):
+        loss = F.cross_entropy(fwd(**batch).float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+    opt.step()
+    sched.step()
+    return loss
 
 
-def save_checkpoint(s, hist, best, step, phi0):
-    cuda = {"cuda_rng": torch.cuda.get_rng_state()} if s.dev.type == "cuda" else {}
-    rundir.save_torch(s.out / "ckpt.pt", {"model": trainable_state(s.model), "opt": s.opt.state_dict(),
-                                          "sched": s.sched.state_dict(), "rng": torch.get_rng_state(), **cuda,
-                                          "phi0": {sp: torch.from_numpy(v) for sp, v in phi0.items()},
-                                          "history": json.dumps(hist), "best": best, "step": step})
+def evaluate(model, tokens, pad_id, bs, mult=1):
+    """-> {split: (logits [N,C], phi [N,d])} in eval mode."""
+    model.eval()
+
+    def logits_and_phi(batch):
+        phi = model.features(**batch)
+        return model.head(phi), phi
+
+    return {s: data.extract(logits_and_phi, e, pad_id, bs, multiple_of=mult) for s, e in tokens.items()}
 
 
-def diverged(s, hist, msg):
-    """A non-finite loss: results.json records the run as failed; the message says what the directory keeps."""
-    rundir.save_json(s.out / "results.json", {"config": s.cfg, "history": hist, "finished": False, "failed": msg})
-    kept = (f"the checkpoint after epoch {hist[-1]['epoch']} is kept in {s.out}" if (s.out / "ckpt.pt").exists()
-            else "no checkpoint was written")
-    die(f"{msg} (lr {s.cfg['lr']} too high?); {kept}; lower --lr and rerun with --overwrite")
+def epoch_record(task, ev, labels, phi0, head):
+    """Metrics on every evaluation split, the head's norm, and the feature statistics on every evaluation split
+    (val, test, the OOD sets: Table 11) against the pre-trained features phi0[split]; the test split's also at the
+    top level, as Tables 1 and 12 read them."""
+    rec = {s: data.metrics(task, lg, labels[s]) for s, (lg, _) in ev.items()}
+    rec["head_norm"] = float(head.weight.detach().float().norm())
+    rec["features"] = {s: feature_stats(phi, phi0[s], labels[s]) for s, (_, phi) in ev.items()}
+    rec.update(rec["features"]["test"])
+    return rec
 
 
-def finish(s, hist, best, peak):
-    be = next(h for h in hist if h["epoch"] == best["epoch"])
-    res = {"config": s.cfg, "history": hist, "best_epoch": best["epoch"], "finished": True,
-           "metrics": {sp: be[sp] for sp in s.tokens}, "head_norm": be["head_norm"], "diff_f": be["diff_f"],
-           "features": be["features"]}
-    if s.dev.type == "cuda":
-        res["peak_train_memory_gb"] = peak
-    rundir.save_json(s.out / "results.json", res)
-    (s.out / "ckpt.pt").unlink(missing_ok=True)
-    print_summary(res, s.sel)
-    return res
-
-
-def estimate(s, args, seconds, epoch):
-    """After this process's first epoch: the whole run's time at that epoch's pace, and what is left of it."""
-    epochs = min(args.epochs, math.ceil(s.total / math.ceil(len(s.train_tokens) / args.batch_size)))
-    return (f"  estimated total: {fmt_time(seconds * epochs)} for {epochs} epochs of {seconds:.0f} s "
-            f"(with evaluation), {fmt_time(seconds * (epochs - epoch))} left")
-
-
-def fmt_time(sec):
-    return f"{sec / 60:.1f} min" if sec >= 90 else f"{sec:.0f} s"
+def feature_stats(phi, phi0, labels):
+    """The feature statistics of paper Tables 1 and 12. Diff(F): mean ||phi_t(x) - phi_0(x)||; CS(F): mean cosine
+    similarity over pairs of different examples; FDR (the kit's definition): tr(S_B) / tr(S_W), between- over
+    within-class scatter."""
+    phi, phi0 = np.asarray(phi, np.float64), np.asarray(phi0, np.float64)
+    n = len(phi)
+    z = phi / np.linalg.norm(phi, axis=1, keepdims=True).clip(1e-12)
+    cs = (np.square(z.sum(0)).sum() - n) / max(n * (n - 1), 1)
+    mu = phi.mean(0)
+    sb = sw = 0.0
+    for c in np.unique(labels):
+        x = phi[labels == c]
+        sb += len(x) * np.square(x.mean(0) - mu).sum()
+        sw += np.square(x - x.mean(0)).sum()
+    return {"diff_f": float(np.linalg.norm(phi - phi0, axis=1).mean()), "cs_f": float(cs),
+            "fdr_f": float(sb / max(sw, 1e-12))}
 
 
 def train(args, s, state):
@@ -631,6 +551,83 @@ def train(args, s, state):
     return finish(s, hist, best, peak)
 
 
+def estimate(s, args, seconds, epoch):
+    """After this process's first epoch: the whole run's time at that epoch's pace, and what is left of it."""
+    fmt_time = lambda sec: f"{sec / 60:.1f} min" if sec >= 90 else f"{sec:.0f} s"
+    epochs = min(args.epochs, math.ceil(s.total / math.ceil(len(s.train_tokens) / args.batch_size)))
+    return (f"  estimated total: {fmt_time(seconds * epochs)} for {epochs} epochs of {seconds:.0f} s "
+            f"(with evaluation), {fmt_time(seconds * (epochs - epoch))} left")
+
+
+# ---------------------------------------------------------------- the end of the run
+def save_best(s, ev, phi0):
+    save_weights(s.out, s.model, s.meta)
+    rundir.save_npz(s.out / "logits.npz", **{f"{sp}_{k}": v for sp, (lg, _) in ev.items()
+                                             for k, v in (("logits", lg), ("labels", s.labels[sp]))})
+    # the test features before and after (report.py's t-SNE, Figures 5-6): test only, the OOD sets can be large
+    rundir.save_npz(s.out / "features.npz", test_phi=ev["test"][1], test_phi0=phi0["test"],
+                    test_labels=s.labels["test"])
+
+
+def save_weights(out, model, meta):
+    from safetensors.torch import save_file
+
+    rundir.atomic(Path(out) / "model.safetensors", lambda t: save_file(trainable_state(model), str(t)))
+    rundir.save_json(Path(out) / "meta.json", meta)
+
+
+def load_weights(out, model):
+    """Load model.safetensors (the trainable tensors) into a model built from meta.json."""
+    from safetensors.torch import load_file
+
+    try:
+        sd = load_file(str(Path(out) / "model.safetensors"))
+    except Exception as e:
+        die(f"cannot read {Path(out) / 'model.safetensors'} ({type(e).__name__}); rerun the training")
+    missing = set(sd) - set(dict(model.named_parameters()))
+    if missing:
+        die(f"{out}/model.safetensors has tensors this model lacks ({sorted(missing)[:3]}...); wrong --model?")
+    model.load_state_dict(sd, strict=False)
+
+
+def trainable_state(model):
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(s, hist, best, step, phi0):
+    cuda = {"cuda_rng": torch.cuda.get_rng_state()} if s.dev.type == "cuda" else {}
+    rundir.save_torch(s.out / "ckpt.pt", {"model": trainable_state(s.model), "opt": s.opt.state_dict(),
+                                          "sched": s.sched.state_dict(), "rng": torch.get_rng_state(), **cuda,
+                                          "phi0": {sp: torch.from_numpy(v) for sp, v in phi0.items()},
+                                          "history": json.dumps(hist), "best": best, "step": step})
+
+
+def diverged(s, hist, msg):
+    """A non-finite loss: results.json records the run as failed; the message says what the directory keeps."""
+    rundir.save_json(s.out / "results.json", {"config": s.cfg, "history": hist, "finished": False, "failed": msg})
+    kept = (f"the checkpoint after epoch {hist[-1]['epoch']} is kept in {s.out}" if (s.out / "ckpt.pt").exists()
+            else "no checkpoint was written")
+    die(f"{msg} (lr {s.cfg['lr']} too high?); {kept}; lower --lr and rerun with --overwrite")
+
+
+def finish(s, hist, best, peak):
+    be = next(h for h in hist if h["epoch"] == best["epoch"])
+    res = {"config": s.cfg, "history": hist, "best_epoch": best["epoch"], "finished": True,
+           "metrics": {sp: be[sp] for sp in s.tokens}, "head_norm": be["head_norm"], "diff_f": be["diff_f"],
+           "features": be["features"]}
+    if s.dev.type == "cuda":
+        res["peak_train_memory_gb"] = peak
+    rundir.save_json(s.out / "results.json", res)
+    (s.out / "ckpt.pt").unlink(missing_ok=True)
+    c, sel = res["config"], s.sel
+    print(f"{c['method']} {c['task']} seed {c['seed']}: best epoch {res['best_epoch']}")
+    print(f"  {'split':<10}{sel:>10}")
+    for sp, m in res["metrics"].items():
+        print(f"  {sp:<10}{m[sel]:>10.4f}")
+    return res
+
+
+# ---------------------------------------------------------------- main
 def run(args, method, table=TABLE6, minilm=MINILM_LR, setup=None, extra_meta=None, check=None):
     """The kit's one training loop (FT, LP-FT; LoRA and LP-LoRA through `setup`, which changes the built model,
     and `check`, which validates their own flags). Every flag, the head, the data and the output directory are
@@ -649,14 +646,6 @@ def run(args, method, table=TABLE6, minilm=MINILM_LR, setup=None, extra_meta=Non
                   f"--overwrite to redo")
             return res
         return train(args, build(args, method, head, splits, fp, setup, extra_meta), state)
-
-
-def print_summary(res, sel):
-    print(f"{res['config']['method']} {res['config']['task']} seed {res['config']['seed']}: "
-          f"best epoch {res['best_epoch']}")
-    print(f"  {'split':<10}{sel:>10}")
-    for s, m in res["metrics"].items():
-        print(f"  {s:<10}{m[sel]:>10.4f}")
 
 
 @rundir.cli
