@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import rundir
+from data import softmax  # the kit's one softmax (float64, / T)
 
 T_MIN, T_MAX = 1e-3, 1e3  # a fit that ends at a bound means val NLL keeps falling there: T is not identified
 GRAD_TOL = 1e-6  # |d NLL / d log T| below this counts as converged (LBFGS)
@@ -42,12 +43,6 @@ def parse(argv=None):
 
 
 # ---------------------------------------------------------------- metrics (numpy, float64)
-def softmax(logits, T=1.0):
-    z = np.asarray(logits, np.float64) / T
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
 def bin_stats(probs, labels, bins=15):
     """-> (count, accuracy, mean confidence) per equal-width bin, NaN where empty; a bin holds lower < conf <= upper."""
     conf, correct = probs.max(1), probs.argmax(1) == labels

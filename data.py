@@ -415,6 +415,13 @@ def study_splits(task, data_dir, max_train, max_eval, seed):
 
 
 # ---------------------------------------------------------------- metrics
+def softmax(logits, T=1.0):
+    """Class probabilities of logits / T [N, C], in float64 (calibrate.py; ntk.py's FT ratio)."""
+    z = np.asarray(logits, np.float64) / T
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
 def metrics(task, logits, labels):
     from sklearn.metrics import f1_score, matthews_corrcoef
 

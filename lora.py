@@ -71,6 +71,12 @@ def lora_flags(a):
     a("--targets", nargs="+", default=["query", "value"], help="attention.self.<name> linears to adapt")
 
 
+def check_targets(targets):
+    """--targets, for lora.py and ntk.py --lora: the attention.self linears LoRA can adapt."""
+    if set(targets) - {"query", "key", "value"}:
+        die(f"--targets {' '.join(targets)}: pick from query, key, value (the attention.self linears)")
+
+
 def make_parser():
     p = ft.make_parser(__doc__)
     a = p.add_argument
@@ -86,8 +92,7 @@ def check_lora_args(args):
     rundir.check_positive(args, ["r", "alpha"])
     if not 0 <= args.lora_dropout < 1:
         die(f"--lora_dropout {args.lora_dropout}: must be in [0, 1)")
-    if set(args.targets) - {"query", "key", "value"}:
-        die(f"--targets {' '.join(args.targets)}: pick from query, key, value (the attention.self linears)")
+    check_targets(args.targets)
     if getattr(args, "merge_to", None) and getattr(args, "prompt", None):
         die(NO_PROMPT_EXPORT)
     if getattr(args, "merge_to", None):

@@ -19,7 +19,8 @@ output gradients without forming J: the same kernels to rounding (float64 ~1e-14
 about twice as fast as func on a 2-core CPU (bench_ntk.py --task cb); on CUDA a float32 model contracts in TF32.
 A directory is reused only for the same flags (those in NOT_IN_RESULT aside), the same data file contents
 and the same --init head contents; one process at a time writes it.
-ntk.py needs ft.py, lora.py and ntk_structured.py (and what they need: data.py, rundir.py, prompts.py).
+ntk.py needs ft.py, lora.py, ntk_structured.py and kernel_view.py (Malladi et al.'s kernels and solvers, --kernel,
+--solve) and what they need: data.py, rundir.py, prompts.py.
 Outputs in runs/<task>/ntk-<ft|lp_ft|lora|lp_lora>-seed<seed>/:
   kernels.npz       P_train, F_train [N,C,N,C]; P_test, F_test [M,C,N,C]; train_idx, test_idx (rows of
                     the train / test split), train_labels, test_labels, train_logits (f at the start)
@@ -32,9 +33,8 @@ Outputs in runs/<task>/ntk-<ft|lp_ft|lora|lp_lora>-seed<seed>/:
 
 import argparse
 import itertools
-import math
+import sys
 import time
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 import data
 import ft
+import kernel_view
 import lora
 import prompts
 import rundir
@@ -78,14 +79,7 @@ def parse(argv=None):
     a("--max_memory_gb", type=float, help="most Jacobian (func) or recorded factors and buffers (structured) held "
       "at once (default: 30%% of the GPU's memory, 4 on CPU)")
     a("--ridge", type=float, default=1e-3, help="kernel regression ridge, times the kernel's largest singular value")
-    a("--kernel", choices=KINDS, default="sgd", help="sgd: the eNTK; signgd / asym_signgd: Malladi et al.'s "
-      "SignGD kernels (their Adam approximation; explicit Jacobians, --method func)")
-    a("--binary_logit", action="store_true", help="two classes: the kernel of the logit difference f_1 - f_0 "
-      "(labels +-1), as their --binary_classification; needed by the svc and asym solvers")
-    a("--asym_gamma", type=float, default=1.0, help="the asymmetric solver's gamma")
-    a("--asym_lambda", type=float, default=0.5, help="the asymmetric solver's mix of its two predictions, in [0, 1]")
-    a("--solve", metavar="KERNELS", help="only run the solvers again on a saved kernels.npz (or its folder), with "
-      "this --ridge / --asym_gamma / --asym_lambda; writes solvers.json beside it")
+    kernel_view.view_flags(a)
     a("--rank_rtol", type=float, help="numerical rank: singular values above this times the largest (default 1e-4 "
       "on CPU, 1e-2 on CUDA: what float32 / TF32 kernel entries resolve; see default_rank_rtol)")
     return p.parse_args(argv)
@@ -294,7 +288,7 @@ def kernels(model, batch_a, batch_b=None, pad_id=0, method="func", batch_size=8,
     try:
         phi_a = features(model, batch_a, pad_id)
         phi_b = phi_a if batch_b is None else features(model, batch_b, pad_id)
-        P = head_part(phi_a, phi_b, np.eye(model.head.out_features), "sgd")
+        P = kernel_view.head_part(phi_a, phi_b, np.eye(model.head.out_features), "sgd")
         Fk = ENGINES[method](model, batch_a, batch_b, pad_id, batch_size=batch_size, max_memory_gb=max_memory_gb,
                              progress=progress)
     finally:
@@ -302,86 +296,7 @@ def kernels(model, batch_a, batch_b=None, pad_id=0, method="func", batch_size=8,
     return P, Fk
 
 
-# ---------------------------------------------------------------- the kernel view (Malladi et al. 2023)
-KINDS = ("sgd", "signgd", "asym_signgd")
-
-
-def logit_map(C, binary):
-    """D: the outputs the kernel is of, as rows over the head's C logits: the logits themselves (I_C), or with
-    --binary_logit their difference f_1 - f_0 (D = [[-1, 1]], labels +-1), as Malladi et al.'s binary option."""
-    return np.array([[-1.0, 1.0]]) if binary else np.eye(C)
-
-
-def head_part(phi_a, phi_b, D, kind):
-    """P: the head's (V, b) share of the kernel of D f. d(Df)_o / dV = D[o]^T phi(x) and d(Df)_o / db = D[o]; D's
-    entries are 0 or +-1, so sign(D[o, c] phi_k) = D[o, c] sign(phi_k) and every kind is DD^T times
-    (<phi_a, phi_b> + 1) with the signs its kind takes: sgd none, signgd both, asym_signgd the first (a) only."""
-    sa = phi_a if kind == "sgd" else np.sign(phi_a)
-    sb = np.sign(phi_b) if kind == "signgd" else phi_b
-    return np.einsum("ij,ck->icjk", sa @ sb.T + 1.0, D @ D.T)
-
-
-def f_sign(model, xs_tr, xs_te, kind, D, pad_id, batch_size=8, max_memory_gb=4.0, progress=False):
-    """The backbone's share of the SignGD kernels, from explicit Jacobians of D f (jacobian_chunks; the structured
-    engine never forms them), the attention key biases left out (their gradient is zero).
-    -> F_train [n,O,n,O], F_test [m,O,n,O], F_flip (asym_signgd) or None.
-    signgd: <sign g_a, sign g_b>. asym_signgd (their approximation of Adam's early steps): F_train[i, j] =
-    <sign g_i, g_j> and F_test[t, i] = <sign g_i, g_t> (the train gradient signed: their eval kernel),
-    F_flip[t, i] = <sign g_t, g_i> (their 'flipped' kernel)."""
-    W = model.head.weight.detach()
-    V = torch.as_tensor(D, dtype=W.dtype, device=W.device) @ W
-    # a bias added to every key shifts all of a query's scores alike, and softmax ignores that: its gradient is
-    # exactly zero, computed as rounding noise of either sign, whose signs would add noise to the kernel
-    skip = {n for n, _ in model.encoder.named_parameters() if n.endswith("attention.self.key.bias")}
-    n_out, n, m = len(D), len(xs_tr) * len(D), len(xs_te) * len(D)
-    zeros = lambda r: torch.zeros(r, n, dtype=torch.float64, device=W.device)
-    Ktr, Kte, Kfl = zeros(n), zeros(m), zeros(m) if kind == "asym_signgd" else None
-    for J in jacobian_chunks(model, xs_tr + xs_te, pad_id, V, batch_size, max_memory_gb, progress, skip):
-        Jtr, Jte = J[:n], J[n:]
-        if kind == "signgd":
-            J.sign_()
-            accumulate(Ktr, Jtr, Jtr)
-            accumulate(Kte, Jte, Jtr)
-        else:
-            Str = Jtr.sign()
-            accumulate(Ktr, Str, Jtr)
-            accumulate(Kte, Jte, Str)
-            accumulate(Kfl, Jte, Jtr, op=torch.sign)
-    shape = lambda K, a: K.cpu().numpy().reshape(a, n_out, len(xs_tr), n_out)
-    return shape(Ktr, len(xs_tr)), shape(Kte, len(xs_te)), None if Kfl is None else shape(Kfl, len(xs_te))
-
-
-def view_kernels(model, xs_tr, xs_te, kind, D, pad_id=0, method="func", batch_size=8, max_memory_gb=4.0,
-                 progress=False):
-    """-> {'train': (P, F) [n,O,n,O], 'test': (P, F) [m,O,n,O], and for asym_signgd 'flip': (P, F)} for outputs
-    D f. sgd: the eNTK on the a x b examples (train + test) x train by any engine, then D K D^T over the classes
-    (exact: the SGD kernel is bilinear in the outputs); the SignGD kinds by f_sign."""
-    was = model.training
-    model.eval()
-    try:
-        n = len(xs_tr)
-        if kind == "sgd":
-            P, Fk = kernels(model, xs_tr + xs_te, xs_tr, pad_id=pad_id, method=method, batch_size=batch_size,
-                            max_memory_gb=max_memory_gb, progress=progress)
-            P, Fk = (np.einsum("icjk,oc,pk->iojp", K, D, D) for K in (P, Fk))
-            return {"train": (P[:n], Fk[:n]), "test": (P[n:], Fk[n:])}
-        F_tr, F_te, F_fl = f_sign(model, xs_tr, xs_te, kind, D, pad_id, batch_size, max_memory_gb, progress)
-        phi_tr, phi_te = features(model, xs_tr, pad_id), features(model, xs_te, pad_id)
-        out = {"train": (head_part(phi_tr, phi_tr, D, kind), F_tr),
-               "test": (head_part(phi_tr, phi_te, D, kind).transpose(2, 3, 0, 1), F_te)}  # train side signed
-        if F_fl is not None:
-            out["flip"] = (head_part(phi_te, phi_tr, D, kind), F_fl)
-        return out
-    finally:
-        model.train(was)
-
-
-# ---------------------------------------------------------------- statistics and solvers
-def flat(K):
-    a, c, b, d = K.shape
-    return K.reshape(a * c, b * d)
-
-
+# ---------------------------------------------------------------- statistics
 RANK_RTOLS = (1e-3, 1e-4, 1e-6)  # ranks also reported at these tolerances, for comparison
 
 
@@ -397,7 +312,7 @@ def default_rank_rtol():
 def spectrum(K, rtol):
     """Frobenius norm, numerical rank at rtol * the largest singular value (and at RANK_RTOLS), the effective rank
     exp(entropy of S / sum S) (Roy & Vetterli 2007), singular values / largest."""
-    M = flat(K)
+    M = kernel_view.flat(K)
     S = np.linalg.svd(M, compute_uv=False)
     smax = max(S.max(), 1e-300)
     p = S / max(S.sum(), 1e-300)
@@ -408,117 +323,13 @@ def spectrum(K, rtol):
             "sv_normalised": (S / smax).tolist()}
 
 
-def softmax(z):
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
 def ft_ratio(F_tr, K_tr, logits, labels):
     """mean_x ||sum_i F(x, x_i) delta_i|| / ||sum_i K(x, x_i) delta_i||, delta_i = onehot(y_i) - softmax(f(x_i)):
     the share of the function's first gradient-flow step that comes from the FT-effective component."""
-    delta = np.eye(logits.shape[1])[labels] - softmax(logits)
+    delta = np.eye(logits.shape[1])[labels] - data.softmax(logits)
     num = np.linalg.norm(np.einsum("icjk,jk->ic", F_tr, delta), axis=1)
     den = np.linalg.norm(np.einsum("icjk,jk->ic", K_tr, delta), axis=1)
     return float(np.mean(num / np.maximum(den, 1e-300)))
-
-
-def targets(y, n_out):
-    """Their regression targets: one-hot over the C logits, or +-1 for the single logit (O = 1)."""
-    return (2.0 * np.asarray(y) - 1)[:, None] if n_out == 1 else np.eye(n_out)[y]
-
-
-def classes(scores):
-    """[N, O] scores -> classes: the sign of the single logit, else the argmax."""
-    return (scores[:, 0] > 0).astype(int) if scores.shape[1] == 1 else scores.argmax(1)
-
-
-def kernel_regression(K_tr, K_te, y_tr, y_te, ridge, f0_tr=None, f0_te=None):
-    """Their least-squares solver: (K + ridge * ||K||_2 I) alpha = Y on the [N*O, N*O] train kernel (minimum-norm
-    least squares, so ridge 0 works too), predictions K_te alpha; with f0 (their --adjust_for_init) fitted to
-    Y - f0 and f0 added back. Class accuracy (argmax, or the sign of a single logit)."""
-    n, n_out = K_tr.shape[:2]
-    M = flat(K_tr)
-    lam = ridge * np.linalg.norm(M, 2)
-    Y = targets(y_tr, n_out) - (0 if f0_tr is None else f0_tr)
-    alpha = np.linalg.lstsq(M + lam * np.eye(n * n_out), Y.ravel(), rcond=None)[0]
-    acc = lambda K, f0, y: float((classes((flat(K) @ alpha).reshape(len(y), n_out) + (0 if f0 is None else f0))
-                                  == y).mean())
-    return {"train": acc(K_tr, f0_tr, y_tr), "test": acc(K_te, f0_te, y_te), "ridge": float(lam)}
-
-
-def pair_logreg(K_tr, K_te, y_tr, y_te):
-    """The paper's metric (its kernel_solvers 'logistic'): one sample per (example, class) pair, features its
-    kernel row, target 1 if the class is the example's label. Accuracy is over PAIRS, not examples (with C
-    classes, 'never the label' alone scores 1 - 1/C); argmax of the pair scores gives a class accuracy too. On a
-    single-logit kernel (O = 1) a pair is an example and both accuracies are the class accuracy.
-    Fit as the authors' code does: LogisticRegressionCV(max_iter=10000, random_state=0) on the raw kernel rows
-    (scikit-learn's default grid of 10 Cs and 5 stratified folds; fewer folds only when the rarer target has fewer
-    than 5 pairs)."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegressionCV
-
-    n, n_out = K_tr.shape[:2]
-    X_tr, X_te = flat(K_tr), flat(K_te)
-    pairs = lambda y: np.asarray(y) if n_out == 1 else np.eye(n_out)[y].ravel()
-    t_tr, t_te = pairs(y_tr), pairs(y_te)
-    if len(np.unique(t_tr)) < 2:
-        return {"train": None, "test": None, "train_class": None, "test_class": None}
-    folds = int(min(5, np.bincount(t_tr.astype(int)).min()))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        warnings.simplefilter("ignore", FutureWarning)  # sklearn 1.9's notices about its attributes
-        clf = LogisticRegressionCV(max_iter=10000, cv=max(folds, 2), random_state=0)
-        clf.fit(X_tr, t_tr)
-    cls = lambda X, y: float((classes(clf.decision_function(X).reshape(len(y), n_out)) == y).mean())
-    return {"train": float(clf.score(X_tr, t_tr)), "test": float(clf.score(X_te, t_te)),
-            "train_class": cls(X_tr, y_tr), "test_class": cls(X_te, y_te)}
-
-
-def svc(K_tr, K_te, y_tr, y_te, ridge):
-    """Their SVC solver (single-logit kernels): scikit-learn's SVC on the precomputed [N, N] kernel (+ ridge *
-    ||K||_2 I when fitting, as theirs), its default C = 1."""
-    from sklearn.svm import SVC
-
-    M = K_tr[:, 0, :, 0]
-    clf = SVC(kernel="precomputed").fit(M + ridge * np.linalg.norm(M, 2) * np.eye(len(M)), y_tr)
-    acc = lambda K, y: float((clf.predict(K[:, 0, :, 0]) == y).mean())
-    return {"train": acc(K_tr, y_tr), "test": acc(K_te, y_te)}
-
-
-def asym_solver(K_tr, K_te, K_fl, y_tr, y_te, ridge, gamma=1.0, lam=0.5):
-    """Their solver for the asymmetric SignGD kernel (single logit; their system without biases): with
-    H_ij = y_i K_ij y_j, solve [[I/gamma, H], [H^T, I/gamma]] [alpha; beta] = 1 (least squares), then predict
-    lam * sum_i K(x_i, x) alpha_i y_i + (1 - lam) * sum_i K(x, x_i) beta_i y_i: the first with the train gradient
-    signed (K_te), the second with the test one (K_fl). On the train set those kernels are K^T and K."""
-    M = K_tr[:, 0, :, 0]
-    M = M + ridge * np.linalg.norm(M, 2) * np.eye(len(M))
-    Y = 2.0 * np.asarray(y_tr) - 1
-    N = len(Y)
-    H = Y[:, None] * M * Y[None, :]
-    A = np.block([[np.eye(N) / gamma, H], [H.T, np.eye(N) / gamma]])
-    sol = np.linalg.lstsq(A, np.ones(2 * N), rcond=None)[0]
-    a, b = sol[:N] * Y, sol[N:] * Y
-    acc = lambda Ke, Kf, y: float((((lam * Ke @ a + (1 - lam) * Kf @ b) > 0).astype(int) == y).mean())
-    return {"train": acc(M.T, M, y_tr), "test": acc(K_te[:, 0, :, 0], K_fl[:, 0, :, 0], y_te), "gamma": gamma,
-            "lambda": lam}
-
-
-def solve_all(K, y_tr, y_te, f0_tr, f0_te, kind, ridge, gamma=1.0, lam=0.5):
-    """Every solver of theirs that applies to this kernel (K: {'train', 'test'[, 'flip']} -> [.., O, N, O]):
-    lstsq (their default, ridge 0 allowed), lstsq_init (fitted to y - f0, their --adjust_for_init), logistic
-    (theirs on a single logit; on C logits the pair-level fit), svc (single logit), asym (asym_signgd, single
-    logit). -> {solver: {train, test, ...} or {'skipped': why}}; test/train = class accuracy."""
-    tr, te = K["train"], K["test"]
-    n_out = tr.shape[1]
-    lr = pair_logreg(tr, te, y_tr, y_te)
-    out = {"lstsq": kernel_regression(tr, te, y_tr, y_te, ridge),
-           "lstsq_init": kernel_regression(tr, te, y_tr, y_te, ridge, f0_tr, f0_te),
-           "logistic": {"train": lr["train_class"], "test": lr["test_class"]}}
-    single = "needs a single-logit kernel (--binary_logit, two classes)"
-    out["svc"] = svc(tr, te, y_tr, y_te, ridge) if n_out == 1 else {"skipped": single}
-    out["asym"] = (asym_solver(tr, te, K["flip"], y_tr, y_te, ridge, gamma, lam) if kind == "asym_signgd" and n_out == 1
-                   else {"skipped": single if kind == "asym_signgd" else "only for --kernel asym_signgd"})
-    return out
 
 
 def plot_spectrum(path, stats, title):
@@ -555,18 +366,13 @@ def resolve(args):
     head = ft.fill_from_head(args)
     args.max_memory_gb = default_memory_gb() if args.max_memory_gb is None else args.max_memory_gb
     data.check_k_shot(args)
-    if args.binary_logit and len(data.get_task(args.task).labels) != 2:
-        die(f"--binary_logit needs two classes; {args.task} has {len(data.get_task(args.task).labels)}: drop it")
-    if args.kernel != "sgd" and args.method != "func":
-        die(f"--kernel {args.kernel} needs the explicit Jacobians of --method func (not {args.method})")
-    if not (0 <= args.asym_lambda <= 1 and args.asym_gamma > 0 and math.isfinite(args.asym_gamma)):
-        die(f"--asym_lambda {args.asym_lambda} / --asym_gamma {args.asym_gamma}: lambda in [0, 1], gamma > 0")
+    kernel_view.check_flags(args, len(data.get_task(args.task).labels))
     if args.k_shot:
         args.n = None  # the whole k-shot train set
     elif args.n_test is None:
         args.n_test = args.n  # recorded as used: unset and = --n are one run
-    if args.lora and set(args.targets) - {"query", "key", "value"}:
-        die(f"--targets {' '.join(args.targets)}: pick from query, key, value (the attention.self linears)")
+    if args.lora:
+        lora.check_targets(args.targets)
     args.rank_rtol = default_rank_rtol() if args.rank_rtol is None else args.rank_rtol
     if not 0 < args.rank_rtol < 1:
         die(f"--rank_rtol {args.rank_rtol}: must be in (0, 1), a fraction of the largest singular value")
@@ -618,7 +424,7 @@ def print_table(res):
         print(f"  {k:<7}{st['fro']:>12.4g}{st['rank']:>6}/{st['size']:<4}{kr['train']:>10.4f}{kr['test']:>9.4f}"
               f"{fmt(lr['train']):>9}{fmt(lr['test']):>9}")
     if res.get("solvers"):
-        print_solvers(res["solvers"])
+        kernel_view.print_solvers(res["solvers"])
     fr = "-" if res["ft_ratio"] is None else f"{res['ft_ratio']:.4f}"
     print(f"  FT ratio {fr}   ||F||_F / ||P+F||_F {res['fro_ratio']:.4f}   "
           f"|V| {res['head_norm']:.4f}   rank: singular values > {res['config']['rank_rtol']:g} S_max; "
@@ -658,9 +464,10 @@ def compute(args, head, method, record):
           f"{len(te)} test x train, C={C}, {n_par:,} backbone parameters in F, {data.device()}")
 
     t0 = time.time()
-    D = logit_map(C, args.binary_logit)
-    K = view_kernels(model, xs_tr, xs_te, args.kernel, D, pad_id=pad, method=args.method,
-                     batch_size=args.batch_size, max_memory_gb=args.max_memory_gb, progress=True)
+    D = kernel_view.logit_map(C, args.binary_logit)
+    engines = sys.modules[__name__]  # this module: kernel_view cannot import it (it is imported here)
+    K = kernel_view.view_kernels(engines, model, xs_tr, xs_te, args.kernel, D, pad_id=pad, method=args.method,
+                                 batch_size=args.batch_size, max_memory_gb=args.max_memory_gb, progress=True)
     secs = time.time() - t0
     (P_tr, F_tr), (P_te, F_te) = K["train"], K["test"]
     if not all(np.isfinite(x).all() for pf in K.values() for x in pf):  # the solvers would fail with a traceback
@@ -670,8 +477,8 @@ def compute(args, head, method, record):
     stats = {}
     for name, K_tr, K_te in (("P", P_tr, P_te), ("F", F_tr, F_te), ("P+F", P_tr + F_tr, P_te + F_te)):
         st = spectrum(K_tr, args.rank_rtol)
-        st["kernel_regression"] = kernel_regression(K_tr, K_te, tr.labels, te.labels, args.ridge)
-        st["pair_logreg"] = pair_logreg(K_tr, K_te, tr.labels, te.labels)
+        st["kernel_regression"] = kernel_view.kernel_regression(K_tr, K_te, tr.labels, te.labels, args.ridge)
+        st["pair_logreg"] = kernel_view.pair_logreg(K_tr, K_te, tr.labels, te.labels)
         stats[name] = st
     total = {k: P + Fk for k, (P, Fk) in K.items()}  # the kernel over every trainable parameter
     res = {"config": vars(args) | record | {"device": str(data.device()), "C": C, "n_train": len(tr),
@@ -681,8 +488,8 @@ def compute(args, head, method, record):
            "fro_ratio": stats["F"]["fro"] / max(stats["P+F"]["fro"], 1e-300),
            "head_norm": float(model.head.weight.detach().double().norm()),
            "test_positions": te.meta.get("positions"),
-           "solvers": solve_all(total, tr.labels, te.labels, f0_tr, f0_te, args.kernel, args.ridge, args.asym_gamma,
-                                args.asym_lambda),
+           "solvers": kernel_view.solve_all(total, tr.labels, te.labels, f0_tr, f0_te, args.kernel, args.ridge,
+                                            args.asym_gamma, args.asym_lambda),
            "notes": NOTES}
     # the earlier record goes first (--overwrite): it must never describe the new kernels
     res_path.unlink(missing_ok=True)
@@ -707,44 +514,11 @@ NOTES = {"rank": "singular values above --rank_rtol times the largest, on the [N
          "solvers": "Malladi et al.'s solvers on the kernel over every trainable parameter (P + F): class accuracy"}
 
 
-def solve_saved(args):
-    """--solve: their solvers again on a saved kernels.npz (with this run's --ridge / --asym_gamma / --asym_lambda);
-    prints them and writes solvers.json beside it."""
-    path = Path(args.solve)
-    path = path / "kernels.npz" if path.is_dir() else path
-    try:
-        z = dict(np.load(path, allow_pickle=False))
-        kind = str(z["kind"])
-        K = {"train": z["P_train"] + z["F_train"], "test": z["P_test"] + z["F_test"]}
-        if "F_flip" in z:
-            K["flip"] = z["P_flip"] + z["F_flip"]
-        y_tr, y_te, f0_tr, f0_te = z["train_labels"], z["test_labels"], z["train_logits"], z["test_logits"]
-    except (OSError, ValueError, KeyError) as e:
-        die(f"cannot read {path} as an ntk.py kernels.npz ({type(e).__name__}: {e}); make it with ntk.py "
-            f"(this kit's, which saves the kernel kind and test logits)")
-    res = {"kernels": str(path), "kind": kind, "ridge": args.ridge, "asym_gamma": args.asym_gamma,
-           "asym_lambda": args.asym_lambda,
-           "solvers": solve_all(K, y_tr, y_te, f0_tr, f0_te, kind, args.ridge, args.asym_gamma, args.asym_lambda)}
-    rundir.save_json(path.parent / "solvers.json", res)
-    print_solvers(res["solvers"])
-    print(f"  wrote {path.parent / 'solvers.json'}")
-    return res
-
-
-def print_solvers(sol):
-    print(f"  {'solver':<12}{'train':>8}{'test':>8}")
-    for name, r in sol.items():
-        if "skipped" in r:
-            print(f"  {name:<12}  skipped: {r['skipped']}")
-        else:
-            print(f"  {name:<12}{r['train']:>8.4f}{r['test']:>8.4f}")
-
-
 @rundir.cli
 def main(argv=None):
     args = parse(argv)
     if args.solve:
-        return solve_saved(args)
+        return kernel_view.solve_saved(args)
     head, method = resolve(args)
     record = run_record(args, method)
     out = Path(args.output_dir)

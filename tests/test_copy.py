@@ -15,11 +15,10 @@ SETS = {  # the README's file map: what each script needs beside it
     "lp.py": ["data.py", "rundir.py"],
     "ft.py": ["data.py", "rundir.py", "prompts.py"],
     "lora.py": ["ft.py", "data.py", "rundir.py", "prompts.py"],
-    "ntk.py": ["ft.py", "lora.py", "ntk_structured.py", "data.py", "rundir.py", "prompts.py"],
-    "calibrate.py": ["rundir.py"],
+    "ntk.py": ["ft.py", "lora.py", "ntk_structured.py", "kernel_view.py", "data.py", "rundir.py", "prompts.py"],
+    "calibrate.py": ["data.py", "rundir.py"],
     "report.py": ["report_figs.py", "data.py", "rundir.py"],
 }
-SETS["ntk.py"] += [f for f in ("kernel_view.py",) if (ROOT / f).exists()]
 SMALL = ["--task", "cb", "--max_train_samples", "24", "--max_eval_samples", "12", "--seed", "1001"]
 
 

@@ -1,5 +1,6 @@
-"""The kernel view of Malladi et al. (ntk.py): SignGD kernels against per-example gradients, their solvers against
-hand computations, k-shot draws shared by every script, --solve on a saved kernels.npz, refusals."""
+"""The kernel view of Malladi et al. (kernel_view.py, run by ntk.py): SignGD kernels against per-example gradients,
+their solvers against hand computations, k-shot draws shared by every script, --solve on a saved kernels.npz,
+refusals."""
 
 import json
 
@@ -9,6 +10,7 @@ import torch
 from test_ntk import PAD, examples, tiny
 
 import data
+import kernel_view
 import ntk
 
 
@@ -38,8 +40,8 @@ def test_view_kernels_equal_signs_of_per_example_gradients(kind, binary):
     C = model.head.out_features
     xs = examples("bert")
     tr, te = xs[:3], xs[3:]
-    D = ntk.logit_map(C, binary)
-    K = ntk.view_kernels(model, tr, te, kind, D, pad_id=PAD["bert"], batch_size=2)
+    D = kernel_view.logit_map(C, binary)
+    K = kernel_view.view_kernels(ntk, model, tr, te, kind, D, pad_id=PAD["bert"], batch_size=2)
     G_tr, G_te = per_example_grads(model, tr, PAD["bert"], D), per_example_grads(model, te, PAD["bert"], D)
     s = torch.sign
     if kind == "sgd":
@@ -52,7 +54,7 @@ def test_view_kernels_equal_signs_of_per_example_gradients(kind, binary):
     n_out = len(D)
     for name, W in want.items():
         P, F = K[name]
-        got = ntk.flat(P + F)
+        got = kernel_view.flat(P + F)
         assert got.shape == (len(te if name != "train" else tr) * n_out, len(tr) * n_out)
         assert np.abs(got - W.numpy()).max() <= 1e-8 * max(np.abs(W.numpy()).max(), 1.0), (name, kind)
 
@@ -62,14 +64,14 @@ def test_lstsq_by_hand():
     K = np.diag([1.0, 2.0, 4.0])[:, None, :, None]
     K_te = np.array([[0.0, 3.0, 1.0]])[:, None, :, None]  # prediction -3/2 + 1/4 < 0 -> class 0
     y, y_te = np.array([1, 0, 1]), np.array([0])
-    r = ntk.kernel_regression(K, K_te, y, y_te, ridge=0)
+    r = kernel_view.kernel_regression(K, K_te, y, y_te, ridge=0)
     assert r["train"] == 1.0 and r["test"] == 1.0 and r["ridge"] == 0
     # fitted to y - f0 with f0 = 0.5: alpha = (1/2, -3/4, 1/8); the test prediction -9/4 + 1/8 + f0_te
     f0 = np.full((3, 1), 0.5)
-    assert ntk.kernel_regression(K, K_te, y, y_te, 0, f0, np.array([[2.0]]))["test"] == 1.0  # -0.125: class 0
-    assert ntk.kernel_regression(K, K_te, y, y_te, 0, f0, np.array([[2.2]]))["test"] == 0.0  # +0.075: class 1
+    assert kernel_view.kernel_regression(K, K_te, y, y_te, 0, f0, np.array([[2.0]]))["test"] == 1.0  # -0.125: class 0
+    assert kernel_view.kernel_regression(K, K_te, y, y_te, 0, f0, np.array([[2.2]]))["test"] == 0.0  # +0.075: class 1
     # the ridge is a multiple of the operator norm (4 here): ridge 0.25 adds 1 to the diagonal
-    r = ntk.kernel_regression(K, K_te, np.array([1, 1, 1]), np.array([1]), ridge=0.25)
+    r = kernel_view.kernel_regression(K, K_te, np.array([1, 1, 1]), np.array([1]), ridge=0.25)
     assert r["ridge"] == pytest.approx(1.0) and r["test"] == 1.0  # alpha = (1/2, 1/3, 1/5): 1 + 1/5 > 0
 
 
@@ -80,9 +82,9 @@ def test_asym_solver_by_hand():
     K = np.eye(2)[:, None, :, None]
     K_te, K_fl = np.array([[2.0, 0.0]])[:, None, :, None], np.array([[0.0, 2.0]])[:, None, :, None]
     y = np.array([1, 0])
-    assert ntk.asym_solver(K, K_te, K_fl, y, np.array([1]), ridge=0, lam=0.75)["test"] == 1.0
-    assert ntk.asym_solver(K, K_te, K_fl, y, np.array([1]), ridge=0, lam=0.25)["test"] == 0.0
-    assert ntk.asym_solver(K, K_te, K_fl, y, np.array([0]), ridge=0, lam=0.25)["test"] == 1.0
+    assert kernel_view.asym_solver(K, K_te, K_fl, y, np.array([1]), ridge=0, lam=0.75)["test"] == 1.0
+    assert kernel_view.asym_solver(K, K_te, K_fl, y, np.array([1]), ridge=0, lam=0.25)["test"] == 0.0
+    assert kernel_view.asym_solver(K, K_te, K_fl, y, np.array([0]), ridge=0, lam=0.25)["test"] == 1.0
 
 
 def test_svc_and_logistic_are_scikit_learns():
@@ -94,9 +96,9 @@ def test_svc_and_logistic_are_scikit_learns():
     w = np.array([1.0, -2.0, 0.5])
     y, yt = (X @ w > 0).astype(int), (Xt @ w > 0).astype(int)
     K, K_te = (X @ X.T)[:, None, :, None], (Xt @ X.T)[:, None, :, None]
-    got = ntk.svc(K, K_te, y, yt, ridge=0)
+    got = kernel_view.svc(K, K_te, y, yt, ridge=0)
     assert got["test"] == float((SVC(kernel="linear").fit(X, y).predict(Xt) == yt).mean())
-    lr = ntk.pair_logreg(K, K_te, y, yt)
+    lr = kernel_view.pair_logreg(K, K_te, y, yt)
     clf = LogisticRegressionCV(max_iter=10000, random_state=0).fit(X @ X.T, y)
     assert lr["test"] == lr["test_class"] == float((clf.predict(Xt @ X.T) == yt).mean())
 

@@ -14,6 +14,7 @@ from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
 import data
 import ft
+import kernel_view
 import ntk
 import ntk_structured as ns
 import rundir
@@ -89,7 +90,7 @@ def test_kernels_symmetric_psd_and_word_embeddings_count():
     model, xs = tiny("bert"), examples("bert")
     P, F = ntk.kernels(model, xs, pad_id=0)
     for K in (P, F, P + F):
-        M = ntk.flat(K)
+        M = kernel_view.flat(K)
         close(M, M.T, 1e-12)
         ev = np.linalg.eigvalsh((M + M.T) / 2)
         assert ev.min() >= -1e-10 * ev.max()
@@ -170,9 +171,9 @@ def test_solvers_and_ft_ratio():
     X = rng.normal(size=(n + m, 20))
     y = rng.integers(0, C, n + m)
     K = np.einsum("ij,ck->icjk", X @ X[:n].T, np.eye(C))
-    kr = ntk.kernel_regression(K[:n], K[n:], y[:n], y[n:], ridge=1e-12)
+    kr = kernel_view.kernel_regression(K[:n], K[n:], y[:n], y[n:], ridge=1e-12)
     assert kr["train"] == 1.0  # full-rank kernel, vanishing ridge: interpolates the train labels
-    lr = ntk.pair_logreg(K[:n], K[n:], y[:n], y[n:])
+    lr = kernel_view.pair_logreg(K[:n], K[n:], y[:n], y[n:])
     assert 0 <= lr["test"] <= 1 and 0 <= lr["test_class"] <= 1
     logits = rng.normal(size=(n, C))
     assert ntk.ft_ratio(0 * K[:n], K[:n], logits, y[:n]) == 0
@@ -451,7 +452,7 @@ def test_pair_logreg_is_the_authors_procedure():
     X = rng.standard_normal((n + m, C, d)) * 30  # raw scale matters for a fixed C grid: keep it large
     K = np.einsum("icx,jdx->icjd", X, X[:n])
     y_tr, y_te = np.arange(n) % C, rng.integers(0, C, m)
-    got = ntk.pair_logreg(K[:n], K[n:], y_tr, y_te)
+    got = kernel_view.pair_logreg(K[:n], K[n:], y_tr, y_te)
     t_tr, t_te = np.eye(C)[y_tr].ravel(), np.eye(C)[y_te].ravel()
     ref = LogisticRegressionCV(max_iter=10000, random_state=0).fit(K[:n].reshape(n * C, n * C), t_tr)
     assert got["train"] == ref.score(K[:n].reshape(n * C, n * C), t_tr)

@@ -1,0 +1,260 @@
+"""Malladi et al.'s kernel view (ICML 2023) for ntk.py: the SignGD and asymmetric SignGD kernels, their solvers
+and ntk.py --solve.
+
+    python ntk.py --task sst2 --k_shot 16 --data_seed 13 --seed 13 --kernel asym_signgd --binary_logit  # its kernel
+    python ntk.py --solve runs/sst2/ntk-ft-k16-data13-seed13 --ridge 0                                # solvers again
+
+The kernels are of D f: the logits (D = I_C) or, with --binary_logit, their difference f_1 - f_0. sgd is the
+eNTK (ntk.py's P + F); signgd and asym_signgd are their SignGD kernels, which stand in for Adam's early steps. The
+solvers are theirs: least squares (also fitted to y - f0), logistic regression, SVC and the asymmetric solver.
+Imports rundir only. ntk.py imports this module and never the other way round: f_sign and view_kernels, which need
+its engines (kernels, features, jacobian_chunks, accumulate), take the ntk module as their first argument, and
+ntk.py's P/F split takes head_part (P is its sgd case) and flat from here.
+"""
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import rundir
+from rundir import die
+
+KINDS = ("sgd", "signgd", "asym_signgd")
+
+
+# ---------------------------------------------------------------- flags
+def view_flags(a):
+    """ntk.py's flags for the kernel view."""
+    a("--kernel", choices=KINDS, default="sgd", help="sgd: the eNTK; signgd / asym_signgd: Malladi et al.'s "
+      "SignGD kernels (their Adam approximation; explicit Jacobians, --method func)")
+    a("--binary_logit", action="store_true", help="two classes: the kernel of the logit difference f_1 - f_0 "
+      "(labels +-1), as their --binary_classification; needed by the svc and asym solvers")
+    a("--asym_gamma", type=float, default=1.0, help="the asymmetric solver's gamma")
+    a("--asym_lambda", type=float, default=0.5, help="the asymmetric solver's mix of its two predictions, in [0, 1]")
+    a("--solve", metavar="KERNELS", help="only run the solvers again on a saved kernels.npz (or its folder), with "
+      "this --ridge / --asym_gamma / --asym_lambda; writes solvers.json beside it")
+
+
+def check_flags(args, n_classes):
+    """The view's flags against each other, the task's class count and ntk.py's --method."""
+    if args.binary_logit and n_classes != 2:
+        die(f"--binary_logit needs two classes; {args.task} has {n_classes}: drop it")
+    if args.kernel != "sgd" and args.method != "func":
+        die(f"--kernel {args.kernel} needs the explicit Jacobians of --method func (not {args.method})")
+    if not (0 <= args.asym_lambda <= 1 and args.asym_gamma > 0 and math.isfinite(args.asym_gamma)):
+        die(f"--asym_lambda {args.asym_lambda} / --asym_gamma {args.asym_gamma}: lambda in [0, 1], gamma > 0")
+
+
+# ---------------------------------------------------------------- the kernels
+def logit_map(C, binary):
+    """D: the outputs the kernel is of, as rows over the head's C logits: the logits themselves (I_C), or with
+    --binary_logit their difference f_1 - f_0 (D = [[-1, 1]], labels +-1), as Malladi et al.'s binary option."""
+    return np.array([[-1.0, 1.0]]) if binary else np.eye(C)
+
+
+def head_part(phi_a, phi_b, D, kind):
+    """P: the head's (V, b) share of the kernel of D f. d(Df)_o / dV = D[o]^T phi(x) and d(Df)_o / db = D[o]; D's
+    entries are 0 or +-1, so sign(D[o, c] phi_k) = D[o, c] sign(phi_k) and every kind is DD^T times
+    (<phi_a, phi_b> + 1) with the signs its kind takes: sgd none, signgd both, asym_signgd the first (a) only."""
+    sa = phi_a if kind == "sgd" else np.sign(phi_a)
+    sb = np.sign(phi_b) if kind == "signgd" else phi_b
+    return np.einsum("ij,ck->icjk", sa @ sb.T + 1.0, D @ D.T)
+
+
+def f_sign(ntk, model, xs_tr, xs_te, kind, D, pad_id, batch_size=8, max_memory_gb=4.0, progress=False):
+    """The backbone's share of the SignGD kernels, from explicit Jacobians of D f (ntk.jacobian_chunks; the
+    structured engine never forms them), the attention key biases left out (their gradient is zero).
+    -> F_train [n,O,n,O], F_test [m,O,n,O], F_flip (asym_signgd) or None.
+    signgd: <sign g_a, sign g_b>. asym_signgd (their approximation of Adam's early steps): F_train[i, j] =
+    <sign g_i, g_j> and F_test[t, i] = <sign g_i, g_t> (the train gradient signed: their eval kernel),
+    F_flip[t, i] = <sign g_t, g_i> (their 'flipped' kernel)."""
+    W = model.head.weight.detach()
+    V = torch.as_tensor(D, dtype=W.dtype, device=W.device) @ W
+    # a bias added to every key shifts all of a query's scores alike, and softmax ignores that: its gradient is
+    # exactly zero, computed as rounding noise of either sign, whose signs would add noise to the kernel
+    skip = {n for n, _ in model.encoder.named_parameters() if n.endswith("attention.self.key.bias")}
+    n_out, n, m = len(D), len(xs_tr) * len(D), len(xs_te) * len(D)
+    zeros = lambda r: torch.zeros(r, n, dtype=torch.float64, device=W.device)
+    Ktr, Kte, Kfl = zeros(n), zeros(m), zeros(m) if kind == "asym_signgd" else None
+    for J in ntk.jacobian_chunks(model, xs_tr + xs_te, pad_id, V, batch_size, max_memory_gb, progress, skip):
+        Jtr, Jte = J[:n], J[n:]
+        if kind == "signgd":
+            J.sign_()
+            ntk.accumulate(Ktr, Jtr, Jtr)
+            ntk.accumulate(Kte, Jte, Jtr)
+        else:
+            Str = Jtr.sign()
+            ntk.accumulate(Ktr, Str, Jtr)
+            ntk.accumulate(Kte, Jte, Str)
+            ntk.accumulate(Kfl, Jte, Jtr, op=torch.sign)
+    shape = lambda K, a: K.cpu().numpy().reshape(a, n_out, len(xs_tr), n_out)
+    return shape(Ktr, len(xs_tr)), shape(Kte, len(xs_te)), None if Kfl is None else shape(Kfl, len(xs_te))
+
+
+def view_kernels(ntk, model, xs_tr, xs_te, kind, D, pad_id=0, method="func", batch_size=8, max_memory_gb=4.0,
+                 progress=False):
+    """-> {'train': (P, F) [n,O,n,O], 'test': (P, F) [m,O,n,O], and for asym_signgd 'flip': (P, F)} for outputs
+    D f. sgd: the eNTK on the a x b examples (train + test) x train by any engine, then D K D^T over the classes
+    (exact: the SGD kernel is bilinear in the outputs); the SignGD kinds by f_sign. ntk: the ntk module
+    (its kernels, features, jacobian_chunks and accumulate)."""
+    was = model.training
+    model.eval()
+    try:
+        n = len(xs_tr)
+        if kind == "sgd":
+            P, Fk = ntk.kernels(model, xs_tr + xs_te, xs_tr, pad_id=pad_id, method=method,
+                                batch_size=batch_size, max_memory_gb=max_memory_gb, progress=progress)
+            P, Fk = (np.einsum("icjk,oc,pk->iojp", K, D, D) for K in (P, Fk))
+            return {"train": (P[:n], Fk[:n]), "test": (P[n:], Fk[n:])}
+        F_tr, F_te, F_fl = f_sign(ntk, model, xs_tr, xs_te, kind, D, pad_id, batch_size, max_memory_gb, progress)
+        phi_tr, phi_te = ntk.features(model, xs_tr, pad_id), ntk.features(model, xs_te, pad_id)
+        out = {"train": (head_part(phi_tr, phi_tr, D, kind), F_tr),
+               "test": (head_part(phi_tr, phi_te, D, kind).transpose(2, 3, 0, 1), F_te)}  # train side signed
+        if F_fl is not None:
+            out["flip"] = (head_part(phi_te, phi_tr, D, kind), F_fl)
+        return out
+    finally:
+        model.train(was)
+
+
+# ---------------------------------------------------------------- solvers
+def flat(K):
+    """[A, O, B, O] -> the [A*O, B*O] matrix (ntk.py's spectrum too)."""
+    a, c, b, d = K.shape
+    return K.reshape(a * c, b * d)
+
+
+def targets(y, n_out):
+    """Their regression targets: one-hot over the C logits, or +-1 for the single logit (O = 1)."""
+    return (2.0 * np.asarray(y) - 1)[:, None] if n_out == 1 else np.eye(n_out)[y]
+
+
+def classes(scores):
+    """[N, O] scores -> classes: the sign of the single logit, else the argmax."""
+    return (scores[:, 0] > 0).astype(int) if scores.shape[1] == 1 else scores.argmax(1)
+
+
+def kernel_regression(K_tr, K_te, y_tr, y_te, ridge, f0_tr=None, f0_te=None):
+    """Their least-squares solver: (K + ridge * ||K||_2 I) alpha = Y on the [N*O, N*O] train kernel (minimum-norm
+    least squares, so ridge 0 works too), predictions K_te alpha; with f0 (their --adjust_for_init) fitted to
+    Y - f0 and f0 added back. Class accuracy (argmax, or the sign of a single logit)."""
+    n, n_out = K_tr.shape[:2]
+    M = flat(K_tr)
+    lam = ridge * np.linalg.norm(M, 2)
+    Y = targets(y_tr, n_out) - (0 if f0_tr is None else f0_tr)
+    alpha = np.linalg.lstsq(M + lam * np.eye(n * n_out), Y.ravel(), rcond=None)[0]
+    acc = lambda K, f0, y: float((classes((flat(K) @ alpha).reshape(len(y), n_out) + (0 if f0 is None else f0))
+                                  == y).mean())
+    return {"train": acc(K_tr, f0_tr, y_tr), "test": acc(K_te, f0_te, y_te), "ridge": float(lam)}
+
+
+def pair_logreg(K_tr, K_te, y_tr, y_te):
+    """The paper's metric (its kernel_solvers 'logistic'): one sample per (example, class) pair, features its
+    kernel row, target 1 if the class is the example's label. Accuracy is over PAIRS, not examples (with C
+    classes, 'never the label' alone scores 1 - 1/C); argmax of the pair scores gives a class accuracy too. On a
+    single-logit kernel (O = 1) a pair is an example and both accuracies are the class accuracy.
+    Fit as the authors' code does: LogisticRegressionCV(max_iter=10000, random_state=0) on the raw kernel rows
+    (scikit-learn's default grid of 10 Cs and 5 stratified folds; fewer folds only when the rarer target has fewer
+    than 5 pairs)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegressionCV
+
+    n, n_out = K_tr.shape[:2]
+    X_tr, X_te = flat(K_tr), flat(K_te)
+    pairs = lambda y: np.asarray(y) if n_out == 1 else np.eye(n_out)[y].ravel()
+    t_tr, t_te = pairs(y_tr), pairs(y_te)
+    if len(np.unique(t_tr)) < 2:
+        return {"train": None, "test": None, "train_class": None, "test_class": None}
+    folds = int(min(5, np.bincount(t_tr.astype(int)).min()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # sklearn 1.9's notices about its attributes
+        clf = LogisticRegressionCV(max_iter=10000, cv=max(folds, 2), random_state=0)
+        clf.fit(X_tr, t_tr)
+    cls = lambda X, y: float((classes(clf.decision_function(X).reshape(len(y), n_out)) == y).mean())
+    return {"train": float(clf.score(X_tr, t_tr)), "test": float(clf.score(X_te, t_te)),
+            "train_class": cls(X_tr, y_tr), "test_class": cls(X_te, y_te)}
+
+
+def svc(K_tr, K_te, y_tr, y_te, ridge):
+    """Their SVC solver (single-logit kernels): scikit-learn's SVC on the precomputed [N, N] kernel (+ ridge *
+    ||K||_2 I when fitting, as theirs), its default C = 1."""
+    from sklearn.svm import SVC
+
+    M = K_tr[:, 0, :, 0]
+    clf = SVC(kernel="precomputed").fit(M + ridge * np.linalg.norm(M, 2) * np.eye(len(M)), y_tr)
+    acc = lambda K, y: float((clf.predict(K[:, 0, :, 0]) == y).mean())
+    return {"train": acc(K_tr, y_tr), "test": acc(K_te, y_te)}
+
+
+def asym_solver(K_tr, K_te, K_fl, y_tr, y_te, ridge, gamma=1.0, lam=0.5):
+    """Their solver for the asymmetric SignGD kernel (single logit; their system without biases): with
+    H_ij = y_i K_ij y_j, solve [[I/gamma, H], [H^T, I/gamma]] [alpha; beta] = 1 (least squares), then predict
+    lam * sum_i K(x_i, x) alpha_i y_i + (1 - lam) * sum_i K(x, x_i) beta_i y_i: the first with the train gradient
+    signed (K_te), the second with the test one (K_fl). On the train set those kernels are K^T and K."""
+    M = K_tr[:, 0, :, 0]
+    M = M + ridge * np.linalg.norm(M, 2) * np.eye(len(M))
+    Y = 2.0 * np.asarray(y_tr) - 1
+    N = len(Y)
+    H = Y[:, None] * M * Y[None, :]
+    A = np.block([[np.eye(N) / gamma, H], [H.T, np.eye(N) / gamma]])
+    sol = np.linalg.lstsq(A, np.ones(2 * N), rcond=None)[0]
+    a, b = sol[:N] * Y, sol[N:] * Y
+    acc = lambda Ke, Kf, y: float((((lam * Ke @ a + (1 - lam) * Kf @ b) > 0).astype(int) == y).mean())
+    return {"train": acc(M.T, M, y_tr), "test": acc(K_te[:, 0, :, 0], K_fl[:, 0, :, 0], y_te), "gamma": gamma,
+            "lambda": lam}
+
+
+def solve_all(K, y_tr, y_te, f0_tr, f0_te, kind, ridge, gamma=1.0, lam=0.5):
+    """Every solver of theirs that applies to this kernel (K: {'train', 'test'[, 'flip']} -> [.., O, N, O]):
+    lstsq (their default, ridge 0 allowed), lstsq_init (fitted to y - f0, their --adjust_for_init), logistic
+    (theirs on a single logit; on C logits the pair-level fit), svc (single logit), asym (asym_signgd, single
+    logit). -> {solver: {train, test, ...} or {'skipped': why}}; test/train = class accuracy."""
+    tr, te = K["train"], K["test"]
+    n_out = tr.shape[1]
+    lr = pair_logreg(tr, te, y_tr, y_te)
+    out = {"lstsq": kernel_regression(tr, te, y_tr, y_te, ridge),
+           "lstsq_init": kernel_regression(tr, te, y_tr, y_te, ridge, f0_tr, f0_te),
+           "logistic": {"train": lr["train_class"], "test": lr["test_class"]}}
+    single = "needs a single-logit kernel (--binary_logit, two classes)"
+    out["svc"] = svc(tr, te, y_tr, y_te, ridge) if n_out == 1 else {"skipped": single}
+    out["asym"] = (asym_solver(tr, te, K["flip"], y_tr, y_te, ridge, gamma, lam) if kind == "asym_signgd" and n_out == 1
+                   else {"skipped": single if kind == "asym_signgd" else "only for --kernel asym_signgd"})
+    return out
+
+
+# ---------------------------------------------------------------- --solve
+def solve_saved(args):
+    """--solve: their solvers again on a saved kernels.npz (with this run's --ridge / --asym_gamma / --asym_lambda);
+    prints them and writes solvers.json beside it."""
+    path = Path(args.solve)
+    path = path / "kernels.npz" if path.is_dir() else path
+    try:
+        z = dict(np.load(path, allow_pickle=False))
+        kind = str(z["kind"])
+        K = {"train": z["P_train"] + z["F_train"], "test": z["P_test"] + z["F_test"]}
+        if "F_flip" in z:
+            K["flip"] = z["P_flip"] + z["F_flip"]
+        y_tr, y_te, f0_tr, f0_te = z["train_labels"], z["test_labels"], z["train_logits"], z["test_logits"]
+    except (OSError, ValueError, KeyError) as e:
+        die(f"cannot read {path} as an ntk.py kernels.npz ({type(e).__name__}: {e}); make it with ntk.py "
+            f"(this kit's, which saves the kernel kind and test logits)")
+    res = {"kernels": str(path), "kind": kind, "ridge": args.ridge, "asym_gamma": args.asym_gamma,
+           "asym_lambda": args.asym_lambda,
+           "solvers": solve_all(K, y_tr, y_te, f0_tr, f0_te, kind, args.ridge, args.asym_gamma, args.asym_lambda)}
+    rundir.save_json(path.parent / "solvers.json", res)
+    print_solvers(res["solvers"])
+    print(f"  wrote {path.parent / 'solvers.json'}")
+    return res
+
+
+def print_solvers(sol):
+    print(f"  {'solver':<12}{'train':>8}{'test':>8}")
+    for name, r in sol.items():
+        if "skipped" in r:
+            print(f"  {name:<12}  skipped: {r['skipped']}")
+        else:
+            print(f"  {name:<12}{r['train']:>8.4f}{r['test']:>8.4f}")
