@@ -20,6 +20,7 @@ from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
 import data
 import ft
+import kernel_view
 import lora
 import ntk
 
@@ -178,9 +179,9 @@ def test_signgd_kernels_against_float64(kind):
     every parameter; a gradient within float32 rounding of 0 may take the other sign, so 1e-2 relative (measured:
     about 1e-4 on a CPU in float32)."""
     xs, xt = ntk_examples(4), ntk_examples(2, seed=1)
-    D = ntk.logit_map(2, binary=True)
-    ref = ntk.view_kernels(tiny_roberta().double(), xs, xt, kind, D, pad_id=1)
-    got = ntk.view_kernels(tiny_roberta().to(dev), xs, xt, kind, D, pad_id=1, batch_size=2)
+    D = kernel_view.logit_map(2, binary=True)
+    ref = kernel_view.view_kernels(ntk, tiny_roberta().double(), xs, xt, kind, D, pad_id=1)
+    got = kernel_view.view_kernels(ntk, tiny_roberta().to(dev), xs, xt, kind, D, pad_id=1, batch_size=2)
     assert set(got) == set(ref)
     for k in ref:
         for a, b in zip(got[k], ref[k]):
