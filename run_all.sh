@@ -399,7 +399,7 @@ estimate_left() {  # -> seconds left, from the plan, the sizes and the start/end
         if (i in st) { p -= now - st[i]; if (p < 0) p = 0 }  # a running job: what is left of it
         left += p
       }
-      print int(left / par + 20 + 1.5 * nrun)               # + calibration and the report
+      print int(left / par + 8 + 0.5 * nrun)                # + calibration and the report (16 s for 18 jobs)
     }' "$logs/sizes" "$logs/plan" "$logs/times"
 }
 

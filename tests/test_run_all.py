@@ -179,7 +179,7 @@ def estimate(tmp_path, plan, times, now, par=1, sizes="cb 225 81 75.6 56 3\nsst2
     return int(p.stdout)
 
 
-FINISH = lambda n: 20 + 1.5 * n  # calibration and the report, added to every estimate
+FINISH = lambda n: 8 + 0.5 * n  # calibration and the report, added to every estimate
 
 
 def test_estimate_measures_each_kind_on_its_own_jobs(tmp_path):
