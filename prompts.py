@@ -22,7 +22,7 @@ from rundir import die
 class Prompt:
     """A task as masked word prediction (--prompt): the input is `template` filled in, and class c's logit is the
     masked LM's score of label word `words[label c]` at the mask. Placeholders: {a}, {b} the example's text_a /
-    text_b (see data.superglue_example for SuperGLUE's), {a_nopunct} text_a without its final punctuation mark,
+    text_b (see data.example for SuperGLUE's), {a_nopunct} text_a without its final punctuation mark,
     {b_lower} text_b with its first letter lower-cased, {mask} the tokenizer's mask token. As LM-BFF's templates
     (whose spaces matter to RoBERTa's BPE): a space before a sentence is encoded with it, a space before {mask}
     belongs to the label word (encoded " word"), any other text is encoded as written."""

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import functools
 import glob
+import hashlib
 import json
 import math
 import os
@@ -116,6 +117,15 @@ def save_torch(path, obj):
     atomic(path, write)
 
 
+def load_torch(path, what, fix):
+    """A .pt file loaded safely (tensors and plain values only: weights_only) -> its object; a file that cannot be
+    read stops with one line ending in `fix`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        die(f"cannot read {what} {path} ({type(e).__name__}); {fix}")
+
+
 def read_json(path, what="file"):
     """A JSON file -> its object, or None when absent; a corrupt one stops with one line."""
     path = Path(path)
@@ -208,6 +218,27 @@ class RunLock:
 
 
 # ---------------------------------------------------------------- run records
+def run_name(method, args):
+    """A run directory's name: <method>[-k<K>-data<S>]-seed<seed>."""
+    shot = f"-k{args.k_shot}-data{args.data_seed}" if getattr(args, "k_shot", None) else ""
+    return f"{method}{shot}-seed{args.seed}"
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path, size, mtime_ns, ctime_ns, ino):  # a file edited or replaced in place is hashed again
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path):
+    """A file's content hash, as run records name data files and --init heads (by content, never by path)."""
+    st = os.stat(path)
+    return _sha256(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
 def upgrade_record(rec):
     """A run record with its data hashes under today's one key, data_sha256 {split: sha256}: the kit once recorded
     them as 'data:<split>' keys (lp.py) and as 'data' (ntk.py), and a rerun must still skip or resume those runs."""

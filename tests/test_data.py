@@ -115,7 +115,7 @@ def test_k_shot_draw(data_dir):
     assert len(sp["test"]) == min(len(test), data.K_SHOT_TEST)
     args = argparse.Namespace(task="sst2", data_dir=data_dir, k_shot=16, data_seed=13, seed=5)
     assert data.load_splits(args)["val"].texts == sp["val"].texts
-    assert data.run_name("ft", args) == "ft-k16-data13-seed5"
+    assert rundir.run_name("ft", args) == "ft-k16-data13-seed5"
 
 
 def test_k_shot_refusals(data_dir):
@@ -250,3 +250,26 @@ def test_lines_split_on_newlines_only(tmp_path):
     assert sp.texts == [("fine\u2028text \x85 here", None), ("ok", None)] and sp.labels.tolist() == [1, 0]
 
 
+
+
+def test_metrics_equal_scikit_learns():
+    """data.metrics computes MCC, F1 and macro F1 without scikit-learn (its import costs every script a second):
+    on random predictions, with classes missing from labels or predictions, they equal scikit-learn's."""
+    import warnings
+
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    rng = np.random.default_rng(0)
+    for trial in range(600):
+        task, key = [("cola", "mcc"), ("mrpc", "f1"), ("cb", "macro_f1")][trial % 3]
+        C = len(data.TASKS[task].labels)
+        n, k = int(rng.integers(1, 40)), int(rng.integers(1, C + 1))  # labels from the first k classes only
+        y, logits = rng.integers(0, k, n), rng.normal(size=(n, C))
+        logits[:, k:] -= 100 * rng.integers(0, 2)  # sometimes the missing classes are never predicted either
+        pred = logits.argmax(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = (matthews_corrcoef(y, pred) if key == "mcc" else
+                   f1_score(y, pred, average="binary" if key == "f1" else "macro", zero_division=0))
+        m = data.metrics(task, logits, y)
+        assert m[key] == pytest.approx(ref, abs=1e-12) and m["accuracy"] == pytest.approx((pred == y).mean())

@@ -13,6 +13,7 @@ from conftest import ROOT, snapshot
 
 import data
 import lp
+import rundir
 
 T = ["--task", "cb", "--max_train_samples", "16", "--max_eval_samples", "16"]
 
@@ -152,7 +153,8 @@ def test_other_data_same_task_is_never_reused(two_data_dirs, tmp_path, monkeypat
     out, cache = tmp_path / "out", tmp_path / "cache"
     a = lp.main([*T, "--data_dir", str(two_data_dirs["A"]), "--output_dir", str(out), "--cache_dir", str(cache)])
     assert a["cv_folds"] == 2 and "2-fold" in a["cv_note"]  # 2 'neutral' of 16: fewer folds, and it says so
-    assert a["fingerprint"]["data_sha256"]["train"] == data.file_sha256(two_data_dirs["A"] / "superglue/CB/train.jsonl")
+    train = two_data_dirs["A"] / "superglue/CB/train.jsonl"
+    assert a["fingerprint"]["data_sha256"]["train"] == rundir.file_sha256(train)
     cached = sorted(cache.rglob("*.npy"))
     assert len(cached) == 3
 

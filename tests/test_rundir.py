@@ -84,7 +84,7 @@ def test_saved_bytes_do_not_depend_on_the_writer(tmp_path):
     head = {"weight": torch.arange(6.0).reshape(2, 3), "bias": torch.zeros(2), "task": "rte", "labels": ["a", "b"]}
     rundir.save_torch(tmp_path / "a" / "lp_head.pt", head)
     rundir.save_torch(tmp_path / "b" / "lp_head.pt", head)
-    assert data.file_sha256(tmp_path / "a/lp_head.pt") == data.file_sha256(tmp_path / "b/lp_head.pt")
+    assert rundir.file_sha256(tmp_path / "a/lp_head.pt") == rundir.file_sha256(tmp_path / "b/lp_head.pt")
 
 
 def test_describe_diff_one_readable_line_for_every_script():
@@ -169,4 +169,4 @@ def test_runs_recorded_with_the_old_keys_are_skipped(tmp_path, monkeypatch, caps
     assert ntk.main(ntk_argv) == old_ntk and "skipping" in capsys.readouterr().out
     assert snapshot(tmp_path) == before  # neither redone nor rewritten
     # the old record still names its cached features (report.py reads them by lp.source)
-    assert lp.source("test", old_lp["fingerprint"]) == data.file_sha256(data.data_files("cb")["test"])
+    assert lp.source("test", old_lp["fingerprint"]) == rundir.file_sha256(data.data_files("cb")["test"])
