@@ -45,13 +45,9 @@ TABLE6 = {
     "pubmed": {"ft": (8, 5e-6), "lp_ft": (8, 5e-6)},
 }
 
-# The embedded all-MiniLM-L6-v2 is not roberta-base: its learning rates are the kit's own, chosen on validation by
-# the grid at the default study's sizes and epochs (seed 1001; batch sizes stay Table 6's), each choice inside the
-# values tried (docs/results.md, "Learning rates for the embedded model", shows val at every point). Chosen by:
-#   bash run_all.sh --no_ntk --no_scale --seeds 1001 --lr_grid_ft "3e-5 1e-4 3e-4" --lr_grid_lpft "3e-5 1e-4 3e-4" \
-#       --lr_grid_lora "1e-3 3e-3 1e-2" --lr_grid_lplora "1e-3 3e-3 1e-2" --out runs_grid
-# (SST-2 also 3e-4 for LoRA and LP-LoRA), then widened where the choice sat on an edge: LP-FT 1e-5 on both tasks,
-# LoRA 3e-2 on CB. task -> method -> learning rate
+# The embedded all-MiniLM-L6-v2 is not roberta-base: its learning rates are the kit's own, chosen on val by
+# `bash run_all.sh --lr_grid...` at the default study's sizes (seed 1001; Table 6's batch sizes), each inside the
+# values tried (docs/results.md, "Learning rates for the embedded model", has the command and val at every point).
 MINILM_LR = {
     "cb": {"ft": 1e-4, "lp_ft": 3e-5},
     "sst2": {"ft": 1e-4, "lp_ft": 3e-5},
@@ -125,7 +121,7 @@ def resolve(args, method, table, minilm):
         args.lr_table, args.lr = default_lr(args, method, table, minilm)
     else:
         args.lr_table = None  # the user's --lr: no table
-    args.output_dir = args.output_dir or f"runs/{args.task}/{data.run_name(run_method(method, args), args)}"
+    args.output_dir = args.output_dir or f"runs/{args.task}/{rundir.run_name(run_method(method, args), args)}"
     return head
 
 
@@ -152,19 +148,9 @@ def fill_from_head(args):
     if prompt:
         prompts.check_prompt(args.model, args.task, args.max_len, args.pooling)
     if head is not None:
-        check_head(head, args.init, args.task, args.model, model_width(args.model), args.max_len, args.pooling,
-                   prompt)
+        width = data.model_config(args.model).hidden_size
+        check_head(head, args.init, args.task, args.model, width, args.max_len, args.pooling, prompt)
     return head
-
-
-def model_width(model_name):
-    """The width of phi(x), from the model's config alone (no weights loaded)."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(data.resolve_model(model_name)).hidden_size
-    except (OSError, ValueError, AttributeError) as e:
-        die(f"cannot read the config of model '{model_name}' ({type(e).__name__}); pass a BERT/RoBERTa-style model")
 
 
 def default_lr(args, method, table, minilm):
@@ -235,10 +221,7 @@ def load_head(path):
     """An lp_head.pt, loaded safely (tensors and plain values only), checked for its fields and values."""
     if not Path(path).is_file():
         die(f"head file {path} not found; make it with: python lp.py --task <task>")
-    try:
-        h = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        die(f"cannot read head file {path} ({type(e).__name__}); it is corrupt or not an lp_head.pt — rerun lp.py")
+    h = rundir.load_torch(path, "head file", "it is corrupt or not an lp_head.pt — rerun lp.py")
     need = {"weight", "bias", "task", "model", "labels"}
     if not isinstance(h, dict) or not need <= set(h):
         die(f"head file {path} lacks {sorted(need - set(h) if isinstance(h, dict) else need)}; rerun lp.py")
@@ -280,16 +263,12 @@ def check_head(h, path, task, model_name, hidden, max_len=None, pooling=None, pr
 
 
 def init_head(model, head, args):
-    """The head FT starts from: the LP head (checked against the run's task, model, pooling, max_len and prompt
-    setting) or the one build_model made (fresh, or with --prompt the label words' rows: kept as they are), times
-    --head_scale. Used by ft.py, lora.py and ntk.py."""
-    if head is not None:
-        check_head(head, args.init, args.task, args.model, model.head.in_features, args.max_len, args.pooling,
-                   getattr(args, "prompt", None))
-        with torch.no_grad():
+    """The head FT starts from: the LP head or the one build_model made (fresh, or with --prompt the label words'
+    rows: kept as they are), times --head_scale. Used by ft.py, lora.py and ntk.py."""
+    with torch.no_grad():
+        if head is not None:  # checked by fill_from_head against the run's flags and the model's config
             model.head.weight.copy_(head["weight"])
             model.head.bias.copy_(head["bias"])
-    with torch.no_grad():
         model.head.weight.mul_(args.head_scale)
     if not torch.isfinite(model.head.weight).all() or not torch.isfinite(model.head.bias).all():
         die(f"the initial head has NaN or infinite values ({args.init or 'fresh head'}, --head_scale "
@@ -303,7 +282,7 @@ def fingerprint(args, method):
     JSON-normalised, so it equals its own run.json."""
     fp = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RECORDED}
     fp |= {"method": method, "data_sha256": data.data_fingerprint(args.task, args.data_dir),
-           "init_sha256": data.file_sha256(args.init) if args.init else None}
+           "init_sha256": rundir.file_sha256(args.init) if args.init else None}
     if getattr(args, "prompt", None):
         fp["prompt_template"] = prompts.prompt_record(args.task)
     return json.loads(json.dumps(fp))
@@ -344,10 +323,7 @@ def open_run_dir(out, fp, overwrite):
 def load_checkpoint(path):
     if not path.exists():
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        die(f"cannot read checkpoint {path} ({type(e).__name__}); delete it or pass --overwrite")
+    state = rundir.load_torch(path, "checkpoint", "delete it or pass --overwrite")
     missing = CKPT_KEYS - set(state) if isinstance(state, dict) else CKPT_KEYS
     if missing:
         die(f"checkpoint {path} lacks {sorted(missing)}; delete it or pass --overwrite")
@@ -619,11 +595,9 @@ def finish(s, hist, best, peak):
         res["peak_train_memory_gb"] = peak
     rundir.save_json(s.out / "results.json", res)
     (s.out / "ckpt.pt").unlink(missing_ok=True)
-    c, sel = res["config"], s.sel
-    print(f"{c['method']} {c['task']} seed {c['seed']}: best epoch {res['best_epoch']}")
-    print(f"  {'split':<10}{sel:>10}")
-    for sp, m in res["metrics"].items():
-        print(f"  {sp:<10}{m[sel]:>10.4f}")
+    c = res["config"]
+    print(f"{c['method']} {c['task']} seed {c['seed']}: best epoch {res['best_epoch']}\n  {'split':<10}{s.sel:>10}")
+    print("\n".join(f"  {sp:<10}{m[s.sel]:>10.4f}" for sp, m in res["metrics"].items()))
     return res
 
 
