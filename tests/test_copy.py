@@ -45,13 +45,12 @@ def ok(p):
 
 @pytest.fixture(scope="module")
 def copies(tmp_path_factory):
-    """Every script in its own folder, and a tiny study made by the copies themselves under runs/cb/."""
+    """Every script in its own folder; the stage copies each run once under runs/cb/ (ft.py from lp.py's head)."""
     base = tmp_path_factory.mktemp("copies")
     dirs = {s: copy_of(s, base) for s in SETS}
     runs = base / "runs" / "cb"
     ok(run(dirs["lp.py"], "lp.py", *SMALL, "--output_dir", runs / "lp-seed1001", "--cache_dir", base / "cache"))
     train = ["--epochs", "1", "--max_steps", "2"]
-    ok(run(dirs["ft.py"], "ft.py", *SMALL, *train, "--output_dir", runs / "ft-seed1001"))
     ok(run(dirs["ft.py"], "ft.py", *SMALL, *train, "--init", runs / "lp-seed1001/lp_head.pt",
            "--output_dir", runs / "lp_ft-seed1001"))
     ok(run(dirs["lora.py"], "lora.py", *SMALL, *train, "--output_dir", runs / "lora-seed1001"))
@@ -62,20 +61,25 @@ def copies(tmp_path_factory):
 
 def test_each_copy_runs_alone(copies):
     base, dirs, runs = copies
-    for d in ("lp-seed1001", "ft-seed1001", "lp_ft-seed1001", "lora-seed1001"):
+    for d in ("lp-seed1001", "lp_ft-seed1001", "lora-seed1001"):
         assert (runs / d / "logits.npz").exists(), d
     assert json.loads((runs / "ntk-ft-seed1001/ntk_results.json").read_text())["kernels"]
     for script, d in dirs.items():  # no copy reached into the kit's own folder for a missing file
         assert sorted(p.name for p in d.glob("*.py")) == sorted([script, *SETS[script]])
 
 
-def test_calibrate_and_report_copies_read_the_study(copies):
-    base, dirs, runs = copies
-    ok(run(dirs["calibrate.py"], "calibrate.py", *(runs / d for d in ("ft-seed1001", "lp_ft-seed1001"))))
-    assert (runs / "ft-seed1001/calibration.json").exists()
-    ok(run(dirs["report.py"], "report.py", "--root", base / "runs"))
-    md = (base / "runs/report.md").read_text()
-    assert "| cb |" in md
+def test_calibrate_and_report_copies_read_the_study(copies, tiny_study, tmp_path):
+    """calibrate.py and report.py copies on a finished study (the shared tiny one, without its weights, calibration
+    and report, so that the copies write them afresh)."""
+    _, dirs, _ = copies
+    made = ("*.safetensors", "calibration.json", "reliability_*.png", "report.*", "*.png", "logs")
+    study = Path(shutil.copytree(tiny_study.out, tmp_path / "runs", ignore=shutil.ignore_patterns(*made)))
+    ok(run(dirs["calibrate.py"], "calibrate.py", *(study / "cb" / d for d in ("ft-seed1001", "lp_ft-seed1001"))))
+    assert (study / "cb/ft-seed1001/calibration.json").exists()
+    ok(run(dirs["report.py"], "report.py", "--root", study))
+    md = (study / "report.md").read_text()
+    assert "| cb |" in md and "## Calibration on test" in md
+    assert not (study / "cb/lora-seed1001/calibration.json").exists()  # only the runs it was given
 
 
 def test_prompt_in_a_copy_is_one_line(copies):

@@ -52,7 +52,7 @@ def test_the_study_is_packed_without_weights(dry):
     with tarfile.open(dry / "study.tgz") as t:
         names = t.getnames()
     assert "study/report.md" in names and not any(n.endswith((".safetensors", "ckpt.pt")) for n in names)
-    for m in ("lp", "ft", "lp_ft", "lora", "lp_lora"):
+    for m in ("lp", "lp_ft", "lp_lora"):  # --dry: LP-FT and LP-LoRA, so lp.py, ft.py, lora.py and ntk.py run once
         assert f"study/cb/{m}-seed1001/logits.npz" in names
     assert any(n.startswith("study/cb/ntk-") and n.endswith("ntk_results.json") for n in names)
     assert any(n.endswith("calibration.json") for n in names)

@@ -157,9 +157,13 @@ def test_kernel_study_end_to_end(tmp_path, data_dir):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "ks"
+    out, small = tmp_path / "ks", tmp_path / "data/glue/SST-2"  # SST-2 with its first 40 dev sentences as test:
+    small.mkdir(parents=True)  # fine-tuning evaluates every test example, the kernel only --kernel_test of them
+    (small / "train.tsv").write_bytes((data_dir / "glue/SST-2/train.tsv").read_bytes())
+    dev = (data_dir / "glue/SST-2/dev.tsv").read_text().splitlines(keepends=True)
+    (small / "dev.tsv").write_text("".join(dev[:41]))
     cmd = ["bash", str(root / "run_all.sh"), "--kernel_study", "--tasks", "sst2", "--k_shots", "2", "--data_seeds",
-           "13 21", "--epochs", "1", "--kernel_test", "6", "--data_dir", str(data_dir), "--out", str(out),
+           "13 21", "--epochs", "1", "--kernel_test", "6", "--data_dir", str(tmp_path / "data"), "--out", str(out),
            "--jobs", "1"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=900,
                        env=dict(os.environ, PYTHON=sys.executable))

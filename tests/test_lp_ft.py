@@ -13,7 +13,7 @@ import data
 import ft
 import lp
 
-FAST = ["--max_train_samples", "48", "--max_eval_samples", "24", "--eval_batch_size", "32"]
+FAST = ["--max_train_samples", "32", "--max_eval_samples", "16", "--eval_batch_size", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_lp_head_file_and_torch_head_matches_sklearn(cb_lp):
     assert abs(float(h["weight"].norm()) - res["head_norm"]) < 1e-5
     assert res["max_prob_gap_vs_sklearn"] < 1e-5
     z = np.load(out / "logits.npz")
-    assert z["test_logits"].shape == (24, 3) and z["test_labels"].dtype == np.int64
+    assert z["test_logits"].shape == (16, 3) and z["test_labels"].dtype == np.int64
 
 
 def test_lp_rerun_skips_and_other_task_refuses(cb_lp, capsys):
@@ -92,7 +92,7 @@ def test_embedded_head_fits_its_own_directory_and_lp_saves_features(cb_lp, tmp_p
                  str(tmp_path / "ft"), *FAST])
     assert r["config"]["model"] == data.EMBEDDED and r["config"]["lr_table"] == "minilm"
     a, b = np.load(out / "features.npz"), np.load(tmp_path / "ft" / "features.npz")
-    assert a["test_phi0"].shape == (24, 384) and a["test_phi0"].dtype == np.float32
+    assert a["test_phi0"].shape == (16, 384) and a["test_phi0"].dtype == np.float32
     assert np.array_equal(a["test_phi"], a["test_phi0"]) and a["test_labels"].dtype == np.int64
     assert np.array_equal(a["test_labels"], np.load(out / "logits.npz")["test_labels"])
     assert np.array_equal(a["test_labels"], b["test_labels"])
@@ -145,8 +145,8 @@ def test_corrupt_head_and_checkpoint(tmp_path):
 
 
 def test_ft_rte_lowers_loss_and_is_deterministic(tmp_path):
-    argv = ["--task", "rte", "--max_train_samples", "64", "--max_eval_samples", "16", "--epochs", "3",
-            "--lr", "1e-4", "--batch_size", "16"]
+    argv = ["--task", "rte", "--max_train_samples", "32", "--max_eval_samples", "16", "--epochs", "3",
+            "--lr", "1e-4", "--batch_size", "16", "--max_len", "64"]
     a = ft.main(argv + ["--output_dir", str(tmp_path / "a")])
     losses = [h["loss"] for h in a["history"][1:]]
     assert losses[-1] < losses[0]

@@ -7,18 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_all
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--tasks", "cb", "--seeds", "1001", "--epochs", "1", "--max_steps", "2", "--max_train_samples", "32",
         "--max_eval_samples", "16", "--jobs", "1"]  # one at a time: every job's output in the log
-
-
-def run_all(*args):
-    env = dict(os.environ, PYTHON=sys.executable)
-    p = subprocess.run(["bash", str(ROOT / "run_all.sh"), *args], capture_output=True, text=True, env=env,
-                       cwd=ROOT, timeout=900)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout + p.stderr
 
 
 def mtimes(out):
@@ -26,15 +19,8 @@ def mtimes(out):
     return {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".json", ".npz", ".pt", ".safetensors")}
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    out = tmp_path_factory.mktemp("study")
-    log = run_all(*TINY, "--methods", "lp ft lp_ft", "--ntk_n", "4", "--scales", "10", "--out", str(out))
-    return out, log
-
-
-def test_tiny_study_writes_every_table(study):
-    out, log = study
+def test_tiny_study_writes_every_table(tiny_study):
+    out = tiny_study.out
     md = (out / "report.md").read_text()
     for title in ("Test performance", "Head norm", "Feature change", "Calibration on test", "eNTK at the start",
                   "Norm scaling", "Learning rates", "Paired differences", "The paper's claims"):
@@ -42,20 +28,35 @@ def test_tiny_study_writes_every_table(study):
     assert "| cb |" in md and (out / "report.csv").exists() and (out / "head_norm.png").exists()
     for d in ("lp-seed1001", "ft-seed1001", "lp_ft-seed1001", "ft-scale10-seed1001", "ntk-lp_lora-seed1001"):
         assert (out / "cb" / d).is_dir(), d
-    assert (out / "cb/lp_ft-seed1001/calibration.json").exists()
-    assert "[1/" in log and "estimate" in log
-    assert "already fit" not in log  # LP-FT reuses the LP job's head without starting lp.py again
     ntk = json.loads((out / "cb/ntk-ft-seed1001/ntk_results.json").read_text())
     assert ntk["config"]["method"] == "structured"  # the default study's engine
 
 
-def test_second_run_does_no_work(study):
-    out, _ = study
-    before = mtimes(out)
-    log = run_all(*TINY, "--methods", "lp ft lp_ft", "--ntk_n", "4", "--scales", "10", "--out", str(out))
-    assert mtimes(out) == before
-    assert log.count("already finished") == 3  # FT, LP-FT, FT x10
-    assert "already fit" in log and "calibration.json is up to date" in log
+def test_print_jobs_under_a_parallel_runner(tiny_study):
+    """The shared tiny study was made by its printed jobs, two at a time (xargs -P 2), then --report_only. Several
+    jobs start with the same `lp.py ... &&` (LP-FT, LP-LoRA, the LP NTK jobs): one fits the head, the
+    others wait for it or find it done; every job finishes, and every LP-start run begins at that one head."""
+    cb = tiny_study.out / "cb"
+    assert sum(j.startswith(f"{sys.executable} lp.py") for j in tiny_study.jobs.splitlines()) == 5  # lp + 4 after it
+    lp = json.loads((cb / "lp-seed1001/lp_results.json").read_text())
+    for m in ("ft", "lp_ft", "lora", "lp_lora"):
+        res = json.loads((cb / f"{m}-seed1001/results.json").read_text())
+        assert res["finished"] and res["config"]["method"] == m
+        if m.startswith("lp_"):  # epoch 0 is the LP head itself
+            assert res["history"][0]["head_norm"] == pytest.approx(lp["head_norm"], rel=1e-5)
+        ntk = json.loads((cb / f"ntk-{m}-seed1001/ntk_results.json").read_text())
+        if m.startswith("lp_"):
+            assert ntk["head_norm"] == pytest.approx(lp["head_norm"], rel=1e-5)
+    norm0 = {d: json.loads((cb / d / "results.json").read_text())["history"][0]["head_norm"]
+             for d in ("ft-seed1001", "ft-scale10-seed1001")}
+    assert norm0["ft-scale10-seed1001"] == pytest.approx(10 * norm0["ft-seed1001"], rel=1e-5)  # FT's head x 10
+    for m in ("lp", "ft", "lp_ft", "lora", "lp_lora"):
+        assert (cb / f"{m}-seed1001/calibration.json").exists(), m
+    table = (tiny_study.out / "report.md").read_text().split("## Test performance")[1].split("##")[0]
+    header, row = (next(x for x in table.splitlines() if x.startswith(f"| {c} |")) for c in ("task", "cb"))
+    assert all(f" {name} " in header for name in ("LP", "FT", "LP-FT", "LoRA", "LP-LoRA")), header
+    assert "–" not in row, row  # every method has a test score
+    assert not list(tiny_study.out.rglob(".*.tmp"))
 
 
 def test_print_jobs_respects_dependencies(tmp_path):
@@ -80,10 +81,12 @@ def test_print_jobs_respects_dependencies(tmp_path):
         "boolq", "pubmed", "amazon"}
 
 
-def test_lr_grid_end_to_end_two_jobs_at_once(tmp_path):
-    log = run_all(*TINY, "--methods", "lp ft lp_ft", "--no_ntk", "--no_scale", "--lr_grid", "1e-5 1e-4",
-                  "--out", str(tmp_path), "--jobs", "2")  # the last --jobs wins
-    assert "2 at a time" in log and log.count("  done: ") == 5 and log.count(" left (at ") == 5
+def test_lr_grid_end_to_end_two_jobs_at_once_then_a_second_run_does_no_work(tmp_path):
+    study = [*TINY, "--methods", "lp ft lp_ft", "--no_ntk", "--no_scale", "--lr_grid", "1e-5 1e-4", "--out",
+             str(tmp_path), "--jobs", "2"]  # the last --jobs wins
+    log = run_all(*study)
+    assert "2 at a time" in log and log.count("  done: ") == 5 and log.count(" left (at ") == 5 and "[1/" in log
+    assert "already fit" not in log  # LP-FT reuses the LP job's head without starting lp.py again
     logs = sorted(p.name for p in (tmp_path / "logs").glob("*.log"))
     assert logs[0] == "01-lp-cb-seed-1001.log" and len(logs) == 5  # LP first (its own phase), then the rest
     assert "estimated total" in (tmp_path / "logs" / logs[1]).read_text()  # ft.py's estimate after its first epoch
@@ -98,6 +101,11 @@ def test_lr_grid_end_to_end_two_jobs_at_once(tmp_path):
     grid = md.split("## Learning rates")[1].split("##")[0]
     assert grid.count("| cb FT |") == 2 and grid.count("| cb LP-FT |") == 2 and grid.count("**chosen**") == 2
     assert not (tmp_path / "logs/failed").exists()
+    before = mtimes(tmp_path)
+    log = run_all(*study) + "".join(f.read_text() for f in (tmp_path / "logs").glob("*.log"))  # --jobs 2: job logs
+    assert mtimes(tmp_path) == before
+    assert log.count("already finished") == 4  # FT and LP-FT at both learning rates
+    assert "already fit" in log and "calibration.json is up to date" in log
 
 
 def test_bad_ntk_method_is_a_one_line_error(tmp_path):
@@ -128,42 +136,6 @@ def test_bad_options_stop_before_any_job(tmp_path, bad, says):
     assert not any(tmp_path.iterdir())
 
 
-def test_print_jobs_under_a_parallel_runner(tmp_path):
-    """The printed jobs run two at a time (xargs -P 2), then --report_only calibrates and reports. Several jobs
-    start with the same `lp.py ... &&` (LP-FT, LP-LoRA, the LP NTK jobs): one fits the head, the others wait for it
-    or find it done; every job finishes, and every LP-start run begins at that one head."""
-    study = ["--tasks", "cb", "--seeds", "1001", "--epochs", "1", "--max_train_samples", "16", "--max_eval_samples",
-             "16", "--methods", "lp ft lp_ft lora lp_lora", "--ntk_n", "4", "--no_scale", "--out", str(tmp_path)]
-    env = dict(os.environ, PYTHON=sys.executable)
-    jobs = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--print_jobs", *study], capture_output=True, text=True,
-                          check=True, env=env).stdout
-    assert sum(j.startswith(f"{sys.executable} lp.py") for j in jobs.splitlines()) == 5  # lp + 4 jobs that need it
-    p = subprocess.run(["xargs", "-P", "2", "-I{}", "bash", "-c", "{}"], input=jobs, capture_output=True, text=True,
-                       env=env, cwd=ROOT, timeout=1200)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]  # xargs: 123 when any job failed
-    cb = tmp_path / "cb"
-    lp = json.loads((cb / "lp-seed1001/lp_results.json").read_text())
-    for m in ("ft", "lp_ft", "lora", "lp_lora"):
-        res = json.loads((cb / f"{m}-seed1001/results.json").read_text())
-        assert res["finished"] and res["config"]["method"] == m
-        if m.startswith("lp_"):  # epoch 0 is the LP head itself
-            assert res["history"][0]["head_norm"] == pytest.approx(lp["head_norm"], rel=1e-5)
-    for m in ("ft", "lp_ft", "lora", "lp_lora"):
-        ntk = json.loads((cb / f"ntk-{m}-seed1001/ntk_results.json").read_text())
-        if m.startswith("lp_"):
-            assert ntk["head_norm"] == pytest.approx(lp["head_norm"], rel=1e-5)
-    run_all("--report_only", *study)
-    for m in ("lp", "ft", "lp_ft", "lora", "lp_lora"):
-        assert (cb / f"{m}-seed1001/calibration.json").exists(), m
-    md = (tmp_path / "report.md").read_text()
-    table = md.split("## Test performance")[1].split("##")[0]
-    header, row = (next(x for x in table.splitlines() if x.startswith(f"| {c} |")) for c in ("task", "cb"))
-    assert all(f" {name} " in header for name in ("LP", "FT", "LP-FT", "LoRA", "LP-LoRA")), header
-    assert "–" not in row, row  # every method has a test score
-    assert not list(tmp_path.rglob(".*.tmp"))
-
-
-# ---------------------------------------------------------------- the time-left estimate, on hand-made logs
 def estimate(tmp_path, plan, times, now, par=1, sizes="cb 225 81 75.6 56 3\nsst2 1000 600 14.0 300 2\n"):
     """run_all.sh's awk estimate (estimate_left) on a plan, sizes and start/end times written by hand."""
     src = (ROOT / "run_all.sh").read_text()

@@ -74,7 +74,8 @@ if [ $dry = 1 ]; then
   shape=tiny n_small=8 n_large=16
   bench_args=(--model tiny --batch_size 4 --max_len 32 --steps 2 --warmup 1 --infer_examples 16)
   ntk_args=(--model_config tiny --max_len 16)
-  study_args=(--seeds 1001 --max_train_samples 32 --max_eval_samples 16 --epochs 1 --ntk_n 4 --no_scale --jobs 1)
+  study_args=(--seeds 1001 --methods "lp_ft lp_lora" --max_train_samples 16 --max_eval_samples 16 --epochs 1
+              --ntk_n 4 --no_scale --jobs 2)  # every script once (lp, ft, lora, ntk), two at a time
 else  # bench.py and bench_ntk.py default to roberta-base's shape (random init) on CUDA
   shape=minilm n_small=250 n_large=2000 bench_args=() ntk_args=()
   study_args=(--seeds "1001 2002" --max_eval_samples 64 --epochs 2 --ntk_n 16 --jobs 6)
@@ -99,7 +100,7 @@ EOF
 
 # ---------------------------------------------------------------- untimed, side by side: the tests and the study
 tests() {  # -v: a line per test as it ends, so a timed-out run still says which passed
-  "$PY" -m pytest tests/test_cuda.py -v -rfE -p no:cacheprovider --junitxml="$work/tests.xml" > "$work/tests.log" 2>&1
+  "$PY" -m pytest tests/test_cuda.py -o addopts= -v -rfE -p no:cacheprovider --junitxml="$work/tests.xml" > "$work/tests.log" 2>&1
   local rc=$?
   "$PY" - "$work/tests.xml" "$work/tests.log" "$out/tests.json" <<'EOF'
 import json, re, sys, xml.etree.ElementTree as ET
