@@ -130,6 +130,16 @@ def finished_head(out, fp, overwrite):
     return old if head_path.exists() and old.get("finished") else None
 
 
+def fit_since(out, fp, start):
+    """--overwrite: a head for this fingerprint written after `start` (by a job this one waited for) is kept."""
+    res_path = out / "lp_results.json"
+    if not res_path.exists() or res_path.stat().st_mtime < start:
+        return None
+    old = rundir.read_json(res_path, "lp_results.json")
+    same = rundir.upgrade_record(old.get("fingerprint") or {}) == fp and old.get("finished")
+    return old if same and (out / "lp_head.pt").exists() else None
+
+
 def say_fit(old, head_path, how="already fit"):
     test = (old.get("metrics") or {}).get("test")
     print(f"{head_path}: {how} (C={old.get('C')}, test {test}); --overwrite to refit")
@@ -280,6 +290,22 @@ def norm_curve(x, y, n_classes, C, steps, test=None):
     return curve, acc
 
 
+def plot_curve(curve, final, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot(range(len(curve)), curve)
+    ax.axhline(final, ls="--", c="gray", label="sklearn head")
+    ax.set(xlabel="LBFGS iteration", ylabel="||V||_F", title="head norm during LP")
+    ax.legend()
+    fig.tight_layout()
+    rundir.atomic(path, lambda t: fig.savefig(t, format="png", dpi=120))
+    plt.close(fig)
+
+
 def fit_and_save(args, out, fp, splits, folds):
     task = data.get_task(args.task)
     y = splits["train"].labels
@@ -345,32 +371,6 @@ def main(argv=None):
             return old
         (out / "lp_results.json").unlink(missing_ok=True)  # first: never an old record beside a new head
         return fit_and_save(args, out, fp, splits, folds)
-
-
-def fit_since(out, fp, start):
-    """--overwrite: a head for this fingerprint written after `start` (by a job this one waited for) is kept."""
-    res_path = out / "lp_results.json"
-    if not res_path.exists() or res_path.stat().st_mtime < start:
-        return None
-    old = rundir.read_json(res_path, "lp_results.json")
-    same = rundir.upgrade_record(old.get("fingerprint") or {}) == fp and old.get("finished")
-    return old if same and (out / "lp_head.pt").exists() else None
-
-
-def plot_curve(curve, final, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 3))
-    ax.plot(range(len(curve)), curve)
-    ax.axhline(final, ls="--", c="gray", label="sklearn head")
-    ax.set(xlabel="LBFGS iteration", ylabel="||V||_F", title="head norm during LP")
-    ax.legend()
-    fig.tight_layout()
-    rundir.atomic(path, lambda t: fig.savefig(t, format="png", dpi=120))
-    plt.close(fig)
 
 
 if __name__ == "__main__":
