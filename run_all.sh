@@ -403,7 +403,10 @@ estimate_left() {  # -> seconds left, from the plan, the sizes and the start/end
     }' "$logs/sizes" "$logs/plan" "$logs/times"
 }
 
-fmt_min() { if [ "$1" -ge 90 ]; then echo "$(( ($1 + 30) / 60 )) min"; else echo "$1 s"; fi; }
+fmt_min() {  # whole minutes from 5 min on (rounding moves them by 10% at most); seconds below, where a minute is a lot
+  if [ "$1" -ge 300 ]; then echo "$(( ($1 + 30) / 60 )) min"; elif [ "$1" -ge 120 ]; then echo "$(( ($1 + 5) / 10 * 10 )) s"
+  else echo "$1 s"; fi
+}
 
 failed=()
 run_one() {  # job index: run it; with --jobs > 1 its output goes to a log file, and a line says when it is done
