@@ -3,6 +3,10 @@
     python lora.py --task rte                                   # LoRA
     python lp.py --task rte && python lora.py --init lp_head.pt --merge_to runs/rte/merged   # LP-LoRA
 
+--bitfit: BitFit (Ben Zaken et al. 2022) instead: every bias term of the encoder and the head train, nothing else
+(runs bitfit / lp_bitfit; model.safetensors holds those tensors). A finished LoRA or BitFit run is EH-FT's first
+stage: python ft.py --init runs/<task>/lora-seed<seed> fine-tunes from its head (Yang et al. 2022).
+
 LoRA (Hu et al. 2021) in the spirit of microsoft/LoRA's loralib `Linear`: each attention block's
 query and value projections W0 become W0 x + (B A x) * alpha/r with A [r,in] kaiming-uniform, B [out,r]
 zero, so training starts exactly at the pretrained function; only A, B and the classification head
@@ -49,6 +53,9 @@ TABLE6 = {
     "amazon": {"lora": (16, 1e-3), "lp_lora": (8, 5e-4)},
     "pubmed": {"lora": (8, 5e-4), "lp_lora": (8, 1e-3)},
 }
+# BitFit (Ben Zaken et al. 2022) has no Table 6 row: it takes LoRA's, the other parameter-efficient method's
+for _row in TABLE6.values():
+    _row["bitfit"], _row["lp_bitfit"] = _row["lora"], _row["lp_lora"]
 
 # The embedded all-MiniLM-L6-v2: the kit's grid choice on validation (ft.MINILM_LR says by which command).
 MINILM_LR = {
@@ -83,12 +90,20 @@ def make_parser():
     lora_flags(a)
     a("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA path's input")
     a("--merge_to", help="also export a merged plain model (encoder via save_pretrained + head.safetensors)")
+    a("--bitfit", action="store_true", help="BitFit instead of LoRA: train every bias term of the encoder and the "
+      "head, nothing else (methods bitfit, lp_bitfit; the LoRA flags do not apply)")
     return p
 
 
 def check_lora_args(args):
     """lora.py's own flags, before ft.run builds the model or touches a file: the LoRA config and --merge_to, a
     folder that is new or an earlier export (it is replaced whole, so it must not hold anything else)."""
+    if args.bitfit:
+        if args.merge_to:
+            die("--merge_to exports a LoRA model merged into its encoder; a BitFit run's model.safetensors holds its "
+                "biases and head: load it with ft.build_model + ft.load_weights, and drop --merge_to")
+        args.r = args.alpha = args.lora_dropout = args.targets = None  # recorded as unused
+        return
     rundir.check_positive(args, ["r", "alpha"])
     if not 0 <= args.lora_dropout < 1:
         die(f"--lora_dropout {args.lora_dropout}: must be in [0, 1)")
@@ -185,6 +200,13 @@ def inject_lora(model, targets=("query", "value"), r=8, alpha=8, dropout=0.0):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def inject_bitfit(model):
+    """BitFit (Ben Zaken et al. 2022): freeze all but every bias term and `model.head`; -> the trainable count."""
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.endswith("bias") or n.startswith("head."))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def merge(model):
     for m in lora_layers(model):
         m.merge()
@@ -267,12 +289,16 @@ def export_merged(run_dir, dest):
 @rundir.cli
 def main(argv=None):
     args = make_parser().parse_args(argv)
+    if args.init and Path(args.init).is_dir():
+        die(f"--init {args.init} is a run directory: EH-FT starts from its head in ft.py (python ft.py --init "
+            f"{args.init}); lora.py starts from an lp_head.pt")
 
     def add_lora(model):  # ft.run's setup hook: after the initial head, before the move to the device
         inject_lora(model, args.targets, args.r, args.alpha, args.lora_dropout)
 
-    res = ft.run(args, "lp_lora" if args.init else "lora", TABLE6, MINILM_LR, setup=add_lora,
-                 extra_meta={"lora": lora_config(args)}, check=check_lora_args)
+    method = ("lp_" if args.init else "") + ("bitfit" if args.bitfit else "lora")
+    res = ft.run(args, method, TABLE6, MINILM_LR, setup=inject_bitfit if args.bitfit else add_lora,
+                 extra_meta=None if args.bitfit else {"lora": lora_config(args)}, check=check_lora_args)
     if args.merge_to:
         with rundir.RunLock(args.output_dir):  # no --overwrite of this run may delete what is being exported
             export_merged(args.output_dir, args.merge_to)
