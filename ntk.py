@@ -21,7 +21,7 @@ A directory is reused only for the same flags (those in NOT_IN_RESULT aside), th
 and the same --init head contents; one process at a time writes it.
 ntk.py needs ft.py, lora.py, ntk_structured.py and kernel_view.py (Malladi et al.'s kernels and solvers, --kernel,
 --solve) and what they need: data.py, rundir.py, prompts.py.
-Outputs in runs/<task>/ntk-<ft|lp_ft|lora|lp_lora>-seed<seed>/:
+Outputs in runs/<task>/ntk-<ft|lp_ft|lora|lp_lora|lora_ft|bitfit_ft>-seed<seed>/ (--init RUN_DIR: EH-FT's start):
   kernels.npz       P_train, F_train [N,C,N,C]; P_test, F_test [M,C,N,C]; train_idx, test_idx (rows of
                     the train / test split), train_labels, test_labels, train_logits (f at the start)
   ntk_results.json  per kernel (P, F, P+F): Frobenius norm, numerical rank of the [N*C, N*C] train kernel
@@ -65,7 +65,8 @@ def parse(argv=None):
     a("--seed", type=int, default=data.SEED, help="seeds the fresh head and the example subsets")
     a("--output_dir", help="default runs/<task>/ntk-<method>-seed<seed>")
     a("--overwrite", action="store_true", help="recompute even if ntk_results.json exists for this config")
-    a("--init", help="lp_head.pt from lp.py (LP-FT / LP-LoRA); default a fresh normal(0, 0.02) head")
+    a("--init", help="lp_head.pt from lp.py (LP-FT / LP-LoRA) or a finished lora.py run directory (EH-FT's start: "
+      "its head on the pre-trained backbone); default a fresh normal(0, 0.02) head")
     a("--head_scale", type=float, default=1.0, help="multiply V (F scales by its square, P does not change)")
     a("--lora", action="store_true", help="inject LoRA (B = 0); F is then over the LoRA parameters only")
     lora.lora_flags(a)
@@ -363,9 +364,9 @@ def default_memory_gb():
 def resolve(args):
     """Fill task/model/max_len/pooling from the --init head, then check every flag and the head, loading no model
     and touching no file -> (head or None, the NTK's method name)."""
+    data.check_k_shot(args)  # first: an EH-FT source is checked against the k-shot draw
     head = ft.fill_from_head(args)
     args.max_memory_gb = default_memory_gb() if args.max_memory_gb is None else args.max_memory_gb
-    data.check_k_shot(args)
     kernel_view.check_flags(args, len(data.get_task(args.task).labels))
     if args.k_shot:
         args.n = None  # the whole k-shot train set
@@ -378,7 +379,10 @@ def resolve(args):
         die(f"--rank_rtol {args.rank_rtol}: must be in (0, 1), a fraction of the largest singular value")
     rundir.check_positive(args, ("n", "n_test", "k_shot", "batch_size", "max_memory_gb", "head_scale", "ridge")
                           + (("r", "alpha") if args.lora else ()), allow_zero=("ridge",))
-    method = ft.run_method(("lp_" if args.init else "") + ("lora" if args.lora else "ft"), args)
+    kind = ft.init_kind(args.init)
+    if args.lora and kind in ft.SOURCES:
+        die(f"--init {args.init} is EH-FT's source, whose second stage fine-tunes everything; drop --lora")
+    method = ft.run_method((f"{kind}_" if kind else "") + ("lora" if args.lora else "ft"), args)
     args.output_dir = args.output_dir or f"runs/{args.task}/ntk-{rundir.run_name(method, args)}"
     rundir.check_output_dir(args.output_dir)
     return head, method
@@ -389,7 +393,7 @@ def run_record(args, method):
     lora_only = () if args.lora else ("r", "alpha", "targets")  # no LoRA: its flags change nothing
     return {k: v for k, v in vars(args).items() if k not in NOT_IN_RESULT + lora_only} | {
         "ntk_method": method, "data_sha256": data.data_fingerprint(args.task, args.data_dir),
-        "init_sha256": rundir.file_sha256(args.init) if args.init else None}
+        "init_sha256": ft.init_sha256(args.init)}
 
 
 def earlier_result(res_path, record, overwrite):

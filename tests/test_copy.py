@@ -45,7 +45,8 @@ def ok(p):
 
 @pytest.fixture(scope="module")
 def copies(tmp_path_factory):
-    """Every script in its own folder; the stage copies each run once under runs/cb/ (ft.py from lp.py's head)."""
+    """Every script in its own folder; the stage copies each run once under runs/cb/ (ft.py from lp.py's head and
+    from the LoRA run's)."""
     base = tmp_path_factory.mktemp("copies")
     dirs = {s: copy_of(s, base) for s in SETS}
     runs = base / "runs" / "cb"
@@ -54,6 +55,8 @@ def copies(tmp_path_factory):
     ok(run(dirs["ft.py"], "ft.py", *SMALL, *train, "--init", runs / "lp-seed1001/lp_head.pt",
            "--output_dir", runs / "lp_ft-seed1001"))
     ok(run(dirs["lora.py"], "lora.py", *SMALL, *train, "--output_dir", runs / "lora-seed1001"))
+    ok(run(dirs["ft.py"], "ft.py", *SMALL, "--epochs", "1", "--max_steps", "1", "--init", runs / "lora-seed1001",
+           "--output_dir", runs / "lora_ft-seed1001"))  # EH-FT: ft.py reads the LoRA run's files, lora.py absent
     ok(run(dirs["ntk.py"], "ntk.py", "--task", "cb", "--seed", "1001", "--n", "4", "--output_dir",
            runs / "ntk-ft-seed1001"))
     return base, dirs, runs
@@ -61,7 +64,7 @@ def copies(tmp_path_factory):
 
 def test_each_copy_runs_alone(copies):
     base, dirs, runs = copies
-    for d in ("lp-seed1001", "lp_ft-seed1001", "lora-seed1001"):
+    for d in ("lp-seed1001", "lp_ft-seed1001", "lora-seed1001", "lora_ft-seed1001"):
         assert (runs / d / "logits.npz").exists(), d
     assert json.loads((runs / "ntk-ft-seed1001/ntk_results.json").read_text())["kernels"]
     for script, d in dirs.items():  # no copy reached into the kit's own folder for a missing file
