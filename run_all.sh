@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole study in one command: LP, FT, LP-FT, LoRA, LP-LoRA; calibration; NTK; norm scaling; report.
+# The whole study in one command: LP, FT, LP-FT, LoRA, LP-LoRA (and on demand BitFit, EH-FT's LoRA-FT and BitFit-FT);
+# calibration; NTK; norm scaling; report.
 #
 #   bash run_all.sh                                  # default study: embedded model, CB and SST-2, 2-core CPU
 #   bash run_all.sh --paper --model roberta-base     # the paper's full study (13 datasets, 5 seeds; a GPU)
@@ -10,12 +11,16 @@
 #
 # Resumable: every script skips finished work and resumes interrupted training; --force redoes everything.
 # Printed jobs may run in any order and at once: a job that needs an LP head fits it first, or waits for the
-# process fitting it; each run directory has one writer at a time.
-# Options: --tasks "cb rte" --methods "lp ft lp_ft lora lp_lora" --seeds "1001 2002" --model NAME
+# process fitting it; so does one that needs EH-FT's source run (LoRA, BitFit); each run directory has one writer at a
+# time. They are printed in phase order (LP, then EH-FT's sources, then the rest), so a runner that starts them in
+# order rarely has one wait.
+# Options: --tasks "cb rte" --methods "lp ft lp_ft lora lp_lora" (also bitfit, lora_ft, bitfit_ft: EH-FT, its source
+#          run, LoRA or BitFit at its default lr, in the phase before) --seeds "1001 2002" --model NAME
 #          --data_dir DIR --out DIR (runs) --epochs N --max_steps N --max_train_samples N --max_eval_samples N
 #          --ntk_tasks "cb" --ntk_n N --ntk_method func|structured --scale_tasks "cb" --scales "0.1 10"
 #          --no_ntk --no_scale
-#          --lr_grid "..." and per method --lr_grid_ft --lr_grid_lpft --lr_grid_lora --lr_grid_lplora
+#          --lr_grid "..." and per method --lr_grid_ft --lr_grid_lpft --lr_grid_lora --lr_grid_lplora --lr_grid_bitfit
+#          --lr_grid_lora_ft --lr_grid_bitfit_ft
 #          --patience N --force --print_jobs --report_only (only calibrate the runs under --out and report)
 #          --jobs N (jobs at once, each with its share of the cores; default 2 on a CPU study, 1 with --paper)
 #          --kernel_study [--k_shots "16 64" --data_seeds "13 21 42 87 100" --kernels "asym_signgd"
@@ -37,7 +42,8 @@ die() { echo "error: $*" >&2; exit 2; }
 has() { [[ " $2 " == *" $1 "* ]]; }
 VALUED="--tasks --methods --seeds --model --data_dir --out --output_root --epochs --max_steps --max_train_samples
   --max_eval_samples --ntk_tasks --ntk_n --ntk_method --scale_tasks --scales --patience --jobs --lr_grid --lr_grid_ft
-  --lr_grid_lpft --lr_grid_lp_ft --lr_grid_lora --lr_grid_lplora --lr_grid_lp_lora --k_shots --data_seeds --kernels --kernel_test"
+  --lr_grid_lpft --lr_grid_lp_ft --lr_grid_lora --lr_grid_lplora --lr_grid_lp_lora --lr_grid_bitfit --lr_grid_loraft
+  --lr_grid_lora_ft --lr_grid_bitfitft --lr_grid_bitfit_ft --k_shots --data_seeds --kernels --kernel_test"
 while [ $# -gt 0 ]; do
   if has "$1" "$(echo $VALUED)" && [ $# -lt 2 ]; then die "$1 needs a value (see bash run_all.sh --help)"; fi
   case $1 in
@@ -74,6 +80,9 @@ while [ $# -gt 0 ]; do
     --lr_grid_lpft|--lr_grid_lp_ft) grid[lp_ft]=$2; shift ;;
     --lr_grid_lora) grid[lora]=$2; shift ;;
     --lr_grid_lplora|--lr_grid_lp_lora) grid[lp_lora]=$2; shift ;;
+    --lr_grid_bitfit) grid[bitfit]=$2; shift ;;
+    --lr_grid_loraft|--lr_grid_lora_ft) grid[lora_ft]=$2; shift ;;
+    --lr_grid_bitfitft|--lr_grid_bitfit_ft) grid[bitfit_ft]=$2; shift ;;
     -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
     *) die "unknown option $1 (see bash run_all.sh --help)" ;;
   esac
@@ -134,7 +143,7 @@ check_num() {  # flag, values: each a number > 0
   done
 }
 check_words --tasks "$TASKS" "$tasks"
-check_words --methods "lp ft lp_ft lora lp_lora" "$methods"
+check_words --methods "lp ft lp_ft lora lp_lora bitfit lora_ft bitfit_ft" "$methods"
 [ $no_ntk = 1 ] || [ -z "$ntk_tasks" ] || check_words --ntk_tasks "$TASKS" "$ntk_tasks"
 [ $no_scale = 1 ] || [ -z "$scale_tasks" ] || check_words --scale_tasks "$TASKS" "$scale_tasks"
 for s in $seeds; do check_int --seeds "$s" 0; done
@@ -153,6 +162,7 @@ if [ $kernel_study = 1 ]; then
   check_words --kernels "sgd signgd asym_signgd" "$kernels"
   check_words --k_shots "$k_shots" "$k_shots" && check_words --data_seeds "$data_seeds" "$data_seeds"
   has lp "$methods" && die "--kernel_study fine-tunes and compares kernels; LP runs inside LP-FT / LP-LoRA: drop lp"
+  check_words "--methods (--kernel_study)" "ft lp_ft lora lp_lora" "$methods"
 fi
 check_num --scales "$scales"
 check_num --lr_grid "$lr_grid"
@@ -204,16 +214,26 @@ lp_first() {  # "lp.py ... && " before a job that needs the LP head of (task, se
   echo "$(lp_cmd "$1" "$2" | sed 's/ --overwrite//') && "  # never refit a head other jobs may be using
 }
 
+declare -A sourced=()  # EH-FT's source runs in the plan: "method task seed"
+src_first() {  # "lora.py ... --wait && " before a job that starts from the source run (lora|bitfit task seed)
+  # A sequential run has run it in the phase before (as LP's): nothing to add. Printed jobs chain it, so each line
+  # stands alone: it is trained first, or found finished (skipped), or --wait waits for the process writing it.
+  if [ $print_jobs = 0 ] && [ -n "${sourced[$1 $2 $3]:-}" ]; then return; fi
+  echo "$(method_cmd "$1" "$2" "$3" | sed 's/ --overwrite//') --wait && "  # never redo a source others start from
+}
+
 method_cmd() {  # method task seed lr(optional) scale(optional)
   local m=$1 t=$2 s=$3 lr=${4:-} sc=${5:-} script=ft.py name=$1 c
-  case $m in lora|lp_lora) script=lora.py ;; esac
+  case $m in lora|lp_lora|bitfit) script=lora.py ;; esac
   [ -n "$lr" ] && name+="-lr$lr"
   [ -n "$sc" ] && name+="-scale$sc"
   c="$PY $script $(common "$t" "$s") $(train_flags) --output_dir $out/$t/$name-seed$s"
   [ -n "$lr" ] && c+=" --lr $lr"
   [ -z "$lr" ] && [ $paper = 1 ] && c+=" --lr_table table6"  # the paper's learning rates, whatever the model
   [ -n "$sc" ] && c+=" --head_scale $sc"
+  [ "$m" = bitfit ] && c+=" --bitfit"
   case $m in lp_ft|lp_lora) c="$(lp_first "$t" "$s")$c --init $out/$t/lp-seed$s/lp_head.pt" ;; esac
+  case $m in lora_ft|bitfit_ft) c="$(src_first "${m%_ft}" "$t" "$s")$c --init $out/$t/${m%_ft}-seed$s" ;; esac
   echo "$c"
 }
 
@@ -223,6 +243,7 @@ ntk_cmd() {
   [ $force = 1 ] && c+=" --overwrite"
   case $m in lora|lp_lora) c+=" --lora" ;; esac
   case $m in lp_ft|lp_lora) c="$(lp_first "$t" "$s")$c --init $out/$t/lp-seed$s/lp_head.pt" ;; esac
+  case $m in lora_ft|bitfit_ft) c="$(src_first "${m%_ft}" "$t" "$s")$c --init $out/$t/${m%_ft}-seed$s" ;; esac
   echo "$c"
 }
 
@@ -257,10 +278,15 @@ ks_ntk_cmd() {  # method kind task K S: the kernel of that method's start (head 
   echo "$c"
 }
 
-job_kind() { case $1 in lora|lp_lora) echo lora ;; *) echo train ;; esac; }
+job_kind() { case $1 in lora|lp_lora|bitfit) echo lora ;; *) echo train ;; esac; }
 jobs=() names=() kinds=()
 add() {  # name command [kind task n]: kind and size feed the time-left estimate (estimate_left below)
   names+=("$1"); jobs+=("$2"); kinds+=("${3:-train} ${4:--} ${5:-0}")
+}
+add_source() {  # method task seed: EH-FT's source run (LoRA, BitFit at its default lr), once, in its own phase
+  [ -n "${sourced[$1 $2 $3]:-}" ] && return
+  sourced[$1 $2 $3]=1
+  add "source $1 $2 seed $3" "$(method_cmd "$1" "$2" "$3")" "$(job_kind "$1")" "$2"
 }
 if [ $kernel_study = 1 ]; then
   for t in $tasks; do for k in $k_shots; do for s in $data_seeds; do
@@ -282,8 +308,10 @@ for t in ${methods_loop:+$tasks}; do
   for s in $seeds; do
     for m in $ordered; do
       if [ "$m" = lp ]; then add "lp $t seed $s" "$(lp_cmd "$t" "$s")" lp "$t"; continue; fi
+      case $m in lora_ft|bitfit_ft) add_source "${m%_ft}" "$t" "$s" ;; esac
       lrs=${grid[$m]:-$lr_grid}
-      if [ -z "$lrs" ]; then add "$m $t seed $s" "$(method_cmd "$m" "$t" "$s")" "$(job_kind "$m")" "$t"
+      if [ -z "$lrs" ] && has "${m}_ft" "$methods"; then add_source "$m" "$t" "$s"  # the same run: EH-FT's source
+      elif [ -z "$lrs" ]; then add "$m $t seed $s" "$(method_cmd "$m" "$t" "$s")" "$(job_kind "$m")" "$t"
       else
         for lr in $lrs; do add "$m $t seed $s lr $lr" "$(method_cmd "$m" "$t" "$s" "$lr")" "$(job_kind "$m")" "$t"; done
       fi
@@ -303,19 +331,24 @@ if [ $no_scale = 0 ]; then  # norm scaling: every seed, the head scaled at the s
     done
   done
 fi
-if [ $no_ntk = 0 ]; then  # FT and LP-FT kernels for every seed (claim c5 is paired by seed); LoRA's for the first
+if [ $no_ntk = 0 ]; then  # FT, LP-FT (and EH-FT) kernels for every seed (claim c5 is paired by seed); LoRA's for the first
   for t in $ntk_tasks; do
     for s in $seeds; do
-      for m in ft lp_ft lora lp_lora; do
+      for m in ft lp_ft lora lp_lora lora_ft bitfit_ft; do
         case $m in lora|lp_lora) [ "$s" = "$first_seed" ] || continue ;; esac
+        case $m in lora_ft|bitfit_ft) has "$m" "$methods" || continue ;; esac
         add "ntk $m $t seed $s" "$(ntk_cmd "$m" "$t" "$s")" ntk "$t" "$ntk_n"
       done
     done
   done
 fi
 
+lps=() srcs=() rest=()  # the phases: LP, all of it (any other job may start from an LP head); EH-FT's sources; the rest
+for i in "${!jobs[@]}"; do
+  case ${names[$i]} in "lp "*) lps+=("$i") ;; "source "*) srcs+=("$i") ;; *) rest+=("$i") ;; esac
+done
 if [ $print_jobs = 1 ]; then
-  printf '%s\n' "${jobs[@]}"
+  for i in "${lps[@]}" "${srcs[@]}" "${rest[@]}"; do printf '%s\n' "${jobs[$i]}"; done
   exit 0
 fi
 
@@ -458,9 +491,8 @@ else
   for i in "${!jobs[@]}"; do echo "$i ${kinds[$i]}"; done > "$logs/plan"
   echo "run_all: ${n} jobs, $par at a time (tasks: $tasks; methods: $methods; seeds: $seeds; epochs: $epochs)" \
     "-> $out/ (logs: $logs/)"
-  lps=() rest=()  # LP first, all of it: every other job may start from an LP head
-  for i in "${!jobs[@]}"; do if [[ ${names[$i]} == "lp "* ]]; then lps+=("$i"); else rest+=("$i"); fi; done
   run_phase "${lps[@]}"
+  run_phase "${srcs[@]}"
   run_phase "${rest[@]}"
   echo "[calibration $(( (SECONDS - start) / 60 ))m]"
   finish

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,38 @@ def test_print_jobs_respects_dependencies(tmp_path):
     assert not any("--lora" in j and "--seed 1001" not in j for j in ntk)
     assert {t for j in paper for t in ["boolq", "pubmed", "amazon"] if f"--task {t} " in j} == {
         "boolq", "pubmed", "amazon"}
+
+
+def test_print_jobs_puts_ehft_sources_first_and_chains_them(tmp_path):
+    """EH-FT (lora_ft, bitfit_ft): each (task, seed)'s LoRA / BitFit source is printed once, before every job that
+    starts from it, and every such job (fine-tuning at each lr, its eNTK) chains it with --wait in front, so a job
+    finding another process writing it waits and then finds it finished."""
+    args = ["--print_jobs", "--out", str(tmp_path), "--tasks", "cb", "--seeds", "1001 2002", "--no_scale",
+            "--methods", "lora lora_ft bitfit_ft", "--lr_grid_lora_ft", "1e-5 1e-4"]
+    jobs = subprocess.run(["bash", str(ROOT / "run_all.sh"), *args], capture_output=True, text=True,
+                          check=True).stdout.splitlines()
+    assert not any(tmp_path.iterdir())
+    for m in ("lora", "bitfit"):
+        for s in ("1001", "2002"):
+            src = f"--output_dir {tmp_path}/cb/{m}-seed{s}"
+            alone = [i for i, j in enumerate(jobs) if j.endswith(src + (" --bitfit" if m == "bitfit" else ""))]
+            users = [i for i, j in enumerate(jobs) if j.endswith(f"--init {tmp_path}/cb/{m}-seed{s}")]
+            assert len(alone) == 1 and len(users) == (3 if m == "lora" else 2)  # LoRA-FT at 2 lrs, BitFit-FT; NTK
+            assert all(alone[0] < i and jobs[i].split(" && ")[0].endswith(" --wait") and src in jobs[i]
+                       and "--overwrite" not in jobs[i].split(" && ")[0] for i in users)
+    first_user = min(i for i, j in enumerate(jobs) if "--init" in j)
+    assert all(" && " not in j for j in jobs[:first_user]) and first_user == 4  # the sources' phase comes first
+    assert sum("ntk-lora_ft-seed" in j or "ntk-bitfit_ft-seed" in j for j in jobs) == 4  # every seed (paired)
+    # run by run_all.sh itself (PYTHON=true: every job a no-op): the sources' phase before the rest, each job weighed
+    # by its kind in the time-left estimate (the sources as LoRA, EH-FT as fine-tuning)
+    out = tmp_path / "seq"
+    log = subprocess.run(["bash", str(ROOT / "run_all.sh"), *args[1:], "--out", str(out), "--jobs", "1"],
+                         capture_output=True, text=True, check=True, env=dict(os.environ, PYTHON="true")).stdout
+    ran = [m.groups() for m in re.finditer(r"^\[(\d+)/\d+ \d+m\] (.+)$", log, re.M)]  # (job number, name)
+    assert [n.split()[0] for _, n in ran[:4]] == ["source"] * 4 and not any("source" in n for _, n in ran[4:])
+    kinds = dict(line.split()[:2] for line in (out / "logs/plan").read_text().splitlines())
+    assert {n.split()[0] + " " + kinds[str(int(k) - 1)] for k, n in ran if "ft" in n.split()[0] or "source" in n} == {
+        "source lora", "lora_ft train", "bitfit_ft train"}
 
 
 def test_lr_grid_end_to_end_two_jobs_at_once_then_a_second_run_does_no_work(tmp_path):
