@@ -31,7 +31,7 @@ import numpy as np
 import data
 import report_figs
 import rundir
-from report_figs import FT_METHODS, METHODS, NAMES, fed_by, load_arrays, missing, num, pick, rel
+from report_figs import FRESH, FT_METHODS, METHODS, NAMES, fed_by, load_arrays, missing, num, pick, rel
 
 DASH = "–"
 RESULTS = ("results.json", "lp_results.json", "ntk_results.json")
@@ -39,6 +39,7 @@ ARTIFACTS = ("ckpt.pt", "model.safetensors", "meta.json", "logits.npz", "lp_head
 FEATURE_STATS = ("diff_f", "cs_f", "fdr_f")  # an epoch's record: features.<split>.<stat> (ft.py, lora.py)
 CAL_METRICS = ("accuracy", "nll", "brier", "ece", "mce")  # calibration.json: per split, before and after
 PROMPT_RUN = "a prompt-based run (--prompt): not one of the paper's methods, so no table reads it"
+EHFT = ("lora_ft", "bitfit_ft")  # EH-FT (Yang et al. 2022): the head of a LoRA or BitFit run, then fine-tuning
 
 
 def parse(argv=None):
@@ -286,7 +287,8 @@ def run_row(r, f):
     hist = r["history"]
     best = next(h for h in hist if h["epoch"] == r["best_epoch"])
     return row | {k: best["features"]["test"][k] for k in FEATURE_STATS} | {
-        "head_norm0": hist[0]["head_norm"], "history": hist, "features": best["features"]}
+        "head_norm0": hist[0]["head_norm"], "test0": pick(hist[0], "test", sel), "history": hist,
+        "features": best["features"]}
 
 
 def seed_gaps(rows):
@@ -418,7 +420,7 @@ def feature_rows(s, t, split="test"):
     name = t if split == "test" else f"{t} ({split})"
     start = [r["history"][0] for r in tuned if r["history"][0]["epoch"] == 0]
     pre = [ms(s, [pick(h, "features", split, k) for h in start]) if k else DASH for k in ("cs_f", None, "fdr_f")]
-    rows = [[f"{name} Pre-trained", *pre, ms(s, [r["head_norm0"] for r in s.runs_of(("ft", "lora"), [t])])]]
+    rows = [[f"{name} Pre-trained", *pre, ms(s, [r["head_norm0"] for r in s.runs_of(FRESH, [t])])]]
     if s.runs(t, "lp"):
         rows.append([f"{name} LP", *pre, ms(s, [r["head_norm"] for r in s.runs(t, "lp")])])
     for m in FT_METHODS:
@@ -518,10 +520,14 @@ def test_table(s):  # Table 8: test accuracy on SuperGLUE and GLUE (CoLA: MCC)
     if not tasks:
         return missing(title, "no SuperGLUE or GLUE runs (Amazon: Table 10; PubMed: Table 16).")
     body = [[t] + [mean_std([r["test"] for r in s.runs(t, m)], len(s.seeds)) for m in s.methods] for t in tasks]
-    return (title, fed_by(s.runs_of(tasks=tasks), "results.json and lp_results.json (metrics.test)"),
+    body += [[f"{t} at the start"] + [mean_std([r.get("test0") for r in s.runs(t, m)], len(s.seeds))
+                                      if m != "lp" else DASH for m in s.methods] for t in tasks]
+    return (title, fed_by(s.runs_of(tasks=tasks), "results.json (metrics.test; history[0].test: the start) and "
+                                                  "lp_results.json (metrics.test)"),
             ["task"] + [NAMES[m] for m in s.methods], body,
             "Accuracy in percent, CoLA Matthews correlation x100; learning rate chosen on validation; (n=k): only "
-            "k seeds (see Runs not used).")
+            "k seeds (see Runs not used). At the start: the model before its first step (epoch 0): FT's fresh head, "
+            "LP-FT's LP head, EH-FT's (LoRA-FT, BitFit-FT) stage-1 head, each on the pre-trained encoder.")
 
 
 def amazon_table(s):  # Table 10: Amazon in- and out-of-distribution
@@ -548,16 +554,19 @@ def amazon_feature_table(s):  # Table 11: feature and classifier change on Amazo
 
 def norm_table(s):  # Table 13: the classifier weight norms after training
     title = "Head norm ||V||_F after training (Table 13)"
-    cols = ["ft", "lora", "lp", "lp_ft", "lp_lora"]
-    body = [[t, ms(s, [r["head_norm0"] for r in s.runs_of(("ft", "lora"), [t])])]
+    cols = ["ft", "lora", "lp", "lp_ft", "lp_lora"] + [m for m in FT_METHODS[4:] if m in s.methods]
+    body = [[t, ms(s, [r["head_norm0"] for r in s.runs_of(FRESH, [t])])]
             + [ms(s, [r["head_norm"] for r in s.runs(t, m)]) for m in cols] for t in s.tasks]
+    body += [[f"{t} at the start", DASH] + [DASH if m == "lp" else ms(s, [r["head_norm0"] for r in s.runs(t, m)])
+                                            for m in cols] for t in s.tasks]
     if not body:
         return missing(title, "no LP or fine-tuning runs.")
     return (title, fed_by(s.runs_of(), "results.json (head_norm at the best epoch; epoch 0 for Pretrain) and "
                                      "lp_results.json (head_norm)"),
             ["task", "Pretrain"] + [NAMES[m] for m in cols], body,
             "Mean ± std over seeds. Pretrain: the fresh head FT and LoRA start from; LP: the fitted head "
-            "(LP-FT's and LP-LoRA's start); the others at their best epoch.")
+            "(LP-FT's and LP-LoRA's start); the others at their best epoch; at the start: each method's head at "
+            "epoch 0 (EH-FT's: its LoRA / BitFit run's).")
 
 
 def pubmed_table(s):  # Table 16: PubMed 20k RCT
@@ -623,6 +632,30 @@ def paired_table(s):  # paired differences by seed (the kit's own)
             ["task", "comparison", "difference"], body,
             "Test metric in points (x100); ECE in percentage points. An interval that excludes 0 is larger "
             "than the seed noise.")
+
+
+EHFT_ROWS = (("test at the start", "test0", 100), ("test", "test", 100), ("Diff(F)", "diff_f", 1),
+             ("‖V‖ at the start", "head_norm0", 1), ("FT ratio (eNTK at the start)", None, 1))
+
+
+def ehft_table(s):  # the kit's own: EH-FT beside LP-FT and FT, paired by seed
+    title = "EH-FT against LP-FT and FT (paired by seed)"
+    body = []
+    for t in s.tasks:
+        for m in [m for m in EHFT if s.runs(t, m)]:
+            for what, key, unit in EHFT_ROWS:
+                v = {x: by_seed(s.runs(t, x), key) if key else ntk_by_seed(s, t, x) for x in (m, "lp_ft", "ft")}
+                spec = ".1f" if unit == 100 else ".3g"
+                body.append([f"{t} {NAMES[m]}", what, mean_std(list(v[m].values()), len(s.seeds), unit, spec)]
+                            + [fmt_pair(paired(v[m], v[b]), unit, "+" + spec) for b in ("lp_ft", "ft")])
+    if not body:
+        return missing(title, "no EH-FT runs (run_all.sh --methods \"lora_ft bitfit_ft\"; ft.py --init a lora.py run).")
+    runs = s.runs_of(("ft", "lp_ft") + EHFT)
+    return (title, fed_by(runs, "results.json (history[0]: test and head_norm at the start; metrics.test, diff_f) "
+                                "and ntk_results.json (ft_ratio)"),
+            ["run", "quantity", "mean ± std", "− LP-FT", "− FT"], body,
+            "EH-FT (Yang et al. 2022): the head a LoRA or BitFit run trained, on the pre-trained encoder, then "
+            "fine-tuning of everything. Differences by seed, mean [95% t interval]; test in points (x100).")
 
 
 # ---------------------------------------------------------------- the kernel view (run_all.sh --kernel_study)
@@ -692,6 +725,12 @@ def verdict(p, side=1):
     return "holds" if lo > 0 else "does not hold" if hi < 0 else "inside the noise"
 
 
+def all_hold(verdicts):
+    """One verdict for a claim made of several differences: the first that is not 'holds', in this order."""
+    return next((v for v in ("missing runs", "one seed: no interval", "does not hold", "inside the noise")
+                 if v in verdicts), "holds")
+
+
 def ntk_by_seed(s, task, method):
     """{seed: FT ratio} of a task's ntk runs of a method (head scale 1)."""
     return {k["seed"]: k["res"]["ft_ratio"] for k in s.paper_kernels()
@@ -729,6 +768,11 @@ def claim_rows(s, t):
                  paired(ece_by_seed(ch("lp_ft"), "after"), ece_by_seed(ch("lp_ft"), "before")), -1, 1))
     rows.append(("c5 FT ratio larger after LP", "FT ratio LP-FT − FT (eNTK at the start)",
                  paired(ntk_by_seed(s, t, "lp_ft"), ntk_by_seed(s, t, "ft")), 1, 1))
+    for m in [m for m in EHFT if ch(m)]:  # the kit's extension: EH-FT's head, accurate with a large norm
+        d = by_seed(ch(m), "diff_f")
+        rows.append((f"c7 Diff(F) of {NAMES[m]} (EH-FT) lies between LP-FT's and FT's",
+                     f"Diff(F) {NAMES[m]} − LP-FT (> 0); {NAMES[m]} − FT (< 0)",
+                     [paired(d, by_seed(ch("lp_ft"), "diff_f")), paired(d, by_seed(ch("ft"), "diff_f"))], [1, -1], 1))
     on, pairs = scaling_pairs(s, t)
     for m, lo, hi, p in pairs or [("ft", None, None, (None, None, 0))]:
         what = f"Diff(F) at head scale {lo:g} − at {hi:g}, {NAMES[m]}" if lo is not None else "Diff(F), head scaled"
@@ -742,7 +786,9 @@ def claims_table(s):  # the paper's claims, each decided by its paired 95% inter
     body = []
     for t in s.tasks:
         for claim, what, p, side, unit in claim_rows(s, t):
-            body.append([t, claim, what, fmt_pair(p, unit, "+.1f" if unit == 100 else "+.3g"), verdict(p, side)])
+            ps, sides = (p, side) if isinstance(p, list) else ([p], [side])  # c7: two differences, both must hold
+            body.append([t, claim, what, "; ".join(fmt_pair(q, unit, "+.1f" if unit == 100 else "+.3g") for q in ps),
+                         all_hold([verdict(q, sd) for q, sd in zip(ps, sides)])])
     if not body:
         return missing(title, "no runs.")
     return (title, fed_by(s.rows + s.kernels, "results.json, lp_results.json, calibration.json, ntk_results.json "
@@ -751,13 +797,14 @@ def claims_table(s):  # the paper's claims, each decided by its paired 95% inter
             "Each claim is a paired difference by seed with its 95% t interval: **holds** when the interval lies "
             "on the paper's side of 0, **does not hold** when it lies on the other, **inside the noise** when it "
             "contains 0. Learning rates as chosen on val (below); c5 needs ntk.py runs per seed, c6 head-scaled "
-            "runs (run_all.sh's norm scaling).")
+            "runs (run_all.sh's norm scaling). c7 (the kit's extension, with EH-FT runs: Yang et al. 2022) holds "
+            "when both of its intervals do.")
 
 
 # ---------------------------------------------------------------- the report
 # the paper's tables in its order (a table merged with a later one sits at the first), then the kit's own
 TABLES = [claims_table, feature_table, ntk_table, calibration_table, test_table, amazon_table, amazon_feature_table,
-          norm_table, pubmed_table, scaling_table, lr_table, paired_table, kernel_study_table]
+          norm_table, pubmed_table, scaling_table, ehft_table, lr_table, paired_table, kernel_study_table]
 
 
 def not_used(s):

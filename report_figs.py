@@ -21,9 +21,13 @@ import data
 import rundir
 
 # ---------------------------------------------------------------- shared with report.py's tables
-METHODS = ["lp", "ft", "lp_ft", "lora", "lp_lora"]
-NAMES = {"lp": "LP", "ft": "FT", "lp_ft": "LP-FT", "lora": "LoRA", "lp_lora": "LP-LoRA"}
-FT_METHODS = ["ft", "lora", "lp_ft", "lp_lora"]  # the fine-tuning methods, in the paper's row order (Tables 1, 2)
+# the paper's methods, then BitFit (lora.py --bitfit) and EH-FT (Yang et al. 2022: ft.py --init a LoRA / BitFit run)
+METHODS = ["lp", "ft", "lp_ft", "lora", "lp_lora", "bitfit", "lp_bitfit", "lora_ft", "bitfit_ft"]
+NAMES = {"lp": "LP", "ft": "FT", "lp_ft": "LP-FT", "lora": "LoRA", "lp_lora": "LP-LoRA", "bitfit": "BitFit",
+         "lp_bitfit": "LP-BitFit", "lora_ft": "LoRA-FT", "bitfit_ft": "BitFit-FT"}
+# the fine-tuning methods, in the paper's row order (Tables 1, 2), then the kit's additions
+FT_METHODS = ["ft", "lora", "lp_ft", "lp_lora", "bitfit", "lp_bitfit", "lora_ft", "bitfit_ft"]
+FRESH = ("ft", "lora", "bitfit")  # the methods that start from a fresh head
 SCALING_SPLIT = {"amazon": "sst5"}  # the paper's Figure 3: a model trained on Amazon, its features on SST-5 (OOD)
 
 
@@ -81,8 +85,10 @@ def scaling_diff(r, split):
 
 
 # ---------------------------------------------------------------- drawing
-COLORS = {"lp": "C0", "ft": "C1", "lora": "C2", "lp_ft": "C3", "lp_lora": "C4"}
-MARKERS = {"lp": "*", "ft": "X", "lora": "P", "lp_ft": "D", "lp_lora": "s"}
+COLORS = {"lp": "C0", "ft": "C1", "lora": "C2", "lp_ft": "C3", "lp_lora": "C4", "bitfit": "C5", "lp_bitfit": "C6",
+          "lora_ft": "C8", "bitfit_ft": "C9"}
+MARKERS = {"lp": "*", "ft": "X", "lora": "P", "lp_ft": "D", "lp_lora": "s", "bitfit": "v", "lp_bitfit": "^",
+           "lora_ft": "<", "bitfit_ft": ">"}
 
 
 def pyplot():
@@ -150,9 +156,9 @@ def ft_curves(norm_ax, acc_ax, s, t):
 
 def norm_bars(ax, s, t):
     """(c): ||V|| after training per method (and the fresh head), mean ± std over seeds."""
-    bars = [("Pretrain", "C7", [r["head_norm0"] for r in s.runs_of(("ft", "lora"), [t])])]
+    bars = [("Pretrain", "C7", [r["head_norm0"] for r in s.runs_of(FRESH, [t])])]
     bars += [(NAMES[m], COLORS[m], [r["head_norm"] for r in s.runs(t, m)])
-             for m in ("ft", "lora", "lp", "lp_ft", "lp_lora")]
+             for m in ("ft", "lora", "lp", "lp_ft", "lp_lora", *FT_METHODS[4:])]
     bars = [b for b in bars if b[2]]
     ax.bar(range(len(bars)), [np.mean(v) for _, _, v in bars], yerr=[np.std(v) for _, _, v in bars],
            color=[c for _, c, _ in bars], capsize=3)

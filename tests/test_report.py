@@ -225,6 +225,52 @@ def test_claims_are_decided_by_paired_intervals(tmp_path):
     assert report.verdict((0.5, 0.1, 3), side=-1) == "does not hold"
 
 
+def test_ehft_rows_start_accuracy_and_claim_c7(tmp_path):
+    """BitFit, LoRA-FT and BitFit-FT in the tables, each method's test accuracy and head norm at the start (epoch 0),
+    the EH-FT table paired against LP-FT and FT, and c7: LoRA-FT's Diff(F) lies between LP-FT's and FT's (it does),
+    BitFit-FT's does not (above FT's)."""
+    diffs = {"ft": [0.8, 0.9, 0.85], "lp_ft": [0.1, 0.2, 0.15], "lora_ft": [0.4, 0.5, 0.5],
+             "bitfit_ft": [1.0, 1.1, 1.0], "bitfit": [0.3, 0.3, 0.3]}
+    start = {"ft": (0.3, 0.02), "lp_ft": (0.7, 3.0), "lora_ft": (0.75, 2.0), "bitfit_ft": (0.6, 1.5),
+             "bitfit": (0.3, 0.02)}  # test accuracy and ||V|| at epoch 0
+    for seed in (1, 2, 3):
+        for m, d in diffs.items():
+            run = write_run(tmp_path, "cb", m, seed, 1e-4, val=0.7, test=0.8, diff=d[seed - 1]) / "results.json"
+            res = json.loads(run.read_text())
+            res["history"][0] |= {"test": {"accuracy": start[m][0]}, "head_norm": start[m][1] + seed / 100}
+            run.write_text(json.dumps(res))
+        for m, ratio in (("ft", 0.2), ("lp_ft", 0.9), ("lora_ft", 0.6 + seed / 100)):
+            k = tmp_path / f"cb/ntk-{m}-seed{seed}"
+            k.mkdir()
+            (k / "ntk_results.json").write_text(json.dumps({
+                "config": {"task": "cb", "seed": seed, "n_train": 16, "ntk_method": m, "kernel": "sgd"},
+                "ft_ratio": ratio, "head_norm": 1.0,
+                "kernels": {K: {"fro": 1.0, "rank": 3} for K in ("P", "F", "P+F")}}))
+    md = report.main(["--root", str(tmp_path)])
+    tables = sections(md)
+    acc = tables["Test performance (mean ± std over seeds; Table 8)"]
+    assert "| task | FT | LP-FT | BitFit | LoRA-FT | BitFit-FT |" in acc
+    assert "| cb at the start | 30.0 ± 0.0 | 70.0 ± 0.0 | 30.0 ± 0.0 | 75.0 ± 0.0 | 60.0 ± 0.0 |" in acc
+    assert "| cb LoRA-FT | 0.8 ± 0 | 0.467 ± 0.0577 | 0.2 ± 0 | 1 ± 0 |" in tables[TABLE_TITLES[1]]
+    norms = tables["Head norm ||V||_F after training (Table 13)"]
+    assert "| cb at the start | – | 0.04 ± 0.01 | – | – | 3.02 ± 0.01 | – | 0.04 ± 0.01 | 2.02 ± 0.01 | 1.52 ± 0.01 |" \
+        in norms
+    assert any(x.startswith("| cb LoRA-FT | FT E (F) |") for x in tables[TABLE_TITLES[2]])  # the eNTK table
+    eh = tables["EH-FT against LP-FT and FT (paired by seed)"]
+    assert "| cb LoRA-FT | test at the start | 75.0 ± 0.0 | +5.0 [+5.0, +5.0] (n=3) | +45.0 [+45.0, +45.0] (n=3) |" \
+        in eh
+    assert "| cb LoRA-FT | ‖V‖ at the start | 2.02 ± 0.01 | -1 [-1, -1] (n=3) | +1.98 [+1.98, +1.98] (n=3) |" in eh
+    assert any(x.startswith("| cb LoRA-FT | FT ratio (eNTK at the start) | 0.62 ± 0.01 | -0.28 [") for x in eh)
+    assert any(x.startswith("| cb BitFit-FT | FT ratio (eNTK at the start) | – | – | – |") for x in eh)
+    claims = {x.split(" | ")[1]: x for x in tables["The paper's claims on these runs"] if x.startswith("| cb |")}
+    # LoRA-FT − LP-FT = +0.3, +0.3, +0.35; − FT = -0.4, -0.4, -0.35: both intervals on the claimed side
+    assert claims["c7 Diff(F) of LoRA-FT (EH-FT) lies between LP-FT's and FT's"].endswith(
+        "| +0.317 [+0.245, +0.388] (n=3); -0.383 [-0.455, -0.312] (n=3) | holds |")
+    assert claims["c7 Diff(F) of BitFit-FT (EH-FT) lies between LP-FT's and FT's"].endswith("| does not hold |")
+    assert report.all_hold(["holds", "inside the noise"]) == "inside the noise"
+    assert report.all_hold(["holds", "missing runs"]) == "missing runs" and report.all_hold(["holds"]) == "holds"
+
+
 # ---------------------------------------------------------------- every table and figure of the paper
 C, D, N_TEST, N_KERNEL = 3, 8, 12, 6  # CB's classes; the tiny study's feature width, test set, kernel subset
 MODEL_CFG = {"model": "tiny-model", "pooling": "cls", "max_len": 16, "max_train_samples": None,
