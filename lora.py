@@ -26,7 +26,7 @@ ft.py (runs named prompt_lora / prompt_lp_lora; the MLM head's transform stays f
     logits = last_hidden_state[:, 0] @ weight.T + bias  (pooling cls; mean: the mean over real tokens)
 DIR is written whole under a temporary name beside it and then swapped in (rundir.atomic), so a crash leaves the
 earlier export or none, and the next export removes a killed one's leftovers.
-lora.py needs ft.py (and what ft.py needs: data.py, rundir.py, prompts.py).
+lora.py needs ft.py (and what ft.py needs: data.py, rundir.py, prompts.py, heads.py).
 """
 
 import json

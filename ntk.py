@@ -20,7 +20,7 @@ about twice as fast as func on a 2-core CPU (bench_ntk.py --task cb); on CUDA a 
 A directory is reused only for the same flags (those in NOT_IN_RESULT aside), the same data file contents
 and the same --init head contents; one process at a time writes it.
 ntk.py needs ft.py, lora.py, ntk_structured.py and kernel_view.py (Malladi et al.'s kernels and solvers, --kernel,
---solve) and what they need: data.py, rundir.py, prompts.py.
+--solve) and what they need: data.py, rundir.py, prompts.py, heads.py.
 Outputs in runs/<task>/ntk-<ft|lp_ft|lora|lp_lora|lora_ft|bitfit_ft>-seed<seed>/ (--init RUN_DIR: EH-FT's start):
   kernels.npz       P_train, F_train [N,C,N,C]; P_test, F_test [M,C,N,C]; train_idx, test_idx (rows of
                     the train / test split), train_labels, test_labels, train_logits (f at the start)
@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 import data
 import ft
+import heads
 import kernel_view
 import lora
 import prompts
@@ -379,8 +380,8 @@ def resolve(args):
         die(f"--rank_rtol {args.rank_rtol}: must be in (0, 1), a fraction of the largest singular value")
     rundir.check_positive(args, ("n", "n_test", "k_shot", "batch_size", "max_memory_gb", "head_scale", "ridge")
                           + (("r", "alpha") if args.lora else ()), allow_zero=("ridge",))
-    kind = ft.init_kind(args.init)
-    if args.lora and kind in ft.SOURCES:
+    kind = heads.init_kind(args.init)
+    if args.lora and kind in heads.SOURCES:
         die(f"--init {args.init} is EH-FT's source, whose second stage fine-tunes everything; drop --lora")
     method = ft.run_method((f"{kind}_" if kind else "") + ("lora" if args.lora else "ft"), args)
     args.output_dir = args.output_dir or f"runs/{args.task}/ntk-{rundir.run_name(method, args)}"
@@ -393,7 +394,7 @@ def run_record(args, method):
     lora_only = () if args.lora else ("r", "alpha", "targets")  # no LoRA: its flags change nothing
     return {k: v for k, v in vars(args).items() if k not in NOT_IN_RESULT + lora_only} | {
         "ntk_method": method, "data_sha256": data.data_fingerprint(args.task, args.data_dir),
-        "init_sha256": ft.init_sha256(args.init)}
+        "init_sha256": heads.init_sha256(args.init)}
 
 
 def earlier_result(res_path, record, overwrite):

@@ -13,9 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SETS = {  # the README's file map: what each script needs beside it
     "lp.py": ["data.py", "rundir.py"],
-    "ft.py": ["data.py", "rundir.py", "prompts.py"],
-    "lora.py": ["ft.py", "data.py", "rundir.py", "prompts.py"],
-    "ntk.py": ["ft.py", "lora.py", "ntk_structured.py", "kernel_view.py", "data.py", "rundir.py", "prompts.py"],
+    "ft.py": ["data.py", "rundir.py", "prompts.py", "heads.py"],
+    "lora.py": ["ft.py", "data.py", "rundir.py", "prompts.py", "heads.py"],
+    "ntk.py": ["ft.py", "lora.py", "ntk_structured.py", "kernel_view.py", "data.py", "rundir.py", "prompts.py",
+               "heads.py"],
     "calibrate.py": ["data.py", "rundir.py"],
     "report.py": ["report_figs.py", "data.py", "rundir.py"],
 }

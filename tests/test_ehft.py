@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import data
 import ft
+import heads
 import lora
 import ntk
 import rundir
@@ -74,8 +75,8 @@ def test_bitfit_trains_exactly_the_biases_and_the_head(sources):
         assert set(f.keys()) == want
     res = json.loads((src / "results.json").read_text())
     assert res["config"]["method"] == "bitfit" and res["config"]["r"] is None  # LoRA's flags recorded as unused
-    head = ft.load_head(str(src))  # BitFit-FT's start: the same path as LoRA's
-    assert ft.init_kind(str(src)) == "bitfit" and torch.equal(head["weight"], load_file(
+    head = heads.load_head(str(src))  # BitFit-FT's start: the same path as LoRA's
+    assert heads.init_kind(str(src)) == "bitfit" and torch.equal(head["weight"], load_file(
         str(src / "model.safetensors"))["head.weight"])
 
 
