@@ -168,7 +168,7 @@ def test_bad_input_stops_with_one_line(tmp_path):
 # ---------------------------------------------------------------- runs on the embedded model and real data
 def rte_argv(tmp):
     return ["--task", "rte", "--max_train_samples", "64", "--max_eval_samples", "32", "--epochs", "3",
-            "--output_dir", str(tmp / "run"), "--merge_to", str(tmp / "merged")]
+            "--max_len", "64", "--output_dir", str(tmp / "run"), "--merge_to", str(tmp / "merged")]
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,7 @@ def test_adapter_reload_reproduces_logits(rte_run):
     _, tmp = rte_run
     model, tok = lora.load_adapter(tmp / "run", with_tokenizer=True)
     assert not any(m.merged for m in lora.lora_layers(model))
-    enc = {"val": data.tokenize(tok, val_split(), 128)}
+    enc = {"val": data.tokenize(tok, val_split(), 64)}
     logits = ft.evaluate(model, enc, tok.pad_token_id, 64)["val"][0]
     saved = np.load(tmp / "run" / "logits.npz")
     assert np.array_equal(logits, saved["val_logits"])
@@ -217,7 +217,7 @@ def test_merged_export_loads_without_the_kit(rte_run):
         W, b, info = f.get_tensor("weight"), f.get_tensor("bias"), f.metadata()
     assert info["pooling"] == "cls" and json.loads(info["labels"]) == ["entailment", "not_entailment"]
     fn = lambda batch: enc(**batch).last_hidden_state[:, 0] @ W.T + b
-    logits = data.extract(fn, data.tokenize(tok, val_split(), 128), tok.pad_token_id, 64)[0]
+    logits = data.extract(fn, data.tokenize(tok, val_split(), 64), tok.pad_token_id, 64)[0]
     saved = np.load(tmp / "run" / "logits.npz")["val_logits"]
     assert np.allclose(logits, saved, atol=1e-4)
 
