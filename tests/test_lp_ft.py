@@ -145,7 +145,7 @@ def test_corrupt_head_and_checkpoint(tmp_path):
 
 
 def test_ft_rte_lowers_loss_and_is_deterministic(tmp_path):
-    argv = ["--task", "rte", "--max_train_samples", "32", "--max_eval_samples", "16", "--epochs", "3",
+    argv = ["--task", "rte", "--max_train_samples", "32", "--max_eval_samples", "16", "--epochs", "2",
             "--lr", "1e-4", "--batch_size", "16", "--max_len", "64"]
     a = ft.main(argv + ["--output_dir", str(tmp_path / "a")])
     losses = [h["loss"] for h in a["history"][1:]]
