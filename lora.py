@@ -59,8 +59,8 @@ for _row in TABLE6.values():
 
 # The embedded all-MiniLM-L6-v2: the kit's grid choice on validation (ft.MINILM_LR says by which command).
 MINILM_LR = {
-    "cb": {"lora": 1e-2, "lp_lora": 3e-3},
-    "sst2": {"lora": 3e-3, "lp_lora": 3e-3},
+    "cb": {"lora": 1e-2, "lp_lora": 3e-3, "bitfit": 1e-2},
+    "sst2": {"lora": 3e-3, "lp_lora": 3e-3, "bitfit": 3e-3},
 }
 
 
