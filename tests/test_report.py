@@ -178,6 +178,15 @@ def test_root_that_is_a_file_or_missing_is_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------- the claims table
+def write_ratio_ntk(root, task, method, seed, ratio):
+    """A minimal ntk_results.json: what the claims read (the FT ratio), with placeholder kernel statistics."""
+    k = root / f"{task}/ntk-{method}-seed{seed}"
+    k.mkdir()
+    (k / "ntk_results.json").write_text(json.dumps({
+        "config": {"task": task, "seed": seed, "n_train": 16, "ntk_method": method, "kernel": "sgd"},
+        "ft_ratio": ratio, "head_norm": 1.0, "kernels": {K: {"fro": 1.0, "rank": 3} for K in ("P", "F", "P+F")}}))
+
+
 def test_claims_are_decided_by_paired_intervals(tmp_path):
     """c1-c6 on three hand-made seeds; each verdict follows from the numbers written here (see comments)."""
     for seed in (1, 2, 3):
@@ -195,12 +204,7 @@ def test_claims_are_decided_by_paired_intervals(tmp_path):
         write_run(tmp_path, "sst2", "lp_ft", seed, 1e-4, val=0.8, test=0.8, scale=10,
                   diff=[0.0, 0.09, 0.06][seed - 1])  # 0.1 less each
         for m, ratio in (("ft", 0.2 + seed / 100), ("lp_ft", [0.9, 1.0, 0.95][seed - 1])):
-            k = tmp_path / f"sst2/ntk-{m}-seed{seed}"
-            k.mkdir()
-            (k / "ntk_results.json").write_text(json.dumps({
-                "config": {"task": "sst2", "seed": seed, "n_train": 16, "ntk_method": m, "kernel": "sgd"},
-                "ft_ratio": ratio, "head_norm": 1.0,
-                "kernels": {K: {"fro": 1.0, "rank": 3} for K in ("P", "F", "P+F")}}))
+            write_ratio_ntk(tmp_path, "sst2", m, seed, ratio)
     md = report.main(["--root", str(tmp_path)])
     rows = {line.split(" | ")[1] + " / " + line.split(" | ")[2]: line.split(" | ")[-1].rstrip(" |")
             for line in md.split("## The paper's claims on these runs")[1].split("\n## ")[0].splitlines()
@@ -240,12 +244,7 @@ def test_ehft_rows_start_accuracy_and_claim_c7(tmp_path):
             res["history"][0] |= {"test": {"accuracy": start[m][0]}, "head_norm": start[m][1] + seed / 100}
             run.write_text(json.dumps(res))
         for m, ratio in (("ft", 0.2), ("lp_ft", 0.9), ("lora_ft", 0.6 + seed / 100)):
-            k = tmp_path / f"cb/ntk-{m}-seed{seed}"
-            k.mkdir()
-            (k / "ntk_results.json").write_text(json.dumps({
-                "config": {"task": "cb", "seed": seed, "n_train": 16, "ntk_method": m, "kernel": "sgd"},
-                "ft_ratio": ratio, "head_norm": 1.0,
-                "kernels": {K: {"fro": 1.0, "rank": 3} for K in ("P", "F", "P+F")}}))
+            write_ratio_ntk(tmp_path, "cb", m, seed, ratio)
     md = report.main(["--root", str(tmp_path)])
     tables = sections(md)
     acc = tables["Test performance (mean ± std over seeds; Table 8)"]
