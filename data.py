@@ -412,18 +412,29 @@ def tokenize(tok, split, max_len):
     return [{k: enc[k][i] for k in keys} for i in range(len(a))]
 
 
-def batches(encoded, batch_size, shuffle=False, seed=0, bucket=50):
-    """Length-grouped index batches. Eval: sorted by length. Train: shuffled buckets of
-    `bucket` batches, each sorted by length, then the batch order shuffled (seeded)."""
+BATCHINGS = ("random", "length")
+BUCKET_MAX = 50  # batches per length bucket at most (length batching)
+
+
+def batches(encoded, batch_size, shuffle=False, seed=0, batching="length"):
+    """Index batches. Eval (no shuffle): sorted by length. Train, seeded per epoch:
+    random: a uniform permutation cut into batches (the HF Trainer's sampler, the authors');
+    length: a permutation cut into buckets of batches, each bucket sorted by length, the batch order shuffled. A
+    bucket holds at most a quarter of the epoch's batches (and at most BUCKET_MAX), so an epoch has four or more and a
+    batch's members change between epochs (one bucket would give the same batches every epoch in another order)."""
     lengths = np.array([len(e["input_ids"]) for e in encoded])
     if not shuffle:
         order = np.argsort(-lengths, kind="stable")
         return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(encoded))
+    if batching == "random":
+        return [perm[i:i + batch_size].tolist() for i in range(0, len(perm), batch_size)]
+    n_batches = -(-len(perm) // batch_size)
+    size = batch_size * max(1, min(BUCKET_MAX, n_batches // 4))  # examples per bucket
     out = []
-    for s in range(0, len(perm), batch_size * bucket):
-        chunk = perm[s:s + batch_size * bucket]
+    for s in range(0, len(perm), size):
+        chunk = perm[s:s + size]
         chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
         out += [chunk[i:i + batch_size].tolist() for i in range(0, len(chunk), batch_size)]
     rng.shuffle(out)
@@ -558,6 +569,24 @@ def to_device(batch, dev):
 
 
 PRECISIONS = ("fp32", "bf16")
+
+
+def precision_flag(a):
+    a("--precision", choices=PRECISIONS,
+      help="fp32 (the paper's; the default on a CPU) or bf16 (the default on CUDA: bf16 autocast with fp32 weights, "
+           "float32 matmuls outside it on TF32 tensor cores); recorded in the run record")
+
+
+def resolve_precision(precision, dev=None):
+    """--precision (None: bf16 on CUDA, fp32 on a CPU) -> its name, the one a run records."""
+    return precision or ("bf16" if (dev or device()).type == "cuda" else "fp32")
+
+
+def set_matmul_precision(precision):
+    """float32 matmuls to match --precision on CUDA: TF32 tensor cores under bf16 ("high"), full float32 under
+    fp32 ("highest", PyTorch's default). A CPU is left alone (it has no TF32)."""
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high" if precision == "bf16" else "highest")
 
 
 def autocast(dev, precision=None):

@@ -109,6 +109,10 @@ def make_parser(description=__doc__):
     a("--patience", type=int, default=0, help="stop after N epochs without a better val metric (0: off)")
     a("--eval_batch_size", type=int, default=64)
     a("--compile", action="store_true", help="torch.compile the model (pays on CUDA)")
+    a("--batching", choices=data.BATCHINGS, default="length",
+      help="training batches: random (a uniform permutation each epoch, the HF Trainer's and the authors'; --paper) "
+           "or length (default: random buckets of at least four per epoch, each sorted by length: less padding)")
+    data.precision_flag(a)
     prompt_flag(a)
     return p
 
@@ -130,6 +134,7 @@ def resolve(args, method, table, minilm):
     else:
         args.lr_table = None  # the user's --lr: no table
     args.output_dir = args.output_dir or f"runs/{args.task}/{rundir.run_name(run_method(method, args), args)}"
+    args.precision = data.resolve_precision(args.precision)  # recorded as resolved: bf16 on CUDA, fp32 on a CPU
     return head
 
 
@@ -324,6 +329,7 @@ class Setup:
 def build(args, method, head, splits, fp, setup=None, extra_meta=None):
     """Model (with its initial head and `setup`'s changes, e.g. LoRA), optimizer, schedule, tokenised splits."""
     task, dev = data.get_task(args.task), data.device()
+    data.set_matmul_precision(args.precision)
     torch.manual_seed(args.seed)
     prompt_task = args.task if args.prompt else None
     model, tok = build_model(args.model, len(task.labels), args.pooling, args.seed, prompt_task)
@@ -360,7 +366,7 @@ def adamw(params, lr, dev):
 
 def start(s, args):
     """Epoch 0: the untrained model's record (recorded, never chosen as best). -> (history, best, step, phi0)"""
-    ev = evaluate(s.fwd, s.tokens, s.pad, args.eval_batch_size, s.mult)
+    ev = evaluate(s.fwd, s.tokens, s.pad, args.eval_batch_size, s.mult, args.precision)
     phi0 = {sp: phi for sp, (_, phi) in ev.items()}  # the pre-trained features of every evaluation split
     hist = [{"epoch": 0, "loss": None} | epoch_record(s.task, ev, s.labels, phi0, s.model.head)]
     c = s.cfg
@@ -405,7 +411,7 @@ def train_step(fwd, opt, sched, params, batch, y, precision=None):
     return loss
 
 
-def evaluate(model, tokens, pad_id, bs, mult=1):
+def evaluate(model, tokens, pad_id, bs, mult=1, precision=None):
     """-> {split: (logits [N,C], phi [N,d])} in eval mode."""
     model.eval()
 
@@ -413,7 +419,8 @@ def evaluate(model, tokens, pad_id, bs, mult=1):
         phi = model.features(**batch)
         return model.head(phi), phi
 
-    return {s: data.extract(logits_and_phi, e, pad_id, bs, multiple_of=mult) for s, e in tokens.items()}
+    return {s: data.extract(logits_and_phi, e, pad_id, bs, multiple_of=mult, precision=precision)
+            for s, e in tokens.items()}
 
 
 def epoch_record(task, ev, labels, phi0, head):
@@ -459,12 +466,12 @@ def train(args, s, state):
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
         loss_sum, n_seen = torch.zeros((), device=s.dev), 0
-        order = data.batches(s.train_tokens, args.batch_size, shuffle=True, seed=args.seed * 1000 + epoch)
+        order = data.batches(s.train_tokens, args.batch_size, True, args.seed * 1000 + epoch, args.batching)
         bar = tqdm(order, desc=f"epoch {epoch}", leave=False)
         for i, idx in enumerate(bar):
             b = data.to_device(data.collate(s.train_tokens, idx, s.pad, s.mult), s.dev)
             y = torch.as_tensor(s.train_labels[idx]).to(s.dev, non_blocking=True)
-            loss_sum += train_step(s.fwd, s.opt, s.sched, s.params, b, y).detach() * len(idx)
+            loss_sum += train_step(s.fwd, s.opt, s.sched, s.params, b, y, args.precision).detach() * len(idx)
             n_seen += len(idx)
             step += 1
             if (i + 1) % 50 == 0 or step >= s.total or i + 1 == len(order):
@@ -476,7 +483,7 @@ def train(args, s, state):
                 break
         if s.dev.type == "cuda":  # the peak of the training steps, not of evaluation
             peak = max(peak, torch.cuda.max_memory_allocated() / 2**30)
-        ev = evaluate(s.fwd, s.tokens, s.pad, args.eval_batch_size, s.mult)
+        ev = evaluate(s.fwd, s.tokens, s.pad, args.eval_batch_size, s.mult, args.precision)
         rec = {"epoch": epoch, "loss": avg, "seconds": round(time.time() - t0, 2)}
         hist.append(rec | epoch_record(s.task, ev, s.labels, phi0, s.model.head))
         if hist[-1]["val"][s.sel] > best["score"]:

@@ -31,8 +31,9 @@ from rundir import die
 MAX_FOLDS = 5  # LogisticRegressionCV's folds when every class has that many examples
 # the flags that change the head, logits or lp_results.json (not where files go, nor the batch size)
 RESULT_FLAGS = ("task", "model", "max_len", "pooling", "seed", "C", "max_train_samples", "max_eval_samples",
-                "norm_curve", "binary_head", "k_shot", "data_seed", "prompt")
+                "norm_curve", "binary_head", "k_shot", "data_seed", "prompt", "precision", "cv_scoring")
 CS = np.logspace(-4, 4, 10)  # LogisticRegressionCV's default grid (Cs=10), the authors' too
+CV_SCORINGS = {"accuracy": "accuracy", "log_loss": "neg_log_loss"}  # --cv_scoring -> scikit-learn's scorer
 
 
 def parse(argv=None):
@@ -57,6 +58,10 @@ def parse(argv=None):
       help="features of prompt-based FT (ft.py --prompt): the MLM head's transform at the mask token of the task's "
            "template; needs a *ForMaskedLM model. The head then fits ft.py --prompt --init")
     a("--eval_batch_size", type=int, default=64)
+    data.precision_flag(a)
+    a("--cv_scoring", choices=CV_SCORINGS, default="log_loss",
+      help="how cross-validation scores a C: log_loss (the kit's default: a continuous score, so a tiny change of "
+           "the features rarely moves the choice; docs/results.md measures it) or accuracy (the authors'; --paper)")
     a("--binary_head", choices=["exact", "paper"], default="exact",
       help="two classes: 'exact' writes +-w/2 of scikit-learn's binomial fit at C (the head's logit gap is the LP "
            "model's); 'paper' the authors' head: rows +-u/2 of the symmetric multinomial fit at C (gap u.x, half of "
@@ -89,6 +94,7 @@ def check_args(args):
     rundir.check_output_dir(args.output_dir)
     rundir.check_output_dir(args.cache_dir, "--cache_dir")
     data.check_max_len(args.model, args.max_len)
+    args.precision = data.resolve_precision(args.precision)  # recorded as resolved: bf16 on CUDA, fp32 on a CPU
     if args.prompt:
         prompt_module().check_prompt(args.model, args.task, args.max_len, args.pooling)
 
@@ -174,7 +180,7 @@ def features(args, splits, fp):
     how = args.pooling  # prompt features: keyed by the template too (an edited prompts.PROMPTS entry recomputes them)
     if args.prompt:
         how = "prompt" + hashlib.sha256(fp["prompt_template"].encode()).hexdigest()[:8]
-    cache = Path(args.cache_dir) / args.task / f"{tag}_{how}_L{args.max_len}"
+    cache = Path(args.cache_dir) / args.task / f"{tag}_{how}_L{args.max_len}_{args.precision}"
     out, todo = {}, []
     for s, sp in splits.items():
         f = cache / cache_key(args, s, source(s, fp))
@@ -193,6 +199,7 @@ def features(args, splits, fp):
         else:
             enc, tok = data.load_encoder(args.model)
         enc.to(data.device()).eval()
+        data.set_matmul_precision(args.precision)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         fn = lambda b: data.pool(enc(**b).last_hidden_state, b["attention_mask"], args.pooling)  # noqa: E731
         if cache.is_dir():
@@ -200,7 +207,7 @@ def features(args, splits, fp):
         for s, f in todo:
             e = (prompt_module().prompt_tokenize(tok, splits[s], args.max_len, args.task) if args.prompt
                  else data.tokenize(tok, splits[s], args.max_len))
-            out[s] = data.extract(fn, e, pad, args.eval_batch_size, desc=f"features {s}")[0]
+            out[s] = data.extract(fn, e, pad, args.eval_batch_size, desc=f"features {s}", precision=args.precision)[0]
             save_npy(f, out[s])
         print(f"cached features in {cache}")
     return out
@@ -227,9 +234,10 @@ def cv_folds(labels, task, C):
     return int(min(MAX_FOLDS, counts[least]))
 
 
-def fit(x, y, C, n_classes, folds=MAX_FOLDS, binary_head="exact"):
-    """sklearn logistic regression -> (W [C,d], b [C], chosen C, classifier, logit_scale) as a softmax head;
-    softmax(logit_scale * (W phi + b)) is the fitted LP model's probability.
+def fit(x, y, C, n_classes, folds=MAX_FOLDS, binary_head="exact", scoring="log_loss"):
+    """sklearn logistic regression -> (W [C,d], b [C], chosen C, classifier, logit_scale, cv) as a softmax head;
+    softmax(logit_scale * (W phi + b)) is the fitted LP model's probability; cv: the cross-validation's margin
+    (cv_margin), None with a fixed C.
 
     Two classes. scikit-learn fits one row w (binomial objective 0.5|w|^2 + C sum log(1 + exp(-y (w.x + b)))).
     'exact' writes the rows -w/2, +w/2: logit gap w.x + b, the LP model itself. 'paper' reproduces the authors'
@@ -241,12 +249,13 @@ def fit(x, y, C, n_classes, folds=MAX_FOLDS, binary_head="exact"):
 
     paper = n_classes == 2 and binary_head == "paper"
     k = 2.0 if paper else 1.0  # the multinomial objective at C is the binomial one at 2C (see above)
+    cv = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         if C is None:
-            clf = LogisticRegressionCV(Cs=k * CS, cv=folds, l1_ratios=(0.0,), scoring="accuracy", solver="lbfgs",
-                                       max_iter=5000, use_legacy_attributes=False).fit(x, y)
-            C = float(clf.C_) / k
+            clf = LogisticRegressionCV(Cs=k * CS, cv=folds, l1_ratios=(0.0,), scoring=CV_SCORINGS[scoring],
+                                       solver="lbfgs", max_iter=5000, use_legacy_attributes=False).fit(x, y)
+            C, cv = float(clf.C_) / k, cv_margin(clf.scores_, scoring)
         else:
             clf = LogisticRegression(C=k * C, l1_ratio=0.0, solver="lbfgs", max_iter=5000).fit(x, y)
     W, b = clf.coef_.astype(np.float32), clf.intercept_.astype(np.float32)
@@ -255,7 +264,21 @@ def fit(x, y, C, n_classes, folds=MAX_FOLDS, binary_head="exact"):
     if n_classes == 2:  # sklearn's one row -> two logits: +-w/2 (softmax = its sigmoid), or the authors' +-w/4
         h = 4 if paper else 2
         W, b = np.concatenate([-W / h, W / h]), np.concatenate([-b / h, b / h])
-    return torch.from_numpy(W), torch.from_numpy(b), C, clf, k
+    return torch.from_numpy(W), torch.from_numpy(b), C, clf, k, cv
+
+
+def cv_margin(scores, scoring):
+    """How firmly cross-validation chose C: scores [folds, 1, len(CS)] (scikit-learn's scores_) -> the mean score
+    of every C, the chosen one's (the first best, as scikit-learn picks) and the runner-up's (the best other C).
+    A margin of one or two examples' accuracy is a choice rounding can flip (docs/results.md)."""
+    mean = np.asarray(scores, np.float64).reshape(-1, len(CS)).mean(0)
+    if scoring == "log_loss":
+        mean = -mean  # scikit-learn's neg_log_loss: report the loss itself
+    order = sorted(range(len(CS)), key=lambda i: (-mean[i] if scoring == "accuracy" else mean[i], i))
+    best, second = order[0], order[1]
+    return {"scoring": scoring, "Cs": CS.tolist(), "scores": mean.tolist(), "chosen_score": float(mean[best]),
+            "runner_up_C": float(CS[second]), "runner_up_score": float(mean[second]),
+            "margin": float(abs(mean[best] - mean[second]))}
 
 
 def norm_curve(x, y, n_classes, C, steps, test=None):
@@ -311,7 +334,8 @@ def fit_and_save(args, out, fp, splits, folds):
     y = splits["train"].labels
     feats = features(args, splits, fp)
     print(f"fitting logistic regression on {feats['train'].shape} features of {args.task}")
-    W, b, C, clf, scale = fit(feats["train"], y, args.C, len(task.labels), folds or MAX_FOLDS, args.binary_head)
+    W, b, C, clf, scale, cv = fit(feats["train"], y, args.C, len(task.labels), folds or MAX_FOLDS, args.binary_head,
+                                  args.cv_scoring)
 
     logits = {s: (torch.from_numpy(f) @ W.T + b).numpy() for s, f in feats.items()}
     m = {s: data.metrics(args.task, lg, splits[s].labels) for s, lg in logits.items()}
@@ -320,7 +344,7 @@ def fit_and_save(args, out, fp, splits, folds):
     norm = float(W.norm())
     res = {"config": {k: v for k, v in vars(args).items() if k not in ("overwrite", "overwrite_cache")},
            "fingerprint": fp, "C": C, "cv_folds": folds, "head_norm": norm, "metrics": m, "logit_scale": scale,
-           "max_prob_gap_vs_sklearn": float(gap.max()), "history": [], "best_epoch": 0, "finished": True}
+           "max_prob_gap_vs_sklearn": float(gap.max()), "cv": cv, "history": [], "best_epoch": 0, "finished": True}
     if folds is not None and folds < MAX_FOLDS:
         res["cv_note"] = (f"C chosen by {folds}-fold cross-validation, not {MAX_FOLDS}: the smallest class has "
                           f"{folds} examples in the train subset")
@@ -348,6 +372,9 @@ def fit_and_save(args, out, fp, splits, folds):
     rundir.save_json(out / "lp_results.json", res)  # last: its presence means the head and logits are complete
     sel = task.select_metric
     print(f"LP {args.task}: C={C:.4g} ||V||_F={norm:.3f}  " + "  ".join(f"{s} {v[sel]:.4f}" for s, v in m.items()))
+    if cv:
+        print(f"  cross-validation ({cv['scoring']}): {cv['chosen_score']:.4f} at C={C:.4g}, runner-up "
+              f"{cv['runner_up_score']:.4f} at C={cv['runner_up_C']:.4g} (margin {cv['margin']:.2g})")
     print(f"wrote {out / 'lp_head.pt'}")
     return res
 

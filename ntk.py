@@ -82,8 +82,10 @@ def parse(argv=None):
       "at once (default: 30%% of the GPU's memory, 4 on CPU)")
     a("--ridge", type=float, default=1e-3, help="kernel regression ridge, times the kernel's largest singular value")
     kernel_view.view_flags(a)
-    a("--rank_rtol", type=float, help="numerical rank: singular values above this times the largest (default 1e-4 "
-      "on CPU, 1e-2 on CUDA: what float32 / TF32 kernel entries resolve; see default_rank_rtol)")
+    data.precision_flag(a)
+    a("--rank_rtol", type=float, help="numerical rank: singular values above this times the largest (default 1e-2 "
+      "under --precision bf16 on CUDA, where the kernels' float32 matmuls run in TF32, else 1e-4: what TF32 / "
+      "float32 kernel entries resolve; see default_rank_rtol). The kernels never run in bf16 autocast")
     return p.parse_args(argv)
 
 
@@ -302,13 +304,13 @@ def kernels(model, batch_a, batch_b=None, pad_id=0, method="func", batch_size=8,
 RANK_RTOLS = (1e-3, 1e-4, 1e-6)  # ranks also reported at these tolerances, for comparison
 
 
-def default_rank_rtol():
-    """The tolerance the kernel's own precision allows. Its entries are float32 sums (TF32 on CUDA), accurate to
-    about eps = 1e-6 relative on CPU (func and structured agree to 4e-7) and 1e-3 on CUDA. A perturbation E moves each
-    singular value by at most ||E||_2 <= ||E||_F ~ eps ||K||_F <= eps sqrt(NC) S_max, about 1e-5 S_max (CPU) for
-    the kit's N*C of a few hundred, so a singular value below 1e-4 S_max (10x that) is not told apart from rounding;
-    on CUDA the same argument gives 1e-2."""
-    return 1e-2 if torch.cuda.is_available() else 1e-4
+def default_rank_rtol(precision, dev_type):
+    """The tolerance the kernel's own precision allows. Its entries are float32 sums, accurate to about eps = 1e-6
+    relative in full float32 (func and structured agree to 4e-7 on CPU) and 1e-3 in TF32 (--precision bf16 on CUDA).
+    A perturbation E moves each singular value by at most ||E||_2 <= ||E||_F ~ eps ||K||_F <= eps sqrt(NC) S_max,
+    about 1e-5 S_max in float32 for the kit's N*C of a few hundred, so a singular value below 1e-4 S_max (10x that)
+    is not told apart from rounding; in TF32 the same argument gives 1e-2. A CPU has no TF32."""
+    return 1e-2 if dev_type == "cuda" and precision == "bf16" else 1e-4
 
 
 def spectrum(K, rtol):
@@ -375,7 +377,9 @@ def resolve(args):
         args.n_test = args.n  # recorded as used: unset and = --n are one run
     if args.lora:
         lora.check_targets(args.targets)
-    args.rank_rtol = default_rank_rtol() if args.rank_rtol is None else args.rank_rtol
+    args.precision = data.resolve_precision(args.precision)  # recorded as resolved: bf16 on CUDA, fp32 on a CPU
+    if args.rank_rtol is None:
+        args.rank_rtol = default_rank_rtol(args.precision, data.device().type)
     if not 0 < args.rank_rtol < 1:
         die(f"--rank_rtol {args.rank_rtol}: must be in (0, 1), a fraction of the largest singular value")
     rundir.check_positive(args, ("n", "n_test", "k_shot", "batch_size", "max_memory_gb", "head_scale", "ridge")
@@ -414,6 +418,7 @@ def earlier_result(res_path, record, overwrite):
 
 
 def build(args, head, C):
+    data.set_matmul_precision(args.precision)  # TF32 kernels under bf16 on CUDA (default_rank_rtol follows)
     model, tok = ft.build_model(args.model, C, args.pooling, args.seed, args.task if args.prompt else None)
     ft.init_head(model, head, args)
     if args.lora:

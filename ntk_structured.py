@@ -330,11 +330,10 @@ def contract(K4, ra, rb, same, budget):
 
 
 @contextmanager
-def tf32(on):
-    """TF32 matmuls (float32 accumulation) while on."""
+def matmul_precision(name):
+    """torch's float32 matmul precision ("highest": full float32; "high": TF32 on CUDA) while inside."""
     old = torch.get_float32_matmul_precision()
-    if on:
-        torch.set_float32_matmul_precision("high")
+    torch.set_float32_matmul_precision(name)
     try:
         yield
     finally:
@@ -346,6 +345,17 @@ def f_structured(model, xs_a, xs_b, pad_id, batch_size=8, max_memory_gb=4.0, pro
     quarter for the contractions' buffers. When the factors of all examples do not fit, the examples are split
     into blocks of similar length (a quarter each), and every block pair is contracted: the first block held,
     the second recorded anew (the forward and backward passes are repeated, the kernel is not)."""
+    V = model.head.weight.detach()
+    dev, dtype, C = V.device, V.dtype, V.shape[0]
+    # TF32 where the caller allows it (ntk.py --precision bf16 on CUDA), in the contractions only (sums of many
+    # rounding errors of either sign); the forward and backward passes stay full float32, as their errors would
+    # change the factors themselves
+    fast = "high" if dev.type == "cuda" and torch.get_float32_matmul_precision() != "highest" else "highest"
+    with matmul_precision("highest"):
+        return structured_kernel(model, xs_a, xs_b, pad_id, batch_size, max_memory_gb, progress, fast)
+
+
+def structured_kernel(model, xs_a, xs_b, pad_id, batch_size, max_memory_gb, progress, fast):
     V = model.head.weight.detach()
     dev, dtype, C = V.device, V.dtype, V.shape[0]
     sym = xs_b is None
@@ -391,9 +401,7 @@ def f_structured(model, xs_a, xs_b, pad_id, batch_size=8, max_memory_gb=4.0, pro
         same = sym and p == q
         rb = ra if same else record(model, mods, xs_b, blocks_b[q], pad_id, batch_size)
         Kb = K4[sa[p]:sa[p + 1], :, sb[q]:sb[q + 1]]
-        # float32 on CUDA: the contractions (sums of many rounding errors of either sign) in TF32; the forward
-        # and backward passes stay float32, as their errors would change the factors themselves
-        with tf32(dev.type == "cuda" and dtype == torch.float32):
+        with matmul_precision(fast):
             contract(Kb, ra, rb, same, budget)
         if sym and not same:
             K4[sb[q]:sb[q + 1], :, sa[p]:sa[p + 1]] = Kb.permute(2, 3, 0, 1)

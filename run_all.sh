@@ -21,7 +21,8 @@
 #          --no_ntk --no_scale
 #          --lr_grid "..." and per method --lr_grid_ft --lr_grid_lpft --lr_grid_lora --lr_grid_lplora --lr_grid_bitfit
 #          --lr_grid_lora_ft --lr_grid_bitfit_ft
-#          --patience N --force --print_jobs --report_only (only calibrate the runs under --out and report)
+#          --patience N --batching random|length (default: ft.py's, length; random with --paper)
+#          --force --print_jobs --report_only (only calibrate the runs under --out and report)
 #          --jobs N (jobs at once, each with its share of the cores; default 2 on a CPU study, 1 with --paper)
 #          --kernel_study [--k_shots "16 64" --data_seeds "13 21 42 87 100" --kernels "asym_signgd"
 #          --kernel_test N]: for each task (default "sst2 mrpc"), K and data seed, --methods (default "ft") fine-tuned
@@ -35,13 +36,13 @@ paper=0 force=0 print_jobs=0 no_ntk=0 no_scale=0 report_only=0 kernel_study=0
 k_shots="16 64" data_seeds="13 21 42 87 100" kernels="asym_signgd" kernel_test=""
 tasks="" methods="" seeds="" model="" data_dir="" out=""
 epochs="" max_steps="" max_train="" max_eval="" ntk_tasks="" ntk_n="" ntk_method="" scale_tasks="" scales=""
-patience="" par=""
+patience="" par="" batching=""
 lr_grid=""
 declare -A grid=()
 die() { echo "error: $*" >&2; exit 2; }
 has() { [[ " $2 " == *" $1 "* ]]; }
 VALUED="--tasks --methods --seeds --model --data_dir --out --output_root --epochs --max_steps --max_train_samples
-  --max_eval_samples --ntk_tasks --ntk_n --ntk_method --scale_tasks --scales --patience --jobs --lr_grid --lr_grid_ft
+  --max_eval_samples --ntk_tasks --ntk_n --ntk_method --scale_tasks --scales --patience --batching --jobs --lr_grid --lr_grid_ft
   --lr_grid_lpft --lr_grid_lp_ft --lr_grid_lora --lr_grid_lplora --lr_grid_lp_lora --lr_grid_bitfit --lr_grid_loraft
   --lr_grid_lora_ft --lr_grid_bitfitft --lr_grid_bitfit_ft --k_shots --data_seeds --kernels --kernel_test"
 while [ $# -gt 0 ]; do
@@ -74,6 +75,7 @@ while [ $# -gt 0 ]; do
     --scale_tasks) scale_tasks=$2; shift ;;
     --scales) scales=$2; shift ;;
     --patience) patience=$2; shift ;;
+    --batching) batching=$2; shift ;;
     --jobs) par=$2; shift ;;
     --lr_grid) lr_grid=$2; shift ;;
     --lr_grid_ft) grid[ft]=$2; shift ;;
@@ -154,6 +156,8 @@ check_int --max_train_samples "$max_train" 1
 check_int --max_eval_samples "$max_eval" 1
 check_int --ntk_n "$ntk_n" 1
 check_int --patience "$patience" 0
+[ -z "$batching" ] || [ "$batching" = random ] || [ "$batching" = length ] || \
+  die "--batching $batching: random or length (training batches; see ft.py --help)"
 check_int --jobs "$par" 1
 if [ $kernel_study = 1 ]; then
   for k in $k_shots; do check_int --k_shots "$k" 1; done
@@ -181,6 +185,7 @@ base() {  # flags every script shares: task, seed, model, data
   local c="--task $1 --seed $2"
   [ -n "$model" ] && c+=" --model $model"
   [ -n "$data_dir" ] && c+=" --data_dir $data_dir"
+  [ $paper = 1 ] && c+=" --precision fp32"  # the authors': no bf16 autocast, no TF32, on a GPU too
   echo "$c"
 }
 
@@ -197,13 +202,15 @@ train_flags() {
   [ -n "$max_steps" ] && c+=" --max_steps $max_steps"
   [ -n "$patience" ] && c+=" --patience $patience"
   [ $force = 1 ] && c+=" --overwrite"
+  [ -z "$batching" ] && [ $paper = 1 ] && c+=" --batching random"  # the HF Trainer's sampler, the authors'
+  [ -n "$batching" ] && c+=" --batching $batching"
   echo "$c"
 }
 
 lp_cmd() {  # LP for (task, seed): its head feeds LP-FT, LP-LoRA and the LP NTK
   local d="$out/$1/lp-seed$2" f=""
   [ $force = 1 ] && f=" --overwrite"
-  [ $paper = 1 ] && f+=" --binary_head paper"  # the authors' binary LP head (docs/conventions.md)
+  [ $paper = 1 ] && f+=" --binary_head paper --cv_scoring accuracy"  # the authors' head and choice of C
   echo "$PY lp.py $(common "$1" "$2") --output_dir $d --cache_dir $out/cache --norm_curve 100$f"
 }
 

@@ -138,13 +138,26 @@ def test_batches_cover_everything_and_group_lengths():
     assert sorted(sum(ev, [])) == list(range(1000))
     lens = [len(enc[i]["input_ids"]) for i in sum(ev, [])]
     assert lens == sorted(lens, reverse=True)
-    tr = data.batches(enc, 32, shuffle=True, seed=3, bucket=4)
-    assert sorted(sum(tr, [])) == list(range(1000)) and tr == data.batches(enc, 32, shuffle=True, seed=3, bucket=4)
-    assert tr != data.batches(enc, 32, shuffle=True, seed=4, bucket=4)
-    # length grouping: far fewer padded tokens than batches of random order
     padded = lambda bs: sum(max(len(enc[i]["input_ids"]) for i in b) * len(b) for b in bs)  # noqa: E731
-    perm = np.random.default_rng(0).permutation(1000).tolist()
-    assert padded(tr) < 0.7 * padded([perm[i:i + 32] for i in range(0, 1000, 32)])
+    for how in data.BATCHINGS:
+        tr = data.batches(enc, 32, True, 3, how)
+        assert sorted(sum(tr, [])) == list(range(1000)) and tr == data.batches(enc, 32, True, 3, how)
+        assert tr != data.batches(enc, 32, True, 4, how)
+    # length grouping: far fewer padded tokens than the uniform permutation's batches
+    assert padded(data.batches(enc, 32, True, 3, "length")) < 0.7 * padded(data.batches(enc, 32, True, 3, "random"))
+
+
+@pytest.mark.parametrize("how", data.BATCHINGS)
+def test_batch_members_change_between_epochs_on_a_cb_sized_split(how):
+    """CB: 225 examples in batches of 16. One length bucket per epoch (the kit's old 50-batch buckets) trained the
+    same 15 batches every epoch in another order; now each epoch cuts new batches."""
+    enc = [{"input_ids": [1] * n} for n in np.random.default_rng(1).integers(20, 250, 225)]
+    epochs = [{frozenset(b) for b in data.batches(enc, 16, True, 1001 * 1000 + e, how)} for e in (1, 2, 3)]
+    for a, b in [(0, 1), (1, 2), (0, 2)]:
+        assert len(epochs[a] & epochs[b]) <= 2, f"{how}: {len(epochs[a] & epochs[b])} of 15 batches repeat"
+    if how == "length":  # buckets still sort by length: each batch spans a narrower range than random batches do
+        spread = lambda bs: np.mean([np.ptp([len(enc[i]["input_ids"]) for i in b]) for b in bs])  # noqa: E731
+        assert spread(data.batches(enc, 16, True, 7, "length")) < 0.6 * spread(data.batches(enc, 16, True, 7, "random"))
 
 
 def test_collate_pads_dynamically():

@@ -440,7 +440,8 @@ def test_ranks_at_tolerance_on_a_known_spectrum():
     p = S / S.sum()
     assert st["effective_rank"] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-9)
     np.testing.assert_allclose(st["sv_normalised"], S, rtol=1e-6, atol=1e-12)
-    assert ntk.default_rank_rtol() == (1e-2 if torch.cuda.is_available() else 1e-4)
+    assert ntk.default_rank_rtol("bf16", "cuda") == 1e-2 and ntk.default_rank_rtol("fp32", "cuda") == 1e-4
+    assert ntk.default_rank_rtol("bf16", "cpu") == 1e-4
 
 
 def test_pair_logreg_is_the_authors_procedure():
