@@ -281,6 +281,11 @@ def load_task(task, data_dir=None):
 # ---------------------------------------------------------------- k-shot data (Malladi et al. 2023, after LM-BFF)
 K_SHOT_TEST = 1000  # their test set: the official validation set, capped at 1,000 examples
 DATA_SEEDS = (13, 21, 42, 87, 100)  # their data seeds
+# The GLUE tsv tasks draw as LM-BFF's / MeZO's tools/generate_k_shot_data.py --mode k-shot-1k-test does (their
+# folder names here); the other tasks keep the kit's draw (k_shot_rows).
+THEIR_TASK = {"sst2": "SST-2", "cola": "CoLA", "mrpc": "MRPC"}
+THEIR_SEEDS = (100, 13, 21, 42, 87)  # their script's --seed default: the order their README's command draws in
+K_SHOT_DRAW = "generate_k_shot_data.py --mode k-shot-1k-test"  # recorded by GLUE k-shot runs (older runs: the kit's)
 
 
 def k_shot_flags(a):
@@ -303,6 +308,8 @@ def check_k_shot(args):
     if given:
         die(f"--k_shot fixes the split sizes; drop --{' and --'.join(given)}")
     args.data_seed = DATA_SEEDS[0] if args.data_seed is None else args.data_seed
+    if getattr(args, "task", None) in THEIR_TASK:  # in the run record: a run of the kit's earlier draw is not reused
+        args.k_shot_draw = K_SHOT_DRAW
 
 
 def k_shot_rows(task, labels, k, data_seed):
@@ -321,20 +328,83 @@ def k_shot_rows(task, labels, k, data_seed):
     return sorted(tr), sorted(va)
 
 
+def their_lines(task, split, root):
+    """A GLUE file as their script reads it (open(path).readlines() under UTF-8: universal newlines, each line
+    with its '\\n', the last maybe without) -> (header lines, example lines); CoLA's file has no header."""
+    path = file_path(task, split, root)
+    if not path.exists():
+        die(f"missing data file {path}; the k-shot draw of {task} reads the GLUE tsv files: put them there "
+            f"(see data/README.md) or pass --data_dir")
+    ls = io.StringIO(read_text(path), newline=None).readlines()
+    return ([], ls) if task == "cola" else (ls[:1], ls[1:])
+
+
+def their_label(task, line):
+    """Their get_label: the label as written, in CoLA's column 1, MRPC's column 0, SST-2's last."""
+    return line.strip().split("\t")[{"cola": 1, "mrpc": 0}.get(task, -1)]
+
+
+def their_order(n, seeds):
+    """np.random.seed(s); np.random.shuffle(lines) for each s in turn, on line numbers instead of lines."""
+    idx = list(range(n))
+    for s in seeds:
+        np.random.RandomState(s).shuffle(idx)  # np.random.seed(s) seeds this same legacy generator
+    return idx
+
+
+def their_seeds(task, seed):
+    """The shuffles behind one seed's draw. CoLA has no header to slice off, so their script shuffles its train and
+    dev lists in place and each seed of a run starts from the previous seed's order: under their README's command
+    (seeds THEIR_SEEDS in order) seed 13's CoLA draw is shuffled by 100, then by 13. A seed outside THEIR_SEEDS:
+    as their script run with that one --seed."""
+    if task == "cola" and seed in THEIR_SEEDS:
+        return list(THEIR_SEEDS[:THEIR_SEEDS.index(seed) + 1])
+    return [seed]
+
+
+def their_k_shot(task, k, seed, root, train, test):
+    """-> {'train', 'val', 'test': example numbers in the order their files list them}: train shuffled by `seed`,
+    grouped by label in order of first appearance, [:K] of each train and [K:2K] val; test the whole dev file, or
+    for one over K_SHOT_TEST lines the first K_SHOT_TEST after a shuffle by 42. train, test: the kit's Splits of
+    the same files, checked line for line (their line i is the kit's example i)."""
+    _, lines_ = their_lines(task, "train", root)
+    n_dev = len(their_lines(task, "test", root)[1])
+    for split, n, sp in (("train", len(lines_), train), ("test", n_dev, test)):
+        if n != len(sp):
+            die(f"{file_path(task, split, root)}: {n} lines but {len(sp)} examples (a blank or broken line?); "
+                f"the k-shot draw needs the official file")
+    groups = {}
+    for i in their_order(len(lines_), their_seeds(task, seed)):
+        groups.setdefault(their_label(task, lines_[i]), []).append(i)
+    for written, g in groups.items():
+        if len(set(train.labels[g].tolist())) > 1:
+            die(f"{file_path(task, 'train', root)}: label column '{written}' is several classes in the kit's "
+                f"reading; the k-shot draw needs the official file")
+        if len(g) < 2 * k:
+            die(f"{task} has {len(g)} '{TASKS[task].labels[train.labels[g[0]]]}' training examples; --k_shot {k} "
+                f"needs {2 * k} of each label (K train + K val): pass a smaller --k_shot")
+    te = list(range(n_dev))
+    if n_dev > K_SHOT_TEST:  # CoLA: the in-place shuffle again, one shuffle by 42 per seed drawn so far
+        te = their_order(n_dev, [42] * len(their_seeds(task, seed)))[:K_SHOT_TEST]
+    return {"train": [i for g in groups.values() for i in g[:k]],
+            "val": [i for g in groups.values() for i in g[k:2 * k]], "test": te}
+
+
 def k_shot_splits(task, data_dir, k, data_seed):
-    """The k-shot splits: train and val drawn from the official train set, test (and OOD sets) capped at
-    K_SHOT_TEST by a fixed seed (the same test examples for every K and data seed). split.meta['rows']: the rows
-    of the official file."""
+    """The k-shot splits: train and val drawn from the official train set; test (and OOD sets) the official
+    validation set capped at K_SHOT_TEST. GLUE tsv tasks: their script's draw (their_k_shot); the others: the kit's
+    (k_shot_rows; the test subset by a fixed seed, the same for every K and data seed). split.meta['rows']: the
+    rows of the official file."""
     t, root = get_task(task), data_root(data_dir)
-    full = load_file(task, "train", root)
-    tr, va = k_shot_rows(task, full.labels, k, data_seed)
-    out = {"train": full.subset(tr), "val": full.subset(va)}
-    out["train"].meta, out["val"].meta = {"rows": tr}, {"rows": va}
-    for name in ("test",) + t.ood:
-        sp = load_file(task, name, root)
-        rows = subset_indices(len(sp), K_SHOT_TEST, 0)
-        out[name] = sp.subset(rows)
-        out[name].meta = {"rows": rows}
+    full = {s: load_file(task, s, root) for s in ("train", "test") + t.ood}
+    if task in THEIR_TASK:
+        rows = their_k_shot(task, k, data_seed, root, full["train"], full["test"])
+    else:
+        rows = dict(zip(("train", "val"), k_shot_rows(task, full["train"].labels, k, data_seed)))
+        rows |= {s: subset_indices(len(full[s]), K_SHOT_TEST, 0) for s in ("test",) + t.ood}
+    out = {s: full["train" if s == "val" else s].subset(r) for s, r in rows.items()}
+    for s, sp in out.items():
+        sp.meta = {"rows": rows[s]}
     return out
 
 

@@ -108,6 +108,8 @@ def fingerprint(args):
             die(f"missing data file {path}; put the official {args.task} files there (or pass --data_dir / set "
                 f"LPFT_DATA to a folder with the layout of data/README.md)")
     fp = {k: getattr(args, k) for k in RESULT_FLAGS}
+    if getattr(args, "k_shot_draw", None):  # a GLUE k-shot run (data.check_k_shot): which draw
+        fp["k_shot_draw"] = args.k_shot_draw
     if args.prompt:
         fp["prompt_template"] = prompt_module().prompt_record(args.task)
     return fp | {"data_sha256": data.data_fingerprint(args.task, args.data_dir)}

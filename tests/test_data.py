@@ -1,6 +1,7 @@
 import argparse
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,20 +103,56 @@ def test_bad_label_is_one_line_error(tmp_path):
 
 
 def test_k_shot_draw(data_dir):
-    """K train + K val per label from the official train set, disjoint; one draw per (task, K, seed) whatever the
-    caller; other seeds draw otherwise; test capped at K_SHOT_TEST rows of the official validation set."""
-    full = data.load_file("sst2", "train", data.data_root(data_dir))
-    tr, va = data.k_shot_rows("sst2", full.labels, 16, 13)
+    """The kit's draw (SuperGLUE tasks): K train + K val per label from the official train set, disjoint; one draw
+    per (task, K, seed) whatever the caller; other seeds draw otherwise; test capped at K_SHOT_TEST rows of the
+    official validation set. No k_shot_draw in the run record: such runs are the kit's draw as before."""
+    full = data.load_file("rte", "train", data.data_root(data_dir))
+    tr, va = data.k_shot_rows("rte", full.labels, 16, 13)
     assert np.bincount(full.labels[tr]).tolist() == [16, 16] and np.bincount(full.labels[va]).tolist() == [16, 16]
-    assert not set(tr) & set(va) and (tr, va) == data.k_shot_rows("sst2", full.labels, 16, 13)
-    assert data.k_shot_rows("sst2", full.labels, 16, 21)[0] != tr
-    sp = data.k_shot_splits("sst2", data_dir, 16, 13)
+    assert not set(tr) & set(va) and (tr, va) == data.k_shot_rows("rte", full.labels, 16, 13)
+    assert data.k_shot_rows("rte", full.labels, 16, 21)[0] != tr
+    sp = data.k_shot_splits("rte", data_dir, 16, 13)
     assert sp["train"].meta["rows"] == tr and [t for t in sp["train"].texts] == [full.texts[i] for i in tr]
-    test = data.load_file("sst2", "test", data.data_root(data_dir))
+    test = data.load_file("rte", "test", data.data_root(data_dir))
     assert len(sp["test"]) == min(len(test), data.K_SHOT_TEST)
-    args = argparse.Namespace(task="sst2", data_dir=data_dir, k_shot=16, data_seed=13, seed=5)
-    assert data.load_splits(args)["val"].texts == sp["val"].texts
+    args = argparse.Namespace(task="rte", data_dir=data_dir, k_shot=16, data_seed=13, seed=5)
+    data.check_k_shot(args)
+    assert data.load_splits(args)["val"].texts == sp["val"].texts and not hasattr(args, "k_shot_draw")
     assert rundir.run_name("ft", args) == "ft-k16-data13-seed5"
+
+
+# Files their generate_k_shot_data.py wrote from the shipped GLUE files (how: tests/fixtures/kshot/README.md)
+THEIRS = Path(__file__).resolve().parent / "fixtures" / "kshot"
+THEIR_DRAWS = [("sst2", "SST-2/16-13"), ("mrpc", "MRPC/16-42"), ("cola", "CoLA/16-13")]
+
+
+def their_draw(task, setting, data_dir):
+    """-> (the kit's k-shot splits, their folder) for one of THEIR_DRAWS; CoLA is not shipped in data/."""
+    if not data.file_path(task, "train", data.data_root(data_dir)).exists():
+        pytest.skip(f"no {task} files in {data_dir}")
+    k, seed = map(int, setting.split("/")[1].split("-"))
+    return data.k_shot_splits(task, data_dir, k, seed), THEIRS / setting
+
+
+@pytest.mark.parametrize("task,setting", THEIR_DRAWS)
+def test_k_shot_draw_is_their_scripts(task, setting, data_dir):
+    """GLUE tasks: train and val are the examples of their train.tsv and dev.tsv, in their order (SST-2 16-13 and
+    MRPC 16-42; CoLA 16-13, shuffled in place after seed 100 as their README's command does); test is the whole
+    dev file (SST-2, MRPC) or 1,000 of CoLA's 1,043; the run record names the draw."""
+    sp, folder = their_draw(task, setting, data_dir)
+    for split, name in (("train", "train.tsv"), ("val", "dev.tsv")):
+        if (folder / name).exists():
+            theirs = data.read_file(task, folder / name)  # their lines as the kit reads any GLUE file
+            assert sp[split].texts == theirs.texts and sp[split].labels.tolist() == theirs.labels.tolist()
+    first = {"sst2": "well worth revisiting as many times ", "cola": "Bill seems to be obnoxious, but I don't think "
+             "that Sam tends.", "mrpc": "Tibco has used the Rendezvous name since 1994 for several of its technology "
+             "products , according to the Palo Alto , California company ."}[task]
+    assert sp["train"].texts[0][0] == first  # literally their train.tsv's first example
+    n_dev = len(data.load_file(task, "test", data.data_root(data_dir)))
+    assert len(sp["test"]) == min(n_dev, data.K_SHOT_TEST) and len(set(sp["test"].meta["rows"])) == len(sp["test"])
+    args = argparse.Namespace(task=task, k_shot=16, data_seed=13)
+    data.check_k_shot(args)
+    assert args.k_shot_draw == data.K_SHOT_DRAW
 
 
 def test_k_shot_refusals(data_dir):

@@ -137,6 +137,8 @@ def test_solve_saved_kernels_and_refusals(tmp_path, data_dir):
     assert json.loads((out / "solvers.json").read_text())["kind"] == "asym_signgd"
     z = np.load(out / "kernels.npz")
     assert z["F_flip"].shape == z["F_test"].shape == (6, 1, 4, 1)
+    assert res["config"]["k_shot_draw"] == data.K_SHOT_DRAW  # SST-2: their script's draw, recorded
+    assert z["train_idx"].tolist() == data.k_shot_splits("sst2", data_dir, 2, 13)["train"].meta["rows"]
     for bad, msg in ((["--task", "cb", "--binary_logit"], "needs two classes"),
                      (["--task", "sst2", "--kernel", "signgd", "--method", "structured"], "needs the explicit"),
                      (["--task", "sst2", "--asym_lambda", "2"], "lambda in"),
