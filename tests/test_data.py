@@ -1,6 +1,8 @@
 import argparse
+import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,9 @@ import torch
 
 import data
 import rundir
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import k_shot_export  # noqa: E402
 
 # paper Table 7 (train / val / test); train/val = official train split 9:1 without shuffling
 SIZES = {"cb": (225, 25, 56), "rte": (2241, 249, 277), "sst2": (60614, 6735, 872), "wic": (4885, 543, 638),
@@ -153,6 +158,30 @@ def test_k_shot_draw_is_their_scripts(task, setting, data_dir):
     args = argparse.Namespace(task=task, k_shot=16, data_seed=13)
     data.check_k_shot(args)
     assert args.k_shot_draw == data.K_SHOT_DRAW
+
+
+@pytest.mark.parametrize("task,setting", THEIR_DRAWS)
+def test_k_shot_export_is_their_files(task, setting, data_dir, tmp_path):
+    """tools/k_shot_export.py writes their files byte for byte: train.tsv and dev.tsv against the copies kept, all
+    three (test.tsv too) against the sha256 of their script's output."""
+    _, folder = their_draw(task, setting, data_dir)
+    sums = dict(ln.split()[::-1] for ln in (THEIRS / "SHA256SUMS").read_text().splitlines())
+    k, seed = setting.split("/")[1].split("-")
+    [out] = k_shot_export.main(["--task", task, "--k", k, "--seeds", seed, "--out", str(tmp_path),
+                                "--data_dir", str(data_dir)])
+    assert out == tmp_path / setting and sorted(p.name for p in out.iterdir()) == ["dev.tsv", "test.tsv", "train.tsv"]
+    for f in out.iterdir():
+        if (folder / f.name).exists():
+            assert f.read_bytes() == (folder / f.name).read_bytes()
+        assert hashlib.sha256(f.read_bytes()).hexdigest() == sums[f"{setting}/{f.name}"]
+
+
+def test_k_shot_export_refusals(tmp_path):
+    with pytest.raises(SystemExit, match="keep the kit's draw"):
+        k_shot_export.main(["--task", "rte", "--k", "16", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not whole numbers"):
+        k_shot_export.main(["--task", "sst2", "--k", "16", "--seeds", "13 x", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
 
 
 def test_k_shot_refusals(data_dir):
