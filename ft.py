@@ -436,20 +436,32 @@ def epoch_record(task, ev, labels, phi0, head):
 
 def feature_stats(phi, phi0, labels):
     """The feature statistics of paper Tables 1 and 12. Diff(F): mean ||phi_t(x) - phi_0(x)||; CS(F): mean cosine
-    similarity over pairs of different examples; FDR (the kit's definition): tr(S_B) / tr(S_W), between- over
-    within-class scatter."""
+    similarity over pairs of different examples; FDR both ways (fdr): fdr_f = tr(S_B) / tr(S_W) (the kit's),
+    fdr_f_pinv = tr(S_W^+ S_B) (the magnitudes the paper reports, docs/conventions.md)."""
     phi, phi0 = np.asarray(phi, np.float64), np.asarray(phi0, np.float64)
     n = len(phi)
     z = phi / np.linalg.norm(phi, axis=1, keepdims=True).clip(1e-12)
     cs = (np.square(z.sum(0)).sum() - n) / max(n * (n - 1), 1)
-    mu = phi.mean(0)
-    sb = sw = 0.0
-    for c in np.unique(labels):
-        x = phi[labels == c]
-        sb += len(x) * np.square(x.mean(0) - mu).sum()
-        sw += np.square(x - x.mean(0)).sum()
-    return {"diff_f": float(np.linalg.norm(phi - phi0, axis=1).mean()), "cs_f": float(cs),
-            "fdr_f": float(sb / max(sw, 1e-12))}
+    ratio, pinv = fdr(phi, labels)
+    return {"diff_f": float(np.linalg.norm(phi - phi0, axis=1).mean()), "cs_f": float(cs), "fdr_f": ratio,
+            "fdr_f_pinv": pinv}
+
+
+def fdr(phi, labels):
+    """Fisher's discriminant ratio of features phi [N,d] (float64) -> (tr(S_B) / tr(S_W), tr(S_W^+ S_B)), with
+    S_W = X_W^T X_W (X_W: each row minus its class mean) and S_B = X_B^T X_B (X_B: sqrt(n_c) (mu_c - mu), one row
+    per class). S_W^+ comes from the SVD of X_W, not from S_W: with N < d, S_W has rank N - C and its null space
+    is rounding noise, which a pseudo-inverse keeping it blows up (in float32, 1e5 to 3e8 on CB's features:
+    docs/conventions.md). Singular values below max(N, d) x eps x the largest count as zero (numpy's matrix_rank)."""
+    classes, idx, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    means = np.stack([phi[idx == k].mean(0) for k in range(len(classes))])
+    xw = phi - means[idx]
+    xb = np.sqrt(counts)[:, None] * (means - phi.mean(0))
+    sw = np.square(xw).sum()
+    _, s, vt = np.linalg.svd(xw, full_matrices=False)
+    keep = s > (s[0] if s.size else 0.0) * max(xw.shape) * np.finfo(np.float64).eps
+    proj = (xb @ vt[keep].T) / s[keep]  # X_B V S^-1: its squared norm is tr(S_W^+ S_B)
+    return float(np.square(xb).sum() / max(sw, 1e-12)), float(np.square(proj).sum())
 
 
 def train(args, s, state):

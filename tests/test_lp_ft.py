@@ -217,12 +217,36 @@ def test_feature_stats_on_every_split_ood_included(tmp_path):
     for sp in splits:  # each split against its own start: no change at epoch 0, a change after training
         assert start["features"][sp]["diff_f"] == 0 and best["features"][sp]["diff_f"] > 0, sp
         assert 0 < best["features"][sp]["fdr_f"] and -1 <= best["features"][sp]["cs_f"] <= 1
-    assert {k: best[k] for k in ("diff_f", "cs_f", "fdr_f")} == best["features"]["test"]
+    assert {k: best[k] for k in ("diff_f", "cs_f", "fdr_f", "fdr_f_pinv")} == best["features"]["test"]
     z = np.load(out / "features.npz")
     assert z["test_phi"].shape == z["test_phi0"].shape == (40, 384)
     assert ft.feature_stats(z["test_phi"], z["test_phi0"], z["test_labels"]) == pytest.approx(
         best["features"]["test"], rel=1e-6)  # recomputed from the saved features
     assert len(np.load(out / "logits.npz")["sst5_logits"]) == 11
+
+
+def scatter(phi, labels):
+    """S_W and S_B summed explicitly, one outer product per example and per class."""
+    mu, d = phi.mean(0), phi.shape[1]
+    sw, sb = np.zeros((d, d)), np.zeros((d, d))
+    for c in np.unique(labels):
+        x = phi[labels == c]
+        sw += sum(np.outer(v - x.mean(0), v - x.mean(0)) for v in x)
+        sb += len(x) * np.outer(x.mean(0) - mu, x.mean(0) - mu)
+    return sw, sb
+
+
+@pytest.mark.parametrize("n,d", [(40, 5), (7, 12)])  # N > d: S_W invertible; N < d: rank N - C
+def test_fdr_both_ways_against_explicit_scatter_matrices(n, d):
+    rng = np.random.default_rng(n)
+    phi, labels = rng.normal(size=(n, d)) * rng.uniform(0.1, 10, size=d), np.arange(n) % 3
+    sw, sb = scatter(phi, labels)
+    ratio, pinv = ft.fdr(phi, labels)
+    assert ratio == pytest.approx(np.trace(sb) / np.trace(sw), rel=1e-9)
+    inverse = np.linalg.inv(sw) if n > d else np.linalg.pinv(sw, hermitian=True)
+    assert pinv == pytest.approx(np.trace(inverse @ sb), rel=1e-6)
+    st = ft.feature_stats(phi, phi, labels)
+    assert (st["fdr_f"], st["fdr_f_pinv"]) == (ratio, pinv)
 
 
 def test_checkpoint_of_an_older_kit_is_refused_in_one_line(tmp_path, monkeypatch):
