@@ -9,7 +9,8 @@ and ntk.py import them. --prompt (a masked LM, e.g. --model roberta-base) is pro
 template with a mask token, phi(x) at the mask, the head from the label words (prompts.PromptEncoder, build_model).
 Outputs go to runs/<task>/<method>-seed<seed>/ (prompt_<method> with --prompt): run.json (what determines the
 result, written first), results.json, logits.npz, features.npz (the test features phi(x) at the start and at the
-best epoch: report.py's t-SNE), model.safetensors + meta.json, and ckpt.pt (resume state, removed when done).
+best epoch, the head's rows at the start: report.py's t-SNE), model.safetensors + meta.json, and ckpt.pt (resume
+state, removed when done).
 A directory is skipped or resumed only when its run.json equals this run's.
 ft.py needs data.py, rundir.py, prompts.py and heads.py.
 """
@@ -467,6 +468,7 @@ def fdr(phi, labels):
 def train(args, s, state):
     """The loop: epochs of shuffled length-grouped batches; after each an evaluation and (but the last) a resume
     checkpoint; after the first the estimated total time."""
+    head0 = s.model.head.weight.detach().float().cpu().numpy().copy()  # the start's rows (build's; resume loads later)
     hist, best, step, phi0 = resume(s, state) if state else start(s, args)
     since_best = hist[-1]["epoch"] - best["epoch"] if best["epoch"] else 0
     peak, first = 0.0, hist[-1]["epoch"] + 1
@@ -500,7 +502,7 @@ def train(args, s, state):
         hist.append(rec | epoch_record(s.task, ev, s.labels, phi0, s.model.head))
         if hist[-1]["val"][s.sel] > best["score"]:
             best, since_best = {"epoch": epoch, "score": hist[-1]["val"][s.sel]}, 0
-            save_best(s, ev, phi0)
+            save_best(s, ev, phi0, head0)
         else:
             since_best += 1
         r = hist[-1]
@@ -522,13 +524,14 @@ def estimate(s, args, seconds, epoch):
 
 
 # ---------------------------------------------------------------- the end of the run
-def save_best(s, ev, phi0):
+def save_best(s, ev, phi0, head0):
     save_weights(s.out, s.model, s.meta)
     rundir.save_npz(s.out / "logits.npz", **{f"{sp}_{k}": v for sp, (lg, _) in ev.items()
                                              for k, v in (("logits", lg), ("labels", s.labels[sp]))})
-    # the test features before and after (report.py's t-SNE, Figures 5-6): test only, the OOD sets can be large
+    # the test features before and after and the head's rows at the start (report.py's t-SNE, Figures 5-6, draws
+    # them with the rows after training): test only, the OOD sets can be large
     rundir.save_npz(s.out / "features.npz", test_phi=ev["test"][1], test_phi0=phi0["test"],
-                    test_labels=s.labels["test"])
+                    test_labels=s.labels["test"], head0=head0)
 
 
 def save_weights(out, model, meta):

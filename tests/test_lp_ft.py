@@ -97,6 +97,8 @@ def test_embedded_head_fits_its_own_directory_and_lp_saves_features(cb_lp, tmp_p
     assert np.array_equal(a["test_labels"], np.load(out / "logits.npz")["test_labels"])
     assert np.array_equal(a["test_labels"], b["test_labels"])
     np.testing.assert_allclose(a["test_phi0"], b["test_phi0"], atol=1e-5)
+    lp_w = torch.load(out / "lp_head.pt", weights_only=True)["weight"].float().numpy()
+    assert np.array_equal(b["head0"], lp_w)  # LP-FT's rows at the start (the t-SNE's "before"): the LP head's
     other = tmp_path / "other"  # another model: here the embedded one's config alone, in a folder of its own
     other.mkdir()
     shutil.copy(Path(emb) / "config.json", other)
@@ -175,6 +177,8 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path, monkeypatch, cap
     assert "resuming after epoch 1" in capsys.readouterr().out
     strip = lambda r: [{k: v for k, v in h.items() if k != "seconds"} for h in r["history"]]  # noqa: E731
     assert strip(resumed) == strip(full) and resumed["metrics"] == full["metrics"]
+    head0 = [np.load(tmp_path / d / "features.npz")["head0"] for d in ("full", "cut")]
+    assert np.array_equal(*head0)  # the start's rows, not the checkpoint's trained ones
     again = ft.main(argv + ["--output_dir", str(tmp_path / "cut")])
     assert "already finished" in capsys.readouterr().out and again == json.loads(
         (tmp_path / "cut/results.json").read_text())
@@ -220,6 +224,9 @@ def test_feature_stats_on_every_split_ood_included(tmp_path):
     assert {k: best[k] for k in ("diff_f", "cs_f", "fdr_f", "fdr_f_pinv")} == best["features"]["test"]
     z = np.load(out / "features.npz")
     assert z["test_phi"].shape == z["test_phi0"].shape == (40, 384)
+    # FT's fresh head at the start: its norm is epoch 0's, and training moved it
+    assert np.linalg.norm(z["head0"]) == pytest.approx(start["head_norm"], rel=1e-6)
+    assert np.linalg.norm(z["head0"]) != pytest.approx(best["head_norm"], rel=1e-6)
     assert ft.feature_stats(z["test_phi"], z["test_phi0"], z["test_labels"]) == pytest.approx(
         best["features"]["test"], rel=1e-6)  # recomputed from the saved features
     assert len(np.load(out / "logits.npz")["sst5_logits"]) == 11
