@@ -37,6 +37,7 @@ DASH = "–"
 RESULTS = ("results.json", "lp_results.json", "ntk_results.json")
 ARTIFACTS = ("ckpt.pt", "model.safetensors", "meta.json", "logits.npz", "lp_head.pt", "kernels.npz")
 FEATURE_STATS = ("diff_f", "cs_f", "fdr_f")  # an epoch's record: features.<split>.<stat> (ft.py, lora.py)
+FDR_PINV = "fdr_f_pinv"  # tr(S_W^+ S_B), recorded since issue 26: a run without it shows "–"
 CAL_METRICS = ("accuracy", "nll", "brier", "ece", "mce")  # calibration.json: per split, before and after
 PROMPT_RUN = "a prompt-based run (--prompt): not one of the paper's methods, so no table reads it"
 EHFT = ("lora_ft", "bitfit_ft")  # EH-FT (Yang et al. 2022): the head of a LoRA or BitFit run, then fine-tuning
@@ -419,20 +420,27 @@ def feature_rows(s, t, split="test"):
         return []
     name = t if split == "test" else f"{t} ({split})"
     start = [r["history"][0] for r in tuned if r["history"][0]["epoch"] == 0]
-    pre = [ms(s, [pick(h, "features", split, k) for h in start]) if k else DASH for k in ("cs_f", None, "fdr_f")]
+    pre = [ms(s, [pick(h, "features", split, k) for h in start]) if k else DASH
+           for k in ("cs_f", None, "fdr_f", FDR_PINV)]
     rows = [[f"{name} Pre-trained", *pre, ms(s, [r["head_norm0"] for r in s.runs_of(FRESH, [t])])]]
     if s.runs(t, "lp"):
         rows.append([f"{name} LP", *pre, ms(s, [r["head_norm"] for r in s.runs(t, "lp")])])
     for m in FT_METHODS:
         if s.runs(t, m):
             rows.append([f"{name} {NAMES[m]}"] + [ms(s, [pick(r["features"], split, k) for r in s.runs(t, m)])
-                                                 for k in ("cs_f", "diff_f", "fdr_f")]
+                                                 for k in ("cs_f", "diff_f", "fdr_f", FDR_PINV)]
                         + [ms(s, [r["head_norm"] for r in s.runs(t, m)])])
     return rows
 
 
-FEATURES_READ = ("results.json history (cs_f, diff_f, fdr_f, head_norm at the best epoch; epoch 0 for Pre-trained) "
-                 "and lp_results.json (head_norm)")
+FEATURES_READ = ("results.json history (cs_f, diff_f, fdr_f, fdr_f_pinv, head_norm at the best epoch; epoch 0 for "
+                 "Pre-trained) and lp_results.json (head_norm)")
+FEATURE_HEADER = ["run", "CS(F)", "Diff(F)", "FDR(F) tr(S_B)/tr(S_W)", "FDR(F) tr(S_W⁺S_B)", "Norm(C)"]
+FDR_NOTE = ("FDR(F) both ways: tr(S_B)/tr(S_W), between- over within-class scatter (the kit's), and tr(S_W⁺S_B) "
+            "(pseudo-inverse, float64; – for a run made before the kit recorded it). The paper's magnitudes (CB 8e4 "
+            "to 7e8 on 56 test examples, Amazon 1.3 on 38,905) are the second's: a trace ratio that large needs "
+            "99.999% of the scatter between classes, and S_W⁺ pseudo-inverted in float32 with fewer examples than "
+            "feature dimensions gives such values (docs/conventions.md, *FDR both ways*).")
 
 
 def feature_table(s):  # Tables 1 and 12: feature change and the classifier's norm
@@ -440,11 +448,11 @@ def feature_table(s):  # Tables 1 and 12: feature change and the classifier's no
     body = [row for t in s.tasks for row in feature_rows(s, t)]
     if not body:
         return missing(title, "no LP or fine-tuning runs (results.json, lp_results.json).")
-    return (title, fed_by(s.runs_of(), FEATURES_READ), ["run", "CS(F)", "Diff(F)", "FDR(F)", "Norm(C)"], body,
+    return (title, fed_by(s.runs_of(), FEATURES_READ), FEATURE_HEADER, body,
             "Mean ± std over seeds, on the test split. CS(F): mean cosine similarity between the features of two "
             "examples; Diff(F): mean ||phi(x) - phi_0(x)|| from the pre-trained features (Table 12 is this column); "
-            "FDR(F) (the kit's definition): tr(S_B)/tr(S_W); Norm(C): ||V||_F of the head. Pre-trained: the features "
-            "at epoch 0 of the fine-tuning runs and the fresh head; LP: the same features and the LP head.")
+            "Norm(C): ||V||_F of the head. Pre-trained: the features at epoch 0 of the fine-tuning runs and the fresh "
+            "head; LP: the same features and the LP head. " + FDR_NOTE)
 
 
 def kernel_row(run, kernel, ks, K, expect, ratio=False):
@@ -547,7 +555,7 @@ def amazon_feature_table(s):  # Table 11: feature and classifier change on Amazo
         return missing(title, "no Amazon runs (run_all.sh --paper, or --tasks amazon).")
     body = [row for sp in ("test",) + data.TASKS["amazon"].ood for row in feature_rows(s, "amazon", sp)]
     return (title, fed_by(s.runs_of(tasks=["amazon"]), FEATURES_READ.replace("(cs_f", "(features per split: cs_f")),
-            ["run", "CS(F)", "Diff(F)", "FDR(F)", "Norm(C)"], body,
+            FEATURE_HEADER, body,
             "As Table 1 (above), on Amazon's ID test split and on each OOD test set (Dynasent, SemEval, SST-5), the "
             "features of the model trained on Amazon.")
 
