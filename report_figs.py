@@ -309,31 +309,65 @@ def pretrained_features(runs):
     return next((f for r in runs.values() for f in [saved_features(r, "test_phi0")] if f), None)
 
 
-def tsne_panel(ax, title, phi, labels, heads):
-    """One t-SNE (scikit-learn) of the features and the classifier rows together, as a panel of Figures 5-6."""
-    from matplotlib.lines import Line2D
-    from sklearn.manifold import TSNE
+def start_rows(run, runs):
+    """A fine-tuning run's head rows at the start [C, d]: features.npz's head0 (ft.py and lora.py save it), else, for
+    a run made before they did, the head its --init names by content (init_sha256 in its config: the LP run's
+    lp_head.pt, or an EH-FT source run's model.safetensors, among runs: {method: run} of its seed) times its
+    --head_scale. None: a fresh head that was not saved."""
+    z = load_arrays(Path(run["dir"]) / "features.npz", ["head0"])
+    if z is not None:
+        return z["head0"].astype(np.float64)
+    sha = run["config"].get("init_sha256")
+    for src in runs.values():
+        f = Path(src["dir"]) / ("lp_head.pt" if src["method"] == "lp" else "model.safetensors")
+        if sha and src is not run and f.exists() and rundir.file_sha256(f) == sha:
+            w = head_rows(src)
+            return None if w is None else w * run["config"].get("head_scale", 1.0)
+    return None
 
+
+def tsne_points(phi, labels, rows):
+    """The points of one t-SNE panel, embedded together: the features (a seeded subset of at most TSNE_MAX) and then
+    every set of head rows. rows: [(when, method, W [C, d])], when "start" or "after" training.
+    -> (x [n + sum of C, d], the kept features' labels, [(when, method, first index in x, C)])."""
     if len(phi) > TSNE_MAX:
         keep = np.sort(np.random.default_rng(0).choice(len(phi), TSNE_MAX, replace=False))
         phi, labels = phi[keep], labels[keep]
-    x = np.concatenate([phi] + list(heads.values()))
+    spans, at = [], len(phi)
+    for when, m, w in rows:
+        spans.append((when, m, at, len(w)))
+        at += len(w)
+    return np.concatenate([phi] + [w for _, _, w in rows]), labels, spans
+
+
+def tsne_panel(ax, title, phi, labels, rows):
+    """One t-SNE (scikit-learn) of the features and the head rows together, as a panel of Figures 5-6: the rows at
+    the start hollow, after training filled, a grey line from each row's start to its end."""
+    from matplotlib.lines import Line2D
+    from sklearn.manifold import TSNE
+
+    x, labels, spans = tsne_points(phi, labels, rows)
     # cosine: a head's rows are orders of magnitude shorter than the features, so under the Euclidean distance they
     # all land on one spot; exact: on these features Barnes-Hut took 35 s for 300 points, exact 4 s
     emb = TSNE(perplexity=min(30.0, (len(x) - 1) / 3), metric="cosine", init="pca", method="exact",
                random_state=0).fit_transform(x)
     for c in np.unique(labels):
-        ax.scatter(*emb[:len(phi)][labels == c].T, s=8, alpha=0.5, color=f"C{c}", label=f"features, class {c}")
-    at = len(phi)
-    for m, w in heads.items():
-        ax.scatter(*emb[at:at + len(w)].T, s=110, marker=MARKERS[m], color=[f"C{c}" for c in range(len(w))],
-                   edgecolor="k")
-        at += len(w)
-    rows = [Line2D([], [], ls="", marker=MARKERS[m], color="0.6", mec="k", ms=8, label=f"{NAMES[m]} rows")
-            for m in heads]
+        ax.scatter(*emb[:len(labels)][labels == c].T, s=8, alpha=0.5, color=f"C{c}", label=f"features, class {c}")
+    pts = {(when, m): emb[at:at + n] for when, m, at, n in spans}
+    for (when, m), e in pts.items():
+        colors = [f"C{c}" for c in range(len(e))]
+        ax.scatter(*e.T, s=110, marker=MARKERS[m], edgecolor=colors if when == "start" else "k",
+                   facecolor="none" if when == "start" else colors, linewidths=1.5)
+        if when == "after" and ("start", m) in pts:
+            for a, b in zip(pts[("start", m)], e):
+                ax.plot(*np.stack([a, b]).T, color="0.5", lw=0.8, zorder=0)
+    keys = [Line2D([], [], ls="", marker=MARKERS[m], ms=8, color="0.6", mec="0.3" if when == "start" else "k",
+                   mfc="none" if when == "start" else "0.6",
+                   label=f"{NAMES[m]} rows" + (", start" if when == "start" else ", after" if m != "lp" else ""))
+            for when, m, _, _ in spans]
     ax.set(xticks=[], yticks=[])
     ax.set_title(title, fontsize=9)
-    ax.legend(handles=ax.get_legend_handles_labels()[0] + rows, fontsize=6, loc="best")
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + keys, fontsize=6, loc="best")
 
 
 def tsne_gap(t, m, feats):
@@ -346,11 +380,23 @@ def tsne_gap(t, m, feats):
                                   else "its head (lp_head.pt / model.safetensors)")
 
 
+def panel_rows(r, runs, w, gaps, t):
+    """A panel's head rows: LP's head, or a fine-tuning run's at the start (when known) and after training."""
+    if r["method"] == "lp":
+        return [("after", "lp", w)]
+    w0 = start_rows(r, runs)
+    if w0 is None or w0.shape != w.shape:
+        gaps.append(f"{t} {NAMES[r['method']]}: its head rows at the start (features.npz has no head0: a run made "
+                    f"before the kit saved them); the panel shows them after training only")
+        return [("after", r["method"], w)]
+    return [("start", r["method"], w0), ("after", r["method"], w)]
+
+
 def tsne_panels(s, t):
     """The panels of one task at its lowest seed with an LP run or a fine-tuning run: [(title, phi, labels,
-    {method: head rows})], the gaps and the runs used. Pre-trained: the test features (the LP run's features.npz,
-    else the start of a fine-tuning run's) with the LP head; then each method's features after fine-tuning with its
-    own head."""
+    [(when, method, head rows)])], the gaps and the runs used. Pre-trained: the test features (the LP run's
+    features.npz, else the start of a fine-tuning run's) with the LP head; then each method's features after
+    fine-tuning with its head's rows at the start and after training."""
     first = min((r for m in ["lp", *FT_METHODS] for r in s.runs(t, m)), key=seed_key, default=None)
     if first is None:
         return [], [f"{t}: no LP or fine-tuning run"], []
@@ -364,7 +410,7 @@ def tsne_panels(s, t):
             gaps.append(tsne_gap(t, m, feats))
             continue
         name = "pre-trained, LP head" if m == "lp" else f"{NAMES[m]}, after training"
-        panels.append((f"{t} {name} (seed {seed})", *feats, {m: w}))
+        panels.append((f"{t} {name} (seed {seed})", *feats, panel_rows(r, runs, w, gaps, t)))
         used.append(r)
     return panels, gaps, used
 
@@ -385,13 +431,15 @@ def fig_tsne(s):  # Figures 5 and 6
     if not paths:
         return missing(title, "; ".join(gaps) + ".", 4)
     return (title, fed_by(used, "features.npz (test_phi0: the pre-trained test features, the LP run's or else a "
-                               "fine-tuning run's; test_phi at the best epoch, test_labels), lp_head.pt and "
-                               "model.safetensors (head.weight after training)"), paths,
+                               "fine-tuning run's; test_phi at the best epoch, test_labels; head0: the head's rows "
+                               "at the start), lp_head.pt and model.safetensors (head.weight after training)"),
+            paths,
             "One panel per method at the task's lowest seed: the LP model (the pre-trained test features and the LP "
-            "head, LP-FT's start), then each fine-tuning method's test features at its best epoch with its head after "
-            "training (row k in class k's colour). scikit-learn TSNE, cosine metric, perplexity min(30, (n-1)/3), "
-            f"PCA init, exact method, random_state 0, at most {TSNE_MAX} examples (a seeded subset), one t-SNE per "
-            "panel (the panels' axes are not comparable)."
+            "head, LP-FT's start), then each fine-tuning method's test features at its best epoch with its head's "
+            "rows at the start (hollow) and after training (filled), a grey line joining each row's two places "
+            "(row k in class k's colour), all in one embedding per panel. scikit-learn TSNE, cosine metric, "
+            f"perplexity min(30, (n-1)/3), PCA init, exact method, random_state 0, at most {TSNE_MAX} examples (a "
+            "seeded subset); the panels' axes are not comparable."
             + (f" Missing: {'; '.join(gaps)}." if gaps else ""))
 
 

@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from conftest import ROOT, snapshot
 
 import report
 import report_figs
+import rundir
 
 
 def write_run(root, task, method, seed, lr, val, test, failed=None, scale=1.0, diff=0.5, norm=1.0, extra=None):
@@ -279,13 +281,15 @@ MODEL_CFG = {"model": "tiny-model", "pooling": "cls", "max_len": 16, "max_train_
 
 def write_head(d, rng, phi0=None, labels=None):
     """model.safetensors with the head after training, as ft.py and lora.py write it (t-SNE's classifier rows), and
-    with phi0 features.npz: the test features before (phi0) and after (phi0 moved by one random direction)."""
+    with phi0 features.npz: the test features before (phi0) and after (phi0 moved by one random direction) and the
+    head's rows at the start (head0)."""
     from safetensors.numpy import save_file
 
     save_file({"head.weight": rng.normal(size=(C, D)).astype(np.float32)}, str(d / "model.safetensors"))
     if phi0 is not None:
         np.savez(d / "features.npz", test_phi=(phi0 + rng.normal(size=D)).astype(np.float32),
-                 test_phi0=phi0.astype(np.float32), test_labels=labels)
+                 test_phi0=phi0.astype(np.float32), test_labels=labels,
+                 head0=rng.normal(size=(C, D)).astype(np.float32))
 
 
 def write_calibration(d, ece, mce, temperature=1.5):
@@ -434,7 +438,15 @@ def test_every_table_and_figure_of_the_paper(tmp_path):
         "pre-trained, LP head", "FT, after training", "LoRA, after training", "LP-FT, after training",
         "LP-LoRA, after training")]
     ft_dir = next(r["dir"] for r in used if r["method"] == "ft")
-    assert np.array_equal(panels[1][1], np.load(f"{ft_dir}/features.npz")["test_phi"])  # FT's own features
+    z = np.load(f"{ft_dir}/features.npz")
+    assert np.array_equal(panels[1][1], z["test_phi"])  # FT's own features
+    # FT's head rows at the start (features.npz) and after training (model.safetensors), embedded with its features
+    (w0_when, _, w0), (w_when, _, w) = panels[1][3]
+    assert (w0_when, w_when) == ("start", "after") and np.array_equal(w0, z["head0"])
+    assert np.array_equal(w, report_figs.head_rows(next(r for r in used if r["method"] == "ft")))
+    x, _, spans = report_figs.tsne_points(*panels[1][1:])
+    assert [(when, at, n) for when, _, at, n in spans] == [("start", N_TEST, C), ("after", N_TEST + C, C)]
+    assert np.array_equal(x, np.concatenate([z["test_phi"], w0, w]))
     cached = np.random.default_rng(0).normal(size=(N_TEST, D)).astype(np.float32)  # tiny_study's phi, as LP saved it
     assert np.array_equal(panels[0][1], cached) and not gaps  # the LP panel: the LP run's pre-trained features
     for f in (tmp_path / "cb").glob("lp-seed*/features.npz"):
@@ -442,6 +454,23 @@ def test_every_table_and_figure_of_the_paper(tmp_path):
     panels, gaps, _ = report_figs.tsne_panels(study, "cb")
     phi0 = np.load(f"{ft_dir}/features.npz")["test_phi0"]
     assert np.array_equal(panels[0][1], phi0) and not np.array_equal(phi0, cached) and len(panels) == 5 and not gaps
+
+    # runs made before features.npz held head0: LP-FT's start is the lp_head.pt its run record names by content
+    # (init_sha256); FT's fresh head was not saved, so its panel keeps the rows after training and says so
+    lp_ft = next(r for r in used if r["method"] == "lp_ft")
+    for r in (lp_ft, next(r for r in used if r["method"] == "ft")):
+        z = dict(np.load(Path(r["dir"]) / "features.npz"))
+        np.savez(Path(r["dir"]) / "features.npz", **{k: v for k, v in z.items() if k != "head0"})
+    lp_head = tmp_path / "cb" / f"lp-seed{lp_ft['seed']}" / "lp_head.pt"
+    lp_ft["config"]["init_sha256"] = rundir.file_sha256(lp_head)
+    panels, gaps, _ = report_figs.tsne_panels(study, "cb")
+    assert [when for when, _, _ in panels[1][3]] == ["after"]
+    assert gaps == ["cb FT: its head rows at the start (features.npz has no head0: a run made before the kit saved "
+                    "them); the panel shows them after training only"]
+    import torch
+
+    (_, _, w0), _ = panels[3][3]
+    assert np.array_equal(w0, torch.load(lp_head, weights_only=True)["weight"].numpy())
 
 
 def test_trace_norm_heat_map_is_the_nuclear_norm_of_each_block():
