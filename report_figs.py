@@ -242,7 +242,8 @@ def fig_spectra(s):  # Figures 2 and 7
 
 # ---------------------------------------------------------------- Figures 3, 10 and 11: norm scaling
 def scaling_curve(ax, m, by, on):
-    """One method: Diff(F) on split `on` against the mean initial head norm of each head scale, ± standard error."""
+    """One method: Diff(F) on split `on` against the mean initial head norm of each head scale, ± standard error,
+    and a dashed line at the unscaled runs' mean head norm after training (the paper's Figure 3)."""
     sc = [v for v in sorted(by) if any(scaling_diff(r, on) is not None for r in by[v])]
     x = [np.mean([r["head_norm0"] for r in by[v]]) for v in sc]
     d = [[y for r in by[v] for y in [scaling_diff(r, on)] if y is not None] for v in sc]
@@ -250,8 +251,8 @@ def scaling_curve(ax, m, by, on):
     se = np.array([np.std(v, ddof=1) / math.sqrt(len(v)) if len(v) > 1 else 0.0 for v in d])
     ax.plot(x, mu, "o-", color=COLORS[m], label=f"{NAMES[m]} (n={min(len(v) for v in d) if d else 0})")
     ax.fill_between(x, mu - se, mu + se, color=COLORS[m], alpha=0.2)
-    if 1.0 in by:  # the head's own norm, unscaled
-        ax.axvline(np.mean([r["head_norm0"] for r in by[1.0]]), ls="--", lw=1, color=COLORS[m])
+    if 1.0 in by:  # the head's norm after training (its best epoch), unscaled
+        ax.axvline(np.mean([r["head_norm"] for r in by[1.0]]), ls="--", lw=1, color=COLORS[m])
 
 
 def fig_scaling(s):  # Figures 3, 10 and 11
@@ -269,11 +270,13 @@ def fig_scaling(s):  # Figures 3, 10 and 11
         ax.set(xscale="log", xlabel="||V||_F at the start of fine-tuning", ylabel=f"Diff(F) on {on}", title=t)
         ax.legend(fontsize=7)
     return (title, fed_by([r for by in groups.values() for rs in by.values() for r in rs],
-                          "results.json of each --head_scale (head_norm at epoch 0, diff_f at the best epoch)"),
+                          "results.json of each --head_scale (head_norm at epoch 0 and at the best epoch, diff_f at "
+                          "the best epoch)"),
             [save(fig, s.root / "feature_change_vs_norm.png")],
-            "Mean over seeds, shaded ± standard error (as the paper); dashed: the unscaled head's norm. Diff(F) on "
-            "each task's own test split, for Amazon on SST-5 (out of distribution) when recorded, as the paper's "
-            "Figure 3 (Figure 10 BOSS, Figure 11 CB and RTE).")
+            "Mean over seeds, shaded ± standard error (as the paper); dashed: the unscaled runs' ||V|| after "
+            "training (their best epoch; as the paper's Figure 3). Diff(F) on each task's own test split, for "
+            "Amazon on SST-5 (out of distribution) when recorded, as the paper's Figure 3 (Figure 10 BOSS, Figure "
+            "11 CB and RTE).")
 
 
 # ---------------------------------------------------------------- Figures 5 and 6: t-SNE

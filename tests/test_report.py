@@ -546,6 +546,19 @@ def test_table_11_reads_the_feature_statistics_of_every_ood_set(tmp_path):
     assert "| amazon FT | 0.1 ± 0 | 3 ± 1.41 | 0.2 ± 0 | – | 1 ± 0 |" in t11  # the ID test split (split 1)
 
 
+def test_figure_3_marks_the_head_norm_after_training(tmp_path):
+    """Figure 3's dashed line: the unscaled runs' mean ||V|| after training (their best epoch), not at the start."""
+    for seed, norm in ((1, 3.0), (2, 5.0)):
+        write_run(tmp_path, "cb", "ft", seed, 1e-4, val=0.7, test=0.7, norm=norm)
+        write_run(tmp_path, "cb", "ft", seed, 1e-4, val=0.7, test=0.7, norm=norm, scale=10)
+    s = report.collect(tmp_path)
+    ax = report_figs.pyplot().figure().gca()
+    report_figs.scaling_curve(ax, "ft", s.scaling_groups()[("cb", "ft")], "test")
+    curve, dashed = ax.lines
+    assert curve.get_xdata().tolist() == pytest.approx([0.02, 0.2])  # the initial norms, scale 1 and 10
+    assert dashed.get_linestyle() == "--" and list(dashed.get_xdata()) == [4.0, 4.0]  # mean of 3 and 5
+
+
 def test_norm_scaling_reads_amazon_on_sst5(tmp_path):
     """The paper's Figure 3: Amazon's models measured on SST-5, in the table, the figure and claim c6 alike; a run
     without SST-5's statistics is a missing value there (n=k), never a crash."""
