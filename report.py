@@ -586,8 +586,8 @@ def pubmed_table(s):  # Table 16: PubMed 20k RCT
             ["task"] + [NAMES[m] for m in s.methods], body, "Accuracy in percent.")
 
 
-def scaling_table(s):  # the numbers of Figures 3, 10 and 11: norm scaling, mean +- std over seeds
-    title = "Norm scaling: initial head norm vs feature change (Figures 3, 10, 11)"
+def scaling_table(s):  # the numbers of Figures 3 and 11: norm scaling, mean +- std over seeds
+    title = "Norm scaling: initial head norm vs feature change (Figures 3, 11)"
     groups = s.scaling_groups()
     on = {t: report_figs.scaling_split(t) for t, _ in groups}
     body = [[f"{t} {NAMES[m]}", f"{sc:g}", f"{np.mean([r['head_norm0'] for r in rs]):.3f}", on[t],

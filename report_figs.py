@@ -240,10 +240,10 @@ def fig_spectra(s):  # Figures 2 and 7
             "The paper's Figure 2 is CB, Figure 7 RTE, BoolQ and WiC.")
 
 
-# ---------------------------------------------------------------- Figures 3, 10 and 11: norm scaling
-def scaling_curve(ax, m, by, on):
-    """One method: Diff(F) on split `on` against the mean initial head norm of each head scale, ± standard error,
-    and a dashed line at the unscaled runs' mean head norm after training (the paper's Figure 3)."""
+# ---------------------------------------------------------------- Figures 3, 10 and 11: feature change against norm
+def scaling_curve(ax, m, by, on, mark=True):
+    """One method: Diff(F) on split `on` against the mean initial head norm of each head scale, ± standard error;
+    with mark, a dashed line at the unscaled runs' mean head norm after training (the paper's Figure 3)."""
     sc = [v for v in sorted(by) if any(scaling_diff(r, on) is not None for r in by[v])]
     x = [np.mean([r["head_norm0"] for r in by[v]]) for v in sc]
     d = [[y for r in by[v] for y in [scaling_diff(r, on)] if y is not None] for v in sc]
@@ -251,12 +251,12 @@ def scaling_curve(ax, m, by, on):
     se = np.array([np.std(v, ddof=1) / math.sqrt(len(v)) if len(v) > 1 else 0.0 for v in d])
     ax.plot(x, mu, "o-", color=COLORS[m], label=f"{NAMES[m]} (n={min(len(v) for v in d) if d else 0})")
     ax.fill_between(x, mu - se, mu + se, color=COLORS[m], alpha=0.2)
-    if 1.0 in by:  # the head's norm after training (its best epoch), unscaled
+    if mark and 1.0 in by:  # the head's norm after training (its best epoch), unscaled
         ax.axvline(np.mean([r["head_norm"] for r in by[1.0]]), ls="--", lw=1, color=COLORS[m])
 
 
-def fig_scaling(s):  # Figures 3, 10 and 11
-    title = "Figures 3, 10 and 11: feature change against the initial head norm (norm scaling)"
+def fig_scaling(s):  # Figures 3 and 11
+    title = "Figures 3 and 11: feature change against the initial head norm (norm scaling)"
     groups = s.scaling_groups()
     if not groups:
         return missing(title, "no runs with --head_scale other than 1 (run_all.sh's norm scaling).", 4)
@@ -275,8 +275,40 @@ def fig_scaling(s):  # Figures 3, 10 and 11
             [save(fig, s.root / "feature_change_vs_norm.png")],
             "Mean over seeds, shaded ± standard error (as the paper); dashed: the unscaled runs' ||V|| after "
             "training (their best epoch; as the paper's Figure 3). Diff(F) on each task's own test split, for "
-            "Amazon on SST-5 (out of distribution) when recorded, as the paper's Figure 3 (Figure 10 BOSS, Figure "
-            "11 CB and RTE).")
+            "Amazon on SST-5 (out of distribution) when recorded, as the paper's Figure 3 (Figure 11: CB and RTE; "
+            "Figure 10, below: Amazon's other splits).")
+
+
+def fig_amazon_splits(s):  # Figure 10
+    """Figure 3 on each of Amazon's test sets: per split, each fine-tuning method's Diff(F) at its best epoch against
+    its initial head norm (one point at head scale 1; a curve where head-scaled runs exist)."""
+    title = "Figure 10: feature change on Amazon's ID test split and each OOD set, against the initial head norm"
+    splits = ("test",) + data.TASKS["amazon"].ood
+    scaled = s.scaling_groups()
+    groups = {m: scaled.get(("amazon", m)) or {1.0: s.runs("amazon", m)} for m in FT_METHODS
+              if s.runs("amazon", m) or ("amazon", m) in scaled}
+    drawn = [sp for sp in splits if any(scaling_diff(r, sp) is not None for by in groups.values()
+                                        for rs in by.values() for r in rs)]
+    if not groups or drawn == ["test"]:
+        why = "no Amazon fine-tuning runs (run_all.sh --paper, or --tasks amazon)" if not groups else \
+            "the Amazon runs recorded no OOD set's feature statistics (made by an older kit? rerun them)"
+        return missing(title, why + ".", 4)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(drawn), figsize=(4.2 * len(drawn), 3.4), squeeze=False)
+    for ax, sp in zip(axes[0], drawn):
+        for m, by in groups.items():
+            scaling_curve(ax, m, by, sp, mark=False)
+        ax.set(xscale="log", xlabel="||V||_F at the start of fine-tuning", ylabel="Diff(F)",
+               title=f"amazon: {'ID test' if sp == 'test' else sp}")
+        ax.legend(fontsize=7)
+    gap = [sp for sp in splits if sp not in drawn]
+    return (title, fed_by([r for by in groups.values() for rs in by.values() for r in rs],
+                          "results.json (features.<split>.diff_f at the best epoch, head_norm at epoch 0)"),
+            [save(fig, s.root / "feature_change_amazon_splits.png")],
+            "The model trained on Amazon, its feature change on each test set: Amazon (ID), DynaSent, SemEval and "
+            "SST-5 (SST-5 is Figure 3's panel). Per method the mean over seeds at its chosen learning rate, shaded "
+            "± standard error; with head-scaled runs, one point per --head_scale. The numbers: Table 11."
+            + (f" Missing: no run recorded {', '.join(gap)}." if gap else ""))
 
 
 # ---------------------------------------------------------------- Figures 5 and 6: t-SNE
@@ -535,7 +567,7 @@ def fig_trace_norm(s):  # Figures 8 and 9
 
 
 # ---------------------------------------------------------------- the figure section of report.md
-FIGURES = [fig_head_norm, fig_spectra, fig_scaling, fig_tsne, fig_trace_norm]
+FIGURES = [fig_head_norm, fig_spectra, fig_scaling, fig_tsne, fig_trace_norm, fig_amazon_splits]
 
 
 def figures(s):

@@ -384,9 +384,9 @@ TABLE_TITLES = ["The paper's claims on these runs", "Feature change and head nor
                 "Test performance (mean ± std over seeds; Table 8)", "Amazon: ID and OOD accuracy (Table 10)",
                 "Amazon: feature and head change, ID and OOD (Table 11)", "Head norm ||V||_F after training (Table 13)",
                 "PubMed 20k RCT: test accuracy (Table 16)",
-                "Norm scaling: initial head norm vs feature change (Figures 3, 10, 11)"]
+                "Norm scaling: initial head norm vs feature change (Figures 3, 11)"]
 FIGURE_FILES = {"Figures 1 and 4": ["head_norm.png"], "Figures 2 and 7": ["ntk_spectra.png"],
-                "Figures 3, 10 and 11": ["feature_change_vs_norm.png"], "Figures 5 and 6": ["tsne_cb.png"],
+                "Figures 3 and 11": ["feature_change_vs_norm.png"], "Figures 5 and 6": ["tsne_cb.png"],
                 "Figures 8 and 9": ["ntk_trace_norm_cb.png"]}
 
 
@@ -498,10 +498,10 @@ def test_tables_and_figures_without_their_runs_say_so_in_one_line(tmp_path):
     tables = sections(md)
     for t in ("eNTK at the start of fine-tuning: kernel statistics (Tables 2, 9)",
               "Calibration on test: ECE and MCE with temperature scaling (Tables 3, 14, 15)",
-              "Norm scaling: initial head norm vs feature change (Figures 3, 10, 11)"):
+              "Norm scaling: initial head norm vs feature change (Figures 3, 11)"):
         assert len(tables[t]) == 1 and tables[t][0].startswith("Missing: "), t
     figures = sections(md.split("\n## Figures\n")[1], "### ")
-    for key in ("Figures 2 and 7", "Figures 3, 10 and 11", "Figures 5 and 6", "Figures 8 and 9"):
+    for key in ("Figures 2 and 7", "Figures 3 and 11", "Figures 5 and 6", "Figures 8 and 9", "Figure 10"):
         lines = next(v for t, v in figures.items() if t.startswith(key))
         assert len(lines) == 1 and lines[0].startswith("Missing: "), key
     assert next(v for t, v in figures.items() if t.startswith("Figures 1"))[-1].endswith("Missing: LP runs (lp.py).")
@@ -544,6 +544,24 @@ def test_table_11_reads_the_feature_statistics_of_every_ood_set(tmp_path):
     assert "| amazon (sst5) FT | 0.5 ± 0 | 15 ± 7.07 | 1 ± 0 | – | 1 ± 0 |" in t11
     assert "| amazon (dynasent) FT | 0.3 ± 0 | 9 ± 4.24 | 0.6 ± 0 | – | 1 ± 0 |" in t11
     assert "| amazon FT | 0.1 ± 0 | 3 ± 1.41 | 0.2 ± 0 | – | 1 ± 0 |" in t11  # the ID test split (split 1)
+    fig10 = next(v for t, v in sections(md.split("\n## Figures\n")[1], "### ").items() if t.startswith("Figure 10"))
+    assert fig10[0].startswith("fed by: 2 runs (amazon; FT; seeds 1, 2)") and "Missing" not in fig10[-1]
+    assert (tmp_path / "feature_change_amazon_splits.png").stat().st_size > 5000
+
+
+def test_figure_10_needs_amazon_runs_with_their_ood_sets(tmp_path):
+    """Figure 10's panels are Amazon's test sets: each split's own Diff(F), at the initial head norm; Amazon runs
+    of an older kit (test's statistics only) give one line saying so."""
+    for seed in (1, 2):
+        amazon_run(tmp_path, seed, 2.0, splits=("test", "val"))
+    s = report.collect(tmp_path)
+    report.build(s)
+    title, fed, paths, note = report_figs.fig_amazon_splits(s)
+    assert paths is None and note.startswith("Missing: the Amazon runs recorded no OOD set's feature statistics")
+    ax = report_figs.pyplot().figure().gca()  # one split's panel: FT's Diff(F) on it against its initial head norm
+    report_figs.scaling_curve(ax, "ft", {1.0: s.runs("amazon", "ft")}, "val", mark=False)
+    (line,) = ax.lines
+    assert line.get_xdata().tolist() == [0.02] and line.get_ydata().tolist() == [4.0]  # val: split 2, 2 x 2.0
 
 
 def test_figure_3_marks_the_head_norm_after_training(tmp_path):
