@@ -344,6 +344,9 @@ def pretrained_features(runs):
     return next((f for r in runs.values() for f in [saved_features(r, "test_phi0")] if f), None)
 
 
+INIT_SOURCES = ("lp", "lora", "bitfit")  # the runs an --init names: an LP head, or EH-FT's stage-1 run
+
+
 def start_rows(run, runs):
     """A fine-tuning run's head rows at the start [C, d]: features.npz's head0 (ft.py and lora.py save it), else, for
     a run made before they did, the head its --init names by content (init_sha256 in its config: the LP run's
@@ -353,9 +356,9 @@ def start_rows(run, runs):
     if z is not None:
         return z["head0"].astype(np.float64)
     sha = run["config"].get("init_sha256")
-    for src in runs.values():
+    for src in [runs[m] for m in INIT_SOURCES if m in runs and sha]:
         f = Path(src["dir"]) / ("lp_head.pt" if src["method"] == "lp" else "model.safetensors")
-        if sha and src is not run and f.exists() and rundir.file_sha256(f) == sha:
+        if f.exists() and rundir.file_sha256(f) == sha:
             w = head_rows(src)
             return None if w is None else w * run["config"].get("head_scale", 1.0)
     return None
