@@ -54,9 +54,9 @@ for _row in TABLE6.values():
 # The embedded all-MiniLM-L6-v2 is not roberta-base: its learning rates are the kit's own, chosen on val by
 # `bash run_all.sh --lr_grid...` at the default study's sizes (seed 1001; Table 6's batch sizes), each inside the
 # values tried (docs/results.md, "Learning rates for the embedded model", has the command and val at every point).
-MINILM_LR = {
-    "cb": {"ft": 1e-4, "lp_ft": 3e-5},
-    "sst2": {"ft": 1e-4, "lp_ft": 3e-5},
+MINILM_LR = {  # EH-FT's second stage (lora_ft, bitfit_ft) from its own grid: docs/results.md
+    "cb": {"ft": 1e-4, "lp_ft": 3e-5, "lora_ft": 3e-5, "bitfit_ft": 1e-4},
+    "sst2": {"ft": 1e-4, "lp_ft": 3e-5, "lora_ft": 3e-5, "bitfit_ft": 1e-4},
 }
 
 # the run directory: what its record leaves out, the files a run writes, what a checkpoint holds

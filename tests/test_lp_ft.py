@@ -62,6 +62,30 @@ def test_lp_head_file_and_torch_head_matches_sklearn(cb_lp):
     assert z["test_logits"].shape == (16, 3) and z["test_labels"].dtype == np.int64
 
 
+def test_cv_margin_is_read_back_and_is_the_cross_validation(cb_lp):
+    """lp_results.json's cv: the mean CV log loss of every C, the chosen C's (the least: scikit-learn's choice) and
+    the runner-up's; the chosen one recomputed by hand, fold by fold, on the cached train features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.model_selection import StratifiedKFold
+
+    out, _ = cb_lp
+    res = json.loads((out / "lp_results.json").read_text())
+    cv = res["cv"]
+    assert cv["scoring"] == "log_loss" and len(cv["scores"]) == len(lp.CS) == 10
+    best = int(np.argmin(cv["scores"]))
+    assert cv["Cs"][best] == pytest.approx(res["C"]) and cv["chosen_score"] == cv["scores"][best]
+    assert cv["runner_up_C"] != res["C"] and cv["runner_up_score"] == sorted(cv["scores"])[1]
+    assert cv["margin"] == pytest.approx(cv["runner_up_score"] - cv["chosen_score"])
+    x = np.load(next((out / "cache").rglob("train_*.npy")))
+    y = np.load(out / "logits.npz")["train_labels"]
+    losses = []
+    for tr, va in StratifiedKFold(res["cv_folds"] or lp.MAX_FOLDS).split(x, y):
+        clf = LogisticRegression(C=res["C"], max_iter=5000).fit(x[tr], y[tr])
+        losses.append(log_loss(y[va], clf.predict_proba(x[va]), labels=[0, 1, 2]))
+    assert np.mean(losses) == pytest.approx(cv["chosen_score"], rel=1e-3)  # lbfgs stops at its tolerance
+
+
 def test_lp_rerun_skips_and_other_task_refuses(cb_lp, capsys):
     out, res = cb_lp
     again = lp.main(["--task", "cb", "--output_dir", str(out), "--cache_dir", str(out / "cache"), "--norm_curve", "20",
