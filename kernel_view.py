@@ -121,6 +121,11 @@ def view_kernels(ntk, model, xs_tr, xs_te, kind, D, pad_id=0, method="func", bat
 
 
 # ---------------------------------------------------------------- solvers
+# What --ridge reaches, in ntk.py's run record: a result made when it reached least squares, SVC and the asymmetric
+# solver only (logistic regression on the raw kernel, the asymmetric train scores on K + ridge) is not reused.
+RIDGE_ON = "every solver's train kernel"
+
+
 def flat(K):
     """[A, O, B, O] -> the [A*O, B*O] matrix (ntk.py's spectrum too)."""
     a, c, b, d = K.shape
@@ -132,40 +137,52 @@ def targets(y, n_out):
     return (2.0 * np.asarray(y) - 1)[:, None] if n_out == 1 else np.eye(n_out)[y]
 
 
+def pair_targets(y, n_out):
+    """Their classifiers' 0/1 targets, one per (example, output) pair in flat's order: the labels themselves on a
+    single logit, else 1 where the output is the example's label (their code flattens the kernel to pairs)."""
+    return np.asarray(y) if n_out == 1 else np.eye(n_out)[y].ravel()
+
+
 def classes(scores):
-    """[N, O] scores -> classes: the sign of the single logit, else the argmax."""
+    """[N, O] scores -> classes: the sign of the single logit, else the argmax (the first on a tie, as theirs)."""
     return (scores[:, 0] > 0).astype(int) if scores.shape[1] == 1 else scores.argmax(1)
+
+
+def regularized(M, ridge):
+    """Their get_regularized_kernel: M + ridge * ||M||_2 I, the train matrix every solver of theirs fits to
+    (predictions, on the train set too, use the kernels as they are) -> (that matrix, the amount added)."""
+    lam = float(ridge * np.linalg.norm(M, 2)) if ridge else 0.0
+    return M + lam * np.eye(len(M)), lam
 
 
 def kernel_regression(K_tr, K_te, y_tr, y_te, ridge, f0_tr=None, f0_te=None):
     """Their least-squares solver: (K + ridge * ||K||_2 I) alpha = Y on the [N*O, N*O] train kernel (minimum-norm
     least squares, so ridge 0 works too), predictions K_te alpha; with f0 (their --adjust_for_init) fitted to
     Y - f0 and f0 added back. Class accuracy (argmax, or the sign of a single logit)."""
-    n, n_out = K_tr.shape[:2]
-    M = flat(K_tr)
-    lam = ridge * np.linalg.norm(M, 2)
+    n_out = K_tr.shape[1]
+    M, lam = regularized(flat(K_tr), ridge)
     Y = targets(y_tr, n_out) - (0 if f0_tr is None else f0_tr)
-    alpha = np.linalg.lstsq(M + lam * np.eye(n * n_out), Y.ravel(), rcond=None)[0]
+    alpha = np.linalg.lstsq(M, Y.ravel(), rcond=None)[0]
     acc = lambda K, f0, y: float((classes((flat(K) @ alpha).reshape(len(y), n_out) + (0 if f0 is None else f0))
                                   == y).mean())
-    return {"train": acc(K_tr, f0_tr, y_tr), "test": acc(K_te, f0_te, y_te), "ridge": float(lam)}
+    return {"train": acc(K_tr, f0_tr, y_tr), "test": acc(K_te, f0_te, y_te), "ridge": lam}
 
 
-def pair_logreg(K_tr, K_te, y_tr, y_te):
+def pair_logreg(K_tr, K_te, y_tr, y_te, ridge):
     """The paper's metric (its kernel_solvers 'logistic'): one sample per (example, class) pair, features its
     kernel row, target 1 if the class is the example's label. Accuracy is over PAIRS, not examples (with C
     classes, 'never the label' alone scores 1 - 1/C); argmax of the pair scores gives a class accuracy too. On a
     single-logit kernel (O = 1) a pair is an example and both accuracies are the class accuracy.
-    Fit as the authors' code does: LogisticRegressionCV(max_iter=10000, random_state=0) on the raw kernel rows
-    (scikit-learn's default grid of 10 Cs and 5 stratified folds; fewer folds only when the rarer target has fewer
-    than 5 pairs)."""
+    Fit as the authors' code does (Malladi et al.'s and Tomihari and Sato's alike): LogisticRegressionCV(
+    max_iter=10000, random_state=0) on the train kernel's rows plus ridge * ||K||_2 on the diagonal (their
+    --kernel_regularization; 0 gives the raw rows), scored on the kernels as they are (scikit-learn's default grid
+    of 10 Cs and 5 stratified folds; fewer folds only when the rarer target has fewer than 5 pairs)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegressionCV
 
-    n, n_out = K_tr.shape[:2]
+    n_out = K_tr.shape[1]
     X_tr, X_te = flat(K_tr), flat(K_te)
-    pairs = lambda y: np.asarray(y) if n_out == 1 else np.eye(n_out)[y].ravel()
-    t_tr, t_te = pairs(y_tr), pairs(y_te)
+    t_tr, t_te = pair_targets(y_tr, n_out), pair_targets(y_te, n_out)
     if len(np.unique(t_tr)) < 2:
         return {"train": None, "test": None, "train_class": None, "test_class": None}
     folds = int(min(5, np.bincount(t_tr.astype(int)).min()))
@@ -173,55 +190,69 @@ def pair_logreg(K_tr, K_te, y_tr, y_te):
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", FutureWarning)  # sklearn 1.9's notices about its attributes
         clf = LogisticRegressionCV(max_iter=10000, cv=max(folds, 2), random_state=0)
-        clf.fit(X_tr, t_tr)
+        clf.fit(regularized(X_tr, ridge)[0], t_tr)
     cls = lambda X, y: float((classes(clf.decision_function(X).reshape(len(y), n_out)) == y).mean())
     return {"train": float(clf.score(X_tr, t_tr)), "test": float(clf.score(X_te, t_te)),
             "train_class": cls(X_tr, y_tr), "test_class": cls(X_te, y_te)}
 
 
 def svc(K_tr, K_te, y_tr, y_te, ridge):
-    """Their SVC solver (single-logit kernels): scikit-learn's SVC on the precomputed [N, N] kernel (+ ridge *
-    ||K||_2 I when fitting, as theirs), its default C = 1."""
+    """Their SVC solver: scikit-learn's SVC (precomputed kernel, its default C = 1) fit to the train kernel +
+    ridge * ||K||_2 I, one sample per (example, output) pair as their code flattens the kernel (pair_targets).
+    Each pair's 0/1 prediction maps to -1/+1; an example's class is the sign of its single logit, or on C logits
+    the argmax over its pairs (the first class on a tie, e.g. when no pair is predicted 1, as their np.argmax)."""
     from sklearn.svm import SVC
 
-    M = K_tr[:, 0, :, 0]
-    clf = SVC(kernel="precomputed").fit(M + ridge * np.linalg.norm(M, 2) * np.eye(len(M)), y_tr)
-    acc = lambda K, y: float((clf.predict(K[:, 0, :, 0]) == y).mean())
+    n_out = K_tr.shape[1]
+    t = pair_targets(y_tr, n_out)
+    if len(np.unique(t)) < 2:  # one train class on a single logit: nothing to separate
+        return {"skipped": "one class in the train set"}
+    clf = SVC(kernel="precomputed").fit(regularized(flat(K_tr), ridge)[0], t)
+    acc = lambda K, y: float((classes(2.0 * clf.predict(flat(K)).reshape(len(y), n_out) - 1) == y).mean())
     return {"train": acc(K_tr, y_tr), "test": acc(K_te, y_te)}
 
 
-def asym_solver(K_tr, K_te, K_fl, y_tr, y_te, ridge, gamma=1.0, lam=0.5):
-    """Their solver for the asymmetric SignGD kernel (single logit; their system without biases): with
-    H_ij = y_i K_ij y_j, solve [[I/gamma, H], [H^T, I/gamma]] [alpha; beta] = 1 (least squares), then predict
-    lam * sum_i K(x_i, x) alpha_i y_i + (1 - lam) * sum_i K(x, x_i) beta_i y_i: the first with the train gradient
-    signed (K_te), the second with the test one (K_fl). On the train set those kernels are K^T and K."""
-    M = K_tr[:, 0, :, 0]
-    M = M + ridge * np.linalg.norm(M, 2) * np.eye(len(M))
+def asym_scores(K_tr, K_te, K_fl, y_tr, ridge, gamma=1.0, lam=0.5):
+    """Their solver for the asymmetric SignGD kernel (single logit; their system without biases) -> the scores of
+    the train and the test examples. With H_ij = y_i K_ij y_j (K + ridge ||K||_2 I: K_ij = <sign g_i, g_j>), solve
+    [[I/gamma, H], [H^T, I/gamma]] [alpha; beta] = 1 (least squares), then score
+    lam * sum_i <sign g_i, g_x> alpha_i y_i + (1 - lam) * sum_i <sign g_x, g_i> beta_i y_i: the first from K_te
+    (rows: test, the train gradient signed), the second from K_fl (the test gradient signed). On the train set
+    those are the unregularised K^T and K."""
+    K = K_tr[:, 0, :, 0]
+    M = regularized(K, ridge)[0]
     Y = 2.0 * np.asarray(y_tr) - 1
     N = len(Y)
     H = Y[:, None] * M * Y[None, :]
     A = np.block([[np.eye(N) / gamma, H], [H.T, np.eye(N) / gamma]])
     sol = np.linalg.lstsq(A, np.ones(2 * N), rcond=None)[0]
     a, b = sol[:N] * Y, sol[N:] * Y
-    acc = lambda Ke, Kf, y: float((((lam * Ke @ a + (1 - lam) * Kf @ b) > 0).astype(int) == y).mean())
-    return {"train": acc(M.T, M, y_tr), "test": acc(K_te[:, 0, :, 0], K_fl[:, 0, :, 0], y_te), "gamma": gamma,
-            "lambda": lam}
+    score = lambda Ke, Kf: lam * Ke @ a + (1 - lam) * Kf @ b
+    return score(K.T, K), score(K_te[:, 0, :, 0], K_fl[:, 0, :, 0])
+
+
+def asym_solver(K_tr, K_te, K_fl, y_tr, y_te, ridge, gamma=1.0, lam=0.5):
+    """asym_scores as class accuracy (class 1 where the score is positive)."""
+    s_tr, s_te = asym_scores(K_tr, K_te, K_fl, y_tr, ridge, gamma, lam)
+    acc = lambda s, y: float(((s > 0).astype(int) == y).mean())
+    return {"train": acc(s_tr, y_tr), "test": acc(s_te, y_te), "gamma": gamma, "lambda": lam}
 
 
 def solve_all(K, y_tr, y_te, f0_tr, f0_te, kind, ridge, gamma=1.0, lam=0.5):
-    """Every solver of theirs that applies to this kernel (K: {'train', 'test'[, 'flip']} -> [.., O, N, O]):
-    lstsq (their default, ridge 0 allowed), lstsq_init (fitted to y - f0, their --adjust_for_init), logistic
-    (theirs on a single logit; on C logits the pair-level fit), svc (single logit), asym (asym_signgd, single
-    logit). -> {solver: {train, test, ...} or {'skipped': why}}; test/train = class accuracy."""
+    """Every solver of theirs that applies to this kernel (K: {'train', 'test'[, 'flip']} -> [.., O, N, O]), each
+    fit to the train kernel + ridge * ||K||_2 I as theirs: lstsq (their default), lstsq_init (fitted to y - f0,
+    their --adjust_for_init), logistic and svc (on C logits pair-level, as their code flattens every kernel),
+    asym (asym_signgd, single logit). -> {solver: {train, test, ...} or {'skipped': why}}; class accuracy."""
     tr, te = K["train"], K["test"]
-    n_out = tr.shape[1]
-    lr = pair_logreg(tr, te, y_tr, y_te)
+    lr = pair_logreg(tr, te, y_tr, y_te, ridge)
     out = {"lstsq": kernel_regression(tr, te, y_tr, y_te, ridge),
            "lstsq_init": kernel_regression(tr, te, y_tr, y_te, ridge, f0_tr, f0_te),
-           "logistic": {"train": lr["train_class"], "test": lr["test_class"]}}
+           "logistic": ({"skipped": "one class in the train set"} if lr["train_class"] is None
+                        else {"train": lr["train_class"], "test": lr["test_class"]}),
+           "svc": svc(tr, te, y_tr, y_te, ridge)}
     single = "needs a single-logit kernel (--binary_logit, two classes)"
-    out["svc"] = svc(tr, te, y_tr, y_te, ridge) if n_out == 1 else {"skipped": single}
-    out["asym"] = (asym_solver(tr, te, K["flip"], y_tr, y_te, ridge, gamma, lam) if kind == "asym_signgd" and n_out == 1
+    out["asym"] = (asym_solver(tr, te, K["flip"], y_tr, y_te, ridge, gamma, lam)
+                   if kind == "asym_signgd" and tr.shape[1] == 1
                    else {"skipped": single if kind == "asym_signgd" else "only for --kernel asym_signgd"})
     return out
 

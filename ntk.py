@@ -80,7 +80,8 @@ def parse(argv=None):
     a("--batch_size", type=int, default=8, help="examples per vmapped Jacobian (func) / forward-backward batch")
     a("--max_memory_gb", type=float, help="most Jacobian (func) or recorded factors and buffers (structured) held "
       "at once (default: 30%% of the GPU's memory, 4 on CPU)")
-    a("--ridge", type=float, default=1e-3, help="kernel regression ridge, times the kernel's largest singular value")
+    a("--ridge", type=float, default=1e-3, help="added to the train kernel's diagonal, times its largest singular "
+      "value, by every solver (their --kernel_regularization; theirs defaults to 0)")
     kernel_view.view_flags(a)
     data.precision_flag(a)
     a("--rank_rtol", type=float, help="numerical rank: singular values above this times the largest (default 1e-2 "
@@ -398,7 +399,7 @@ def run_record(args, method):
     lora_only = () if args.lora else ("r", "alpha", "targets")  # no LoRA: its flags change nothing
     return {k: v for k, v in vars(args).items() if k not in NOT_IN_RESULT + lora_only} | {
         "ntk_method": method, "data_sha256": data.data_fingerprint(args.task, args.data_dir),
-        "init_sha256": heads.init_sha256(args.init)}
+        "init_sha256": heads.init_sha256(args.init), "ridge_on": kernel_view.RIDGE_ON}
 
 
 def earlier_result(res_path, record, overwrite):
@@ -488,7 +489,7 @@ def compute(args, head, method, record):
     for name, K_tr, K_te in (("P", P_tr, P_te), ("F", F_tr, F_te), ("P+F", P_tr + F_tr, P_te + F_te)):
         st = spectrum(K_tr, args.rank_rtol)
         st["kernel_regression"] = kernel_view.kernel_regression(K_tr, K_te, tr.labels, te.labels, args.ridge)
-        st["pair_logreg"] = kernel_view.pair_logreg(K_tr, K_te, tr.labels, te.labels)
+        st["pair_logreg"] = kernel_view.pair_logreg(K_tr, K_te, tr.labels, te.labels, args.ridge)
         stats[name] = st
     total = {k: P + Fk for k, (P, Fk) in K.items()}  # the kernel over every trainable parameter
     res = {"config": vars(args) | record | {"device": str(data.device()), "C": C, "n_train": len(tr),
@@ -519,6 +520,8 @@ def compute(args, head, method, record):
 NOTES = {"rank": "singular values above --rank_rtol times the largest, on the [N*C, N*C] train kernel "
                  "(ranks_at: the same at other tolerances; effective_rank: exp(entropy of S / sum S))",
          "kernel_regression": "class accuracy (argmax over classes), ridge * largest singular value",
+         "ridge": "ridge * largest singular value is added to the train kernel's diagonal by every solver "
+                  "(kernel_regression, pair_logreg and the solvers alike); predictions use the kernels as they are",
          "pair_logreg": "the paper's metric: accuracy over (example, class) pairs, not class accuracy; "
                         "*_class: argmax of its pair scores per example",
          "solvers": "Malladi et al.'s solvers on the kernel over every trainable parameter (P + F): class accuracy"}

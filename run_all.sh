@@ -247,6 +247,7 @@ method_cmd() {  # method task seed lr(optional) scale(optional)
 ntk_cmd() {
   local m=$1 t=$2 s=$3 c
   c="$PY ntk.py $(base "$t" "$s") --n $ntk_n --method $ntk_method --output_dir $out/$t/ntk-$m-seed$s"
+  [ $paper = 1 ] && c+=" --ridge 0"  # the authors' kernel_regularization: their solvers fit the raw kernel
   [ $force = 1 ] && c+=" --overwrite"
   case $m in lora|lp_lora) c+=" --lora" ;; esac
   case $m in lp_ft|lp_lora) c="$(lp_first "$t" "$s")$c --init $out/$t/lp-seed$s/lp_head.pt" ;; esac

@@ -72,6 +72,8 @@ def test_print_jobs_respects_dependencies(tmp_path):
     assert sum("--seed 5005" in j and "ft.py" in j for j in paper) > 0
     trains = [j.split(" && ")[-1] for j in paper if " ft.py " in f" {j}" or "lora.py" in j]
     assert trains and all("--lr_table table6" in j for j in trains)  # Table 6 under --paper, whatever the model
+    kernels = [j.split(" && ")[-1] for j in paper if "ntk.py" in j]
+    assert kernels and all("--ridge 0" in j for j in kernels)  # the authors' solvers fit the raw kernel
     scaled = {s for j in paper for s in ("1001", "5005") if "--head_scale" in j and f"--seed {s}" in j}
     assert scaled == {"1001", "5005"}  # norm scaling over every seed
     # the default study: FT/LP-FT kernels for every seed (claim c5 is paired by seed), LoRA's for the first
