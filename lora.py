@@ -16,7 +16,9 @@ results.json records trainable_params / total_params and, on CUDA, peak_train_me
 
 Unlike loralib, model.eval() never merges: merge() / unmerge() are explicit, so gradients through the
 LoRA path (ntk.py's kernels) never vanish. load_adapter(run_dir) rebuilds a trained model. --prompt works as in
-ft.py (runs named prompt_lora / prompt_lp_lora; the MLM head's transform stays frozen), but not with --merge_to.
+ft.py (runs named prompt_lora / prompt_lp_lora), but not with --merge_to; --prompt_params chooses what trains beside
+A and B: kit (default) the head, the MLM head's transform frozen; authors the transform (dense, LayerNorm) too, as
+Malladi et al.'s code (docs/kernel_view.md).
 
 --merge_to DIR exports a plain model that loads without this kit:
     DIR/config.json, model.safetensors, tokenizer files  the encoder with B A * alpha/r merged into W0
@@ -37,6 +39,7 @@ import torch
 import torch.nn as nn
 
 import ft
+import prompts
 import rundir
 from rundir import die
 
@@ -76,6 +79,22 @@ def lora_flags(a):
     a("--r", type=int, default=8, help="LoRA rank")
     a("--alpha", type=float, default=8, help="LoRA scaling is alpha / r")
     a("--targets", nargs="+", default=["query", "value"], help="attention.self.<name> linears to adapt")
+    a("--prompt_params", choices=["kit", "authors"], help="with --prompt, what trains beside A and B: kit (the "
+      "default) the head V, b, as every LoRA run of the kit; authors also the MLM head's transform (dense, "
+      "LayerNorm), as Malladi et al.'s code, whose freeze leaves every parameter outside 'roberta.*' trainable")
+
+
+def check_prompt_params(args):
+    """--prompt_params, for lora.py and ntk.py: only with --prompt. 'kit' is recorded as unset, as in the runs made
+    before the flag existed: they trained the same parameters, so a rerun reuses them."""
+    if args.prompt_params and not getattr(args, "prompt", None):
+        die(f"--prompt_params {args.prompt_params} chooses what prompt-based LoRA trains; add --prompt or drop it")
+    if args.prompt_params == "kit":
+        args.prompt_params = None
+
+
+def trains_transform(args):
+    return args.prompt_params == "authors"
 
 
 def check_targets(targets):
@@ -99,12 +118,16 @@ def check_lora_args(args):
     """lora.py's own flags, before ft.run builds the model or touches a file: the LoRA config and --merge_to, a
     folder that is new or an earlier export (it is replaced whole, so it must not hold anything else)."""
     if args.bitfit:
+        if args.prompt_params:
+            die(f"--prompt_params {args.prompt_params} chooses what prompt-based LoRA trains; BitFit trains the biases "
+                f"and the head: drop it")
         if args.merge_to:
             die("--merge_to exports a LoRA model merged into its encoder; a BitFit run's model.safetensors holds its "
                 "biases and head: load it with ft.build_model + ft.load_weights, and drop --merge_to")
         args.r = args.alpha = args.lora_dropout = args.targets = None  # recorded as unused
         return
     rundir.check_positive(args, ["r", "alpha"])
+    check_prompt_params(args)
     if not 0 <= args.lora_dropout < 1:
         die(f"--lora_dropout {args.lora_dropout}: must be in [0, 1)")
     check_targets(args.targets)
@@ -172,9 +195,10 @@ def lora_layers(model):
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
-def inject_lora(model, targets=("query", "value"), r=8, alpha=8, dropout=0.0):
-    """Wrap every `...attention.self.<target>` linear in LoRALinear, freeze all but LoRA and `model.head`;
-    -> the number of trainable parameters."""
+def inject_lora(model, targets=("query", "value"), r=8, alpha=8, dropout=0.0, transform=False):
+    """Wrap every `...attention.self.<target>` linear in LoRALinear, freeze all but LoRA and `model.head` (with
+    transform, --prompt_params authors: the prompt encoder's MLM transform too); -> the number of trainable
+    parameters."""
     if lora_layers(model):
         die("this model already has LoRA layers; inject_lora once per model")
     found = {t: 0 for t in targets}
@@ -197,7 +221,19 @@ def inject_lora(model, targets=("query", "value"), r=8, alpha=8, dropout=0.0):
         m.lora_B.requires_grad_(True)
     if hasattr(model, "head"):
         model.head.requires_grad_(True)
+    if transform:
+        train_transform(model)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def train_transform(model):
+    """Malladi et al.'s prompt LoRA: their freeze (names starting 'roberta' without 'lora') leaves the MLM head's
+    dense and LayerNorm trainable, with its decoder (the head's V, b here)."""
+    enc = getattr(model, "encoder", None)
+    if not isinstance(enc, prompts.PromptEncoder):
+        die("--prompt_params authors trains the MLM head's transform of a --prompt model; this model has none")
+    enc.dense.requires_grad_(True)
+    enc.norm.requires_grad_(True)
 
 
 def inject_bitfit(model):
@@ -229,7 +265,12 @@ def unwrap(model):
 
 # ---------------------------------------------------------------- adapters on disk
 def lora_config(args):
-    return {"r": args.r, "alpha": args.alpha, "dropout": args.lora_dropout, "targets": list(args.targets)}
+    """meta.json's LoRA: what load_adapter needs to rebuild the trained parameters; a --prompt run's prompt_params
+    too (an older prompt run has none: the kit's)."""
+    c = {"r": args.r, "alpha": args.alpha, "dropout": args.lora_dropout, "targets": list(args.targets)}
+    if getattr(args, "prompt", None):
+        c["prompt_params"] = "authors" if trains_transform(args) else "kit"
+    return c
 
 
 def load_adapter(run_dir, with_tokenizer=False):
@@ -245,7 +286,7 @@ def load_adapter(run_dir, with_tokenizer=False):
         prompt_task = meta["task"] if meta.get("prompt") else None
         model, tok = ft.build_model(meta["model"], len(meta["labels"]), meta["pooling"], prompt_task=prompt_task)
         c = meta["lora"]
-        inject_lora(model, c["targets"], c["r"], c["alpha"], c["dropout"])
+        inject_lora(model, c["targets"], c["r"], c["alpha"], c["dropout"], c.get("prompt_params") == "authors")
     except (KeyError, TypeError) as e:
         die(f"{run_dir / 'meta.json'} lacks or garbles field {e}; rerun lora.py with --overwrite")
     from safetensors import safe_open
@@ -294,7 +335,7 @@ def main(argv=None):
             f"{args.init}); lora.py starts from an lp_head.pt")
 
     def add_lora(model):  # ft.run's setup hook: after the initial head, before the move to the device
-        inject_lora(model, args.targets, args.r, args.alpha, args.lora_dropout)
+        inject_lora(model, args.targets, args.r, args.alpha, args.lora_dropout, trains_transform(args))
 
     method = ("lp_" if args.init else "") + ("bitfit" if args.bitfit else "lora")
     res = ft.run(args, method, TABLE6, MINILM_LR, setup=inject_bitfit if args.bitfit else add_lora,

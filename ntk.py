@@ -378,6 +378,7 @@ def resolve(args):
         args.n_test = args.n  # recorded as used: unset and = --n are one run
     if args.lora:
         lora.check_targets(args.targets)
+    lora.check_prompt_params(args)
     args.precision = data.resolve_precision(args.precision)  # recorded as resolved: bf16 on CUDA, fp32 on a CPU
     if args.rank_rtol is None:
         args.rank_rtol = default_rank_rtol(args.precision, data.device().type)
@@ -396,7 +397,7 @@ def resolve(args):
 
 def run_record(args, method):
     """What determines the result: every flag but NOT_IN_RESULT, the content of the data files and of the head."""
-    lora_only = () if args.lora else ("r", "alpha", "targets")  # no LoRA: its flags change nothing
+    lora_only = () if args.lora else ("r", "alpha", "targets", "prompt_params")  # no LoRA: its flags change nothing
     return {k: v for k, v in vars(args).items() if k not in NOT_IN_RESULT + lora_only} | {
         "ntk_method": method, "data_sha256": data.data_fingerprint(args.task, args.data_dir),
         "init_sha256": heads.init_sha256(args.init), "ridge_on": kernel_view.RIDGE_ON}
@@ -423,7 +424,7 @@ def build(args, head, C):
     model, tok = ft.build_model(args.model, C, args.pooling, args.seed, args.task if args.prompt else None)
     ft.init_head(model, head, args)
     if args.lora:
-        lora.inject_lora(model, args.targets, args.r, args.alpha, 0.0)
+        lora.inject_lora(model, args.targets, args.r, args.alpha, 0.0, lora.trains_transform(args))
     return model.to(data.device()).eval(), tok
 
 

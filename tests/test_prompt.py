@@ -275,6 +275,59 @@ def test_lora_prompt_run_trains_adapters_and_head_and_reloads(bert_dir, data_dir
     val = data.study_splits("sst2", data_dir, 16, 12, data.SEED)["val"]
     logits = ft.evaluate(model, {"val": prompts.tokenize(tok, val, 32, "sst2")}, tok.pad_token_id, 8)["val"][0]
     assert np.array_equal(logits, np.load(out / "logits.npz")["val_logits"])
+    # --prompt_params kit names this run (reused); authors is another configuration
+    before = snapshot(out)
+    assert lora.main(run_flags(bert_dir, data_dir, out, "--prompt", "--max_steps", "1", "--prompt_params", "kit"))[
+        "history"] == res["history"]
+    one_line_error(lora.main, run_flags(bert_dir, data_dir, out, "--prompt", "--max_steps", "1", "--prompt_params",
+                                        "authors"), "another configuration .*prompt_params")
+    assert snapshot(out) == before
+
+
+def test_lora_prompt_params_authors_trains_the_mlm_transform(bert_dir, data_dir, tmp_path):
+    """Malladi et al.'s prompt LoRA: A, B, the head and the MLM head's transform (dense, LayerNorm) train; the run
+    saves and reloads them."""
+    for more, words in ((["--prompt_params", "authors"], "add --prompt"),
+                        (["--prompt", "--bitfit", "--prompt_params", "authors"], "BitFit trains the biases")):
+        one_line_error(lora.main, run_flags(bert_dir, data_dir, tmp_path / "x", *more), words)
+    out = tmp_path / "run"
+    res = lora.main(run_flags(bert_dir, data_dir, out, "--prompt", "--max_steps", "1", "--prompt_params", "authors"))
+    kit = 2 * 2 * (8 * 32 + 32 * 8) + 2 * 32 + 2  # q, v in 2 layers + head
+    assert res["config"]["trainable_params"] == kit + (32 * 32 + 32) + 2 * 32  # + dense, LayerNorm
+    assert res["config"]["prompt_params"] == "authors"
+    assert json.loads((out / "meta.json").read_text())["lora"]["prompt_params"] == "authors"
+    model, tok = lora.load_adapter(out, with_tokenizer=True)
+    ref = BertForMaskedLM.from_pretrained(bert_dir).cls.predictions.transform
+    assert not torch.equal(model.encoder.dense.weight, ref.dense.weight)  # trained, saved and reloaded
+    assert model.encoder.dense.weight.requires_grad and model.encoder.norm.bias.requires_grad  # its trainable set
+    val = data.study_splits("sst2", data_dir, 16, 12, data.SEED)["val"]
+    logits = ft.evaluate(model, {"val": prompts.tokenize(tok, val, 32, "sst2")}, tok.pad_token_id, 8)["val"][0]
+    assert np.array_equal(logits, np.load(out / "logits.npz")["val_logits"])
+
+
+def test_prompt_lora_kernel_with_the_authors_parameters(bert_dir, data_dir, tmp_path):
+    """ntk.py --lora --prompt_params authors: F gains exactly the MLM transform's share, by autograd; the choice is
+    in the run record (only with --lora: FT trains the transform either way)."""
+    base = ["--task", "cb", "--model", str(bert_dir), "--prompt", "--data_dir", str(data_dir), "--output_dir",
+            str(tmp_path / "ntk")]
+    authors = ["--prompt_params", "authors"]
+    for more, recorded, trains in (([*authors, "--lora"], "authors", True), (["--lora"], None, False),
+                                   (authors, None, True)):  # FT trains the transform either way
+        args = ntk.parse(base + more)
+        head, method = ntk.resolve(args)
+        assert ntk.run_record(args, method).get("prompt_params") == recorded
+        assert ntk.build(args, head, 3)[0].encoder.dense.weight.requires_grad is trains
+    sp = split("cb", range(3), data_dir)
+    F = {}
+    for transform in (False, True):
+        model, tok = ft.build_model(str(bert_dir), 3, prompt_task="cb")
+        lora.inject_lora(model.double().eval(), transform=transform)
+        xs = prompts.tokenize(tok, sp, 64, "cb")
+        _, F[transform] = ntk.kernels(model, xs, pad_id=tok.pad_token_id)
+    share, _ = brute_force(model, xs, tok.pad_token_id, [*model.encoder.dense.parameters(),
+                                                          *model.encoder.norm.parameters()])
+    assert np.abs(share).max() > 0
+    assert np.abs(F[True] - F[False] - share).max() <= 1e-9 * np.abs(share).max()
 
 
 def test_ntk_prompt_kernel_is_the_label_word_heads(bert_dir, data_dir, tmp_path):
