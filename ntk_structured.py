@@ -345,8 +345,7 @@ def f_structured(model, xs_a, xs_b, pad_id, batch_size=8, max_memory_gb=4.0, pro
     quarter for the contractions' buffers. When the factors of all examples do not fit, the examples are split
     into blocks of similar length (a quarter each), and every block pair is contracted: the first block held,
     the second recorded anew (the forward and backward passes are repeated, the kernel is not)."""
-    V = model.head.weight.detach()
-    dev, dtype, C = V.device, V.dtype, V.shape[0]
+    dev = model.head.weight.device
     # TF32 where the caller allows it (ntk.py --precision bf16 on CUDA), in the contractions only (sums of many
     # rounding errors of either sign); the forward and backward passes stay full float32, as their errors would
     # change the factors themselves

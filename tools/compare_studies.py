@@ -9,7 +9,6 @@ Writes B/compare_<A's name>.json and prints a markdown table.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
