@@ -284,7 +284,8 @@ def run_row(r, f):
     m = r["metrics"]
     row |= {"metrics": m, "val": m["val"][sel], "test": m["test"][sel], "head_norm": r["head_norm"]}
     if method == "lp":
-        return row | {"norm_curve": r.get("norm_curve"), "norm_curve_test_accuracy": r.get("norm_curve_test_accuracy")}
+        return row | {"norm_curve": r.get("norm_curve"), "norm_curve_test_accuracy": r.get("norm_curve_test_accuracy"),
+                      "C": r.get("C"), "cv": r.get("cv")}
     hist = r["history"]
     best = next(h for h in hist if h["epoch"] == r["best_epoch"])
     return row | {k: best["features"]["test"][k] for k in FEATURE_STATS} | {
@@ -577,6 +578,24 @@ def norm_table(s):  # Table 13: the classifier weight norms after training
             "epoch 0 (EH-FT's: its LoRA / BitFit run's).")
 
 
+def lp_cv_table(s):  # the kit's own: how firmly cross-validation chose LP's C
+    title = "LP's choice of C: the cross-validation margin"
+    lp = [r for r in s.runs_of(["lp"]) if r.get("C") is not None]
+    fmt = lambda cv, k: f"{cv[k]:.4f}" if cv else DASH  # noqa: E731
+    how = lambda r: r["cv"]["scoring"] if r["cv"] else "fixed --C" if r["config"].get("C") else DASH  # noqa: E731
+    body = [[r["task"], str(r["seed"]), how(r), f"{r['C']:.3g}",
+             fmt(r["cv"], "chosen_score"), f"{r['cv']['runner_up_C']:.3g}" if r["cv"] else DASH,
+             fmt(r["cv"], "runner_up_score"), fmt(r["cv"], "margin")]
+            for r in sorted(lp, key=lambda r: (r["task"], r["seed"]))]
+    if not body:
+        return missing(title, "no LP runs (lp.py).")
+    return (title, fed_by(lp, "lp_results.json (C, cv: the mean CV score of each C)"),
+            ["task", "seed", "scoring", "C", "CV score", "runner-up C", "its score", "margin"], body,
+            "The mean cross-validation score (accuracy: higher is better; log_loss: lower) of the chosen C and of "
+            "the best other C. A margin of an example or two of accuracy is a choice that rounding on another "
+            "processor can flip (docs/results.md, how LP chooses C); a fixed --C has none, an older kit's run –.")
+
+
 def pubmed_table(s):  # Table 16: PubMed 20k RCT
     title = "PubMed 20k RCT: test accuracy (Table 16)"
     if "pubmed" not in s.tasks:
@@ -812,7 +831,8 @@ def claims_table(s):  # the paper's claims, each decided by its paired 95% inter
 # ---------------------------------------------------------------- the report
 # the paper's tables in its order (a table merged with a later one sits at the first), then the kit's own
 TABLES = [claims_table, feature_table, ntk_table, calibration_table, test_table, amazon_table, amazon_feature_table,
-          norm_table, pubmed_table, scaling_table, ehft_table, lr_table, paired_table, kernel_study_table]
+          norm_table, lp_cv_table, pubmed_table, scaling_table, ehft_table, lr_table, paired_table,
+          kernel_study_table]
 
 
 def not_used(s):

@@ -310,7 +310,9 @@ def write_lp(root, seed, norm, phi, labels, rng):
     cfg = {"task": "cb", "seed": seed} | MODEL_CFG
     fp = {"data:train": "train-hash", "data:test": "test-hash"}
     m = {sp: {"accuracy": 0.7, "macro_f1": 0.6} for sp in ("train", "val", "test")}
+    cv = {"scoring": "log_loss", "chosen_score": 0.5, "runner_up_C": 2.0, "runner_up_score": 0.52, "margin": 0.02}
     (d / "lp_results.json").write_text(json.dumps({"config": cfg, "fingerprint": fp, "head_norm": norm, "metrics": m,
+                                                   "C": 0.5, "cv": cv if seed == 1 else None,  # seed 2: no margin
                                                    "history": [], "best_epoch": 0, "finished": True,
                                                    "norm_curve": [0.0, norm / 2, norm],
                                                    "norm_curve_test_accuracy": [0.3, 0.5, 0.7]}))
@@ -421,6 +423,10 @@ def test_every_table_and_figure_of_the_paper(tmp_path):
     assert t2.count("NTK (P+F)") == 4
     # Table 13: the fresh head, then each method's head norm after training
     assert "| cb | 0.02 ± 0 | 1 ± 0 | 1 ± 0 | 3 ± 1.41 | 1 ± 0 | 1 ± 0 |" in "\n".join(tables[TABLE_TITLES[7]])
+    # LP's C: the margin read back from lp_results.json's cv; a run without one shows –
+    cv = "\n".join(tables["LP's choice of C: the cross-validation margin"])
+    assert "| cb | 1 | log_loss | 0.5 | 0.5000 | 2 | 0.5200 | 0.0200 |" in cv
+    assert "| cb | 2 | – | 0.5 | – | – | – | – |" in cv
 
     figures = sections(md.split("\n## Figures\n")[1], "### ")
     for key, files in FIGURE_FILES.items():
