@@ -235,7 +235,7 @@ def test_prompt_lp_head_starts_prompt_lp_ft_and_a_plain_head_is_refused(bert_dir
     head = torch.load(tmp_path / "lp" / "lp_head.pt", weights_only=True)
     assert head["prompt"] is True and head["weight"].shape == (2, 32)
     cached = [p.name for p in (tmp_path / "cache" / "sst2").iterdir()]  # its own features, keyed by the template
-    assert len(cached) == 1 and re.search(r"_prompt[0-9a-f]{8}_L32$", cached[0])
+    assert len(cached) == 1 and re.search(r"_prompt[0-9a-f]{8}_L32_fp32$", cached[0])
     assert lp_res["fingerprint"]["prompt_template"] == "{a} It was {mask}. | terrible great"
     res = ft.main(["--init", str(tmp_path / "lp" / "lp_head.pt"), "--data_dir", str(data_dir), "--epochs", "1",
                    "--max_steps", "1", "--max_train_samples", "24", "--max_eval_samples", "12",
