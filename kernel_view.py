@@ -155,17 +155,42 @@ def regularized(M, ridge):
     return M + lam * np.eye(len(M)), lam
 
 
+def lstsq_scores(K, y_tr, ridge, f0=None, scale=0.0):
+    """Their least-squares solver on {'train': K_tr, split: K_split, ...} -> ({split: scores [N, O]}, the ridge
+    added): (K_tr + ridge * ||K_tr||_2 I) alpha = Y on the [N*O, N*O] train kernel (minimum-norm least squares, so
+    ridge 0 works too), scores K_split alpha. f0 ({split: [N, O]}) with scale s > 0 is their --adjust_for_init with
+    --f0_scaling s: fitted to Y - f0/s, f0/s added back to every split's scores (s = 0: off, as theirs)."""
+    n_out = K["train"].shape[1]
+    M, lam = regularized(flat(K["train"]), ridge)
+    shift = (lambda sp: f0[sp] / scale) if f0 is not None and scale > 0 else (lambda sp: 0.0)
+    alpha = np.linalg.lstsq(M, (targets(y_tr, n_out) - shift("train")).ravel(), rcond=None)[0]
+    return {sp: (flat(Ks) @ alpha).reshape(len(Ks), n_out) + shift(sp) for sp, Ks in K.items()}, lam
+
+
+def accuracy(scores, y):
+    return float((classes(scores) == np.asarray(y)).mean())
+
+
 def kernel_regression(K_tr, K_te, y_tr, y_te, ridge, f0_tr=None, f0_te=None):
-    """Their least-squares solver: (K + ridge * ||K||_2 I) alpha = Y on the [N*O, N*O] train kernel (minimum-norm
-    least squares, so ridge 0 works too), predictions K_te alpha; with f0 (their --adjust_for_init) fitted to
-    Y - f0 and f0 added back. Class accuracy (argmax, or the sign of a single logit)."""
-    n_out = K_tr.shape[1]
-    M, lam = regularized(flat(K_tr), ridge)
-    Y = targets(y_tr, n_out) - (0 if f0_tr is None else f0_tr)
-    alpha = np.linalg.lstsq(M, Y.ravel(), rcond=None)[0]
-    acc = lambda K, f0, y: float((classes((flat(K) @ alpha).reshape(len(y), n_out) + (0 if f0 is None else f0))
-                                  == y).mean())
-    return {"train": acc(K_tr, f0_tr, y_tr), "test": acc(K_te, f0_te, y_te), "ridge": lam}
+    """lstsq_scores on train and test with a fixed ridge; with f0 fitted to Y - f0 and f0 added back (their
+    --adjust_for_init at --f0_scaling 1). Class accuracy (argmax, or the sign of a single logit)."""
+    f0 = None if f0_tr is None else {"train": f0_tr, "test": f0_te}
+    sc, lam = lstsq_scores({"train": K_tr, "test": K_te}, y_tr, ridge, f0, 1.0)
+    return {"train": accuracy(sc["train"], y_tr), "test": accuracy(sc["test"], y_te), "ridge": lam}
+
+
+def logistic_fit(X_tr, t_tr, ridge):
+    """Their logistic solver's fit: LogisticRegressionCV(max_iter=10000, random_state=0) on the train kernel's rows +
+    ridge * ||K||_2 on the diagonal (fewer than 5 folds only when the rarer target has fewer than 5 pairs)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegressionCV
+
+    folds = int(min(5, np.bincount(np.asarray(t_tr).astype(int)).min()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # sklearn 1.9's notices about its attributes
+        clf = LogisticRegressionCV(max_iter=10000, cv=max(folds, 2), random_state=0)
+        return clf.fit(regularized(X_tr, ridge)[0], t_tr)
 
 
 def pair_logreg(K_tr, K_te, y_tr, y_te, ridge):
@@ -177,58 +202,76 @@ def pair_logreg(K_tr, K_te, y_tr, y_te, ridge):
     max_iter=10000, random_state=0) on the train kernel's rows plus ridge * ||K||_2 on the diagonal (their
     --kernel_regularization; 0 gives the raw rows), scored on the kernels as they are (scikit-learn's default grid
     of 10 Cs and 5 stratified folds; fewer folds only when the rarer target has fewer than 5 pairs)."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegressionCV
-
     n_out = K_tr.shape[1]
     X_tr, X_te = flat(K_tr), flat(K_te)
     t_tr, t_te = pair_targets(y_tr, n_out), pair_targets(y_te, n_out)
     if len(np.unique(t_tr)) < 2:
         return {"train": None, "test": None, "train_class": None, "test_class": None}
-    folds = int(min(5, np.bincount(t_tr.astype(int)).min()))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        warnings.simplefilter("ignore", FutureWarning)  # sklearn 1.9's notices about its attributes
-        clf = LogisticRegressionCV(max_iter=10000, cv=max(folds, 2), random_state=0)
-        clf.fit(regularized(X_tr, ridge)[0], t_tr)
+    clf = logistic_fit(X_tr, t_tr, ridge)
     cls = lambda X, y: float((classes(clf.decision_function(X).reshape(len(y), n_out)) == y).mean())
     return {"train": float(clf.score(X_tr, t_tr)), "test": float(clf.score(X_te, t_te)),
             "train_class": cls(X_tr, y_tr), "test_class": cls(X_te, y_te)}
 
 
-def svc(K_tr, K_te, y_tr, y_te, ridge):
-    """Their SVC solver: scikit-learn's SVC (precomputed kernel, its default C = 1) fit to the train kernel +
-    ridge * ||K||_2 I, one sample per (example, output) pair as their code flattens the kernel (pair_targets).
-    Each pair's 0/1 prediction maps to -1/+1; an example's class is the sign of its single logit, or on C logits
-    the argmax over its pairs (the first class on a tie, e.g. when no pair is predicted 1, as their np.argmax)."""
+def svc_scores(K, y_tr, ridge):
+    """Their SVC solver on {'train': K_tr, split: K_split, ...}: scikit-learn's SVC (precomputed kernel, its default
+    C = 1) fit to the train kernel + ridge * ||K||_2 I, one sample per (example, output) pair as their code flattens
+    the kernel (pair_targets); each pair's 0/1 prediction mapped to -1/+1 -> {split: scores [N, O]}, or None when
+    the train pairs have one target only (nothing to separate)."""
     from sklearn.svm import SVC
 
-    n_out = K_tr.shape[1]
+    n_out = K["train"].shape[1]
     t = pair_targets(y_tr, n_out)
-    if len(np.unique(t)) < 2:  # one train class on a single logit: nothing to separate
+    if len(np.unique(t)) < 2:
+        return None
+    clf = SVC(kernel="precomputed").fit(regularized(flat(K["train"]), ridge)[0], t)
+    return {sp: 2.0 * clf.predict(flat(Ks)).reshape(len(Ks), n_out) - 1 for sp, Ks in K.items()}
+
+
+def svc(K_tr, K_te, y_tr, y_te, ridge):
+    """svc_scores as class accuracy: an example's class is the sign of its single logit, or on C logits the argmax
+    over its pairs (the first class on a tie, e.g. when no pair is predicted 1, as their np.argmax)."""
+    sc = svc_scores({"train": K_tr, "test": K_te}, y_tr, ridge)
+    if sc is None:
         return {"skipped": "one class in the train set"}
-    clf = SVC(kernel="precomputed").fit(regularized(flat(K_tr), ridge)[0], t)
-    acc = lambda K, y: float((classes(2.0 * clf.predict(flat(K)).reshape(len(y), n_out) - 1) == y).mean())
-    return {"train": acc(K_tr, y_tr), "test": acc(K_te, y_te)}
+    return {"train": accuracy(sc["train"], y_tr), "test": accuracy(sc["test"], y_te)}
 
 
-def asym_scores(K_tr, K_te, K_fl, y_tr, ridge, gamma=1.0, lam=0.5):
-    """Their solver for the asymmetric SignGD kernel (single logit; their system without biases) -> the scores of
-    the train and the test examples. With H_ij = y_i K_ij y_j (K + ridge ||K||_2 I: K_ij = <sign g_i, g_j>), solve
-    [[I/gamma, H], [H^T, I/gamma]] [alpha; beta] = 1 (least squares), then score
-    lam * sum_i <sign g_i, g_x> alpha_i y_i + (1 - lam) * sum_i <sign g_x, g_i> beta_i y_i: the first from K_te
-    (rows: test, the train gradient signed), the second from K_fl (the test gradient signed). On the train set
-    those are the unregularised K^T and K."""
-    K = K_tr[:, 0, :, 0]
-    M = regularized(K, ridge)[0]
+def asym_fit(K_tr, y_tr, ridge, gamma=1.0, f0_tr=None, scale=0.0):
+    """Their solver for the asymmetric SignGD kernel (single logit; their system without biases) -> the weights
+    (alpha_i y_i, beta_i y_i) of the two predictions. With H_ij = y_i K_ij y_j (K + ridge ||K||_2 I: K_ij =
+    <sign g_i, g_j>), solve [[I/gamma, H], [H^T, I/gamma]] [alpha; beta] = 1 (least squares). Their
+    --adjust_for_init with --f0_scaling s > 0 replaces y by y - f0/s, in H and in the weights alike, as theirs."""
+    M = regularized(K_tr[:, 0, :, 0], ridge)[0]
     Y = 2.0 * np.asarray(y_tr) - 1
+    if f0_tr is not None and scale > 0:
+        Y = Y - f0_tr[:, 0] / scale
     N = len(Y)
     H = Y[:, None] * M * Y[None, :]
     A = np.block([[np.eye(N) / gamma, H], [H.T, np.eye(N) / gamma]])
     sol = np.linalg.lstsq(A, np.ones(2 * N), rcond=None)[0]
-    a, b = sol[:N] * Y, sol[N:] * Y
-    score = lambda Ke, Kf: lam * Ke @ a + (1 - lam) * Kf @ b
-    return score(K.T, K), score(K_te[:, 0, :, 0], K_fl[:, 0, :, 0])
+    return sol[:N] * Y, sol[N:] * Y
+
+
+def asym_score(K_ev, K_fl, w, lam=0.5, f0=None, scale=0.0):
+    """lam * sum_i <sign g_i, g_x> alpha_i y_i + (1 - lam) * sum_i <sign g_x, g_i> beta_i y_i (+ f0/s): the first
+    from K_ev [M, 1, N, 1] (rows: the examples scored, the train gradient signed), the second from K_fl (the
+    scored example's gradient signed); w: asym_fit's weights. -> scores [M]."""
+    a, b = w
+    s = lam * K_ev[:, 0, :, 0] @ a + (1 - lam) * K_fl[:, 0, :, 0] @ b
+    return s + f0[:, 0] / scale if f0 is not None and scale > 0 else s
+
+
+def train_views(K_tr):
+    """The train examples scored by the asymmetric solver: their eval kernel <sign g_i, g_x> is K_tr's transpose,
+    their flipped one K_tr itself (both unregularised)."""
+    return K_tr.transpose(2, 3, 0, 1), K_tr
+
+
+def asym_scores(K_tr, K_te, K_fl, y_tr, ridge, gamma=1.0, lam=0.5):
+    """asym_fit then asym_score -> the scores of the train and the test examples (no f0)."""
+    w = asym_fit(K_tr, y_tr, ridge, gamma)
+    return asym_score(*train_views(K_tr), w, lam), asym_score(K_te, K_fl, w, lam)
 
 
 def asym_solver(K_tr, K_te, K_fl, y_tr, y_te, ridge, gamma=1.0, lam=0.5):
