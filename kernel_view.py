@@ -12,6 +12,7 @@ its engines (kernels, features, jacobian_chunks, accumulate), take the ntk modul
 ntk.py's P/F split takes head_part (P is its sgd case) and flat from here.
 """
 
+import itertools
 import math
 import warnings
 from pathlib import Path
@@ -34,6 +35,12 @@ def view_flags(a):
       "(labels +-1), as their --binary_classification; needed by the svc and asym solvers")
     a("--asym_gamma", type=float, default=1.0, help="the asymmetric solver's gamma")
     a("--asym_lambda", type=float, default=0.5, help="the asymmetric solver's mix of its two predictions, in [0, 1]")
+    a("--solver_settings", choices=("dev", "fixed"), help="dev (the default with --k_shot): every solver's settings "
+      "chosen per run on the k-shot val split from GRID, as their gather_result.py (the val x train kernel is "
+      "computed too); fixed: --ridge, --asym_gamma, --asym_lambda only (the only choice without --k_shot)")
+    a("--test_block", type=int, help="test (and val) examples per pass beside the train set: the test side is "
+      "computed in blocks, so its time and memory grow with the number of test examples, not its square "
+      "(default: the train set's size, at least 64)")
     a("--solve", metavar="KERNELS", help="only run the solvers again on a saved kernels.npz (or its folder), with "
       "this --ridge / --asym_gamma / --asym_lambda; writes solvers.json beside it")
 
@@ -46,6 +53,12 @@ def check_flags(args, n_classes):
         die(f"--kernel {args.kernel} needs the explicit Jacobians of --method func (not {args.method})")
     if not (0 <= args.asym_lambda <= 1 and args.asym_gamma > 0 and math.isfinite(args.asym_gamma)):
         die(f"--asym_lambda {args.asym_lambda} / --asym_gamma {args.asym_gamma}: lambda in [0, 1], gamma > 0")
+    if args.solver_settings == "dev" and not args.k_shot:
+        die("--solver_settings dev chooses on the k-shot val split: add --k_shot K --data_seed S, or pass "
+            "--solver_settings fixed")
+    args.solver_settings = args.solver_settings or ("dev" if args.k_shot else "fixed")
+    if args.test_block is not None and args.test_block < 1:
+        die(f"--test_block {args.test_block}: must be >= 1 (test examples per pass)")
 
 
 # ---------------------------------------------------------------- the kernels
@@ -64,52 +77,71 @@ def head_part(phi_a, phi_b, D, kind):
     return np.einsum("ij,ck->icjk", sa @ sb.T + 1.0, D @ D.T)
 
 
-def f_sign(ntk, model, xs_tr, xs_te, kind, D, pad_id, batch_size=8, max_memory_gb=4.0, progress=False):
+def blocks_of(xs, block):
+    """xs in consecutive blocks of at most `block` examples (None: one block); at least one block, maybe empty."""
+    block = block or max(len(xs), 1)
+    return [xs[i:i + block] for i in range(0, len(xs), block)] or [xs[:0]]
+
+
+def f_sign(ntk, model, xs_tr, xs_te, kind, D, pad_id, batch_size=8, max_memory_gb=4.0, progress=False, block=None):
     """The backbone's share of the SignGD kernels, from explicit Jacobians of D f (ntk.jacobian_chunks; the
     structured engine never forms them), the attention key biases left out (their gradient is zero).
     -> F_train [n,O,n,O], F_test [m,O,n,O], F_flip (asym_signgd) or None.
     signgd: <sign g_a, sign g_b>. asym_signgd (their approximation of Adam's early steps): F_train[i, j] =
     <sign g_i, g_j> and F_test[t, i] = <sign g_i, g_t> (the train gradient signed: their eval kernel),
-    F_flip[t, i] = <sign g_t, g_i> (their 'flipped' kernel)."""
+    F_flip[t, i] = <sign g_t, g_i> (their 'flipped' kernel). The test examples go `block` at a time beside the
+    train set (blocks_of), the train x train kernel taken with the first block: the Jacobians held are of
+    n + block examples, so the cost grows with m, not m^2 (each pass splits the parameters into chunks that fit
+    --max_memory_gb, fewer the fewer its rows)."""
     W = model.head.weight.detach()
     V = torch.as_tensor(D, dtype=W.dtype, device=W.device) @ W
     # a bias added to every key shifts all of a query's scores alike, and softmax ignores that: its gradient is
     # exactly zero, computed as rounding noise of either sign, whose signs would add noise to the kernel
     skip = {n for n, _ in model.encoder.named_parameters() if n.endswith("attention.self.key.bias")}
-    n_out, n, m = len(D), len(xs_tr) * len(D), len(xs_te) * len(D)
+    n_out, n = len(D), len(xs_tr) * len(D)
     zeros = lambda r: torch.zeros(r, n, dtype=torch.float64, device=W.device)
-    Ktr, Kte, Kfl = zeros(n), zeros(m), zeros(m) if kind == "asym_signgd" else None
-    for J in ntk.jacobian_chunks(model, xs_tr + xs_te, pad_id, V, batch_size, max_memory_gb, progress, skip):
-        Jtr, Jte = J[:n], J[n:]
-        if kind == "signgd":
-            J.sign_()
-            ntk.accumulate(Ktr, Jtr, Jtr)
-            ntk.accumulate(Kte, Jte, Jtr)
-        else:
-            Str = Jtr.sign()
-            ntk.accumulate(Ktr, Str, Jtr)
-            ntk.accumulate(Kte, Jte, Str)
-            ntk.accumulate(Kfl, Jte, Jtr, op=torch.sign)
+    Ktr, Kte, Kfl = zeros(n), [], []
+    for b, xs_b in enumerate(blocks_of(xs_te, block)):
+        Kb, Kf = zeros(len(xs_b) * n_out), zeros(len(xs_b) * n_out) if kind == "asym_signgd" else None
+        for J in ntk.jacobian_chunks(model, xs_tr + xs_b, pad_id, V, batch_size, max_memory_gb, progress, skip):
+            Jtr, Jte = J[:n], J[n:]
+            if kind == "signgd":
+                J.sign_()
+                Str = Jtr
+            else:
+                Str = Jtr.sign()
+                ntk.accumulate(Kf, Jte, Jtr, op=torch.sign)
+            if b == 0:
+                ntk.accumulate(Ktr, Str, Jtr)
+            ntk.accumulate(Kb, Jte, Str)
+        Kte.append(Kb.cpu())
+        Kfl.append(None if Kf is None else Kf.cpu())
     shape = lambda K, a: K.cpu().numpy().reshape(a, n_out, len(xs_tr), n_out)
-    return shape(Ktr, len(xs_tr)), shape(Kte, len(xs_te)), None if Kfl is None else shape(Kfl, len(xs_te))
+    flip = None if kind != "asym_signgd" else shape(torch.cat(Kfl), len(xs_te))
+    return shape(Ktr, len(xs_tr)), shape(torch.cat(Kte), len(xs_te)), flip
 
 
 def view_kernels(ntk, model, xs_tr, xs_te, kind, D, pad_id=0, method="func", batch_size=8, max_memory_gb=4.0,
-                 progress=False):
+                 progress=False, block=None):
     """-> {'train': (P, F) [n,O,n,O], 'test': (P, F) [m,O,n,O], and for asym_signgd 'flip': (P, F)} for outputs
-    D f. sgd: the eNTK on the a x b examples (train + test) x train by any engine, then D K D^T over the classes
-    (exact: the SGD kernel is bilinear in the outputs); the SignGD kinds by f_sign. ntk: the ntk module
-    (its kernels, features, jacobian_chunks and accumulate)."""
+    D f. sgd: the eNTK by any engine, train x train, then each block of test examples x train, then D K D^T over
+    the classes (exact: the SGD kernel is bilinear in the outputs); the SignGD kinds by f_sign. `block`: test
+    examples per pass (None: all at once); time and memory grow with their number, never with its square. ntk: the
+    ntk module (its kernels, features, jacobian_chunks and accumulate)."""
     was = model.training
     model.eval()
     try:
-        n = len(xs_tr)
         if kind == "sgd":
-            P, Fk = ntk.kernels(model, xs_tr + xs_te, xs_tr, pad_id=pad_id, method=method,
-                                batch_size=batch_size, max_memory_gb=max_memory_gb, progress=progress)
-            P, Fk = (np.einsum("icjk,oc,pk->iojp", K, D, D) for K in (P, Fk))
-            return {"train": (P[:n], Fk[:n]), "test": (P[n:], Fk[n:])}
-        F_tr, F_te, F_fl = f_sign(ntk, model, xs_tr, xs_te, kind, D, pad_id, batch_size, max_memory_gb, progress)
+            kw = dict(pad_id=pad_id, method=method, batch_size=batch_size, max_memory_gb=max_memory_gb,
+                      progress=progress)
+            dk = lambda PF: tuple(np.einsum("icjk,oc,pk->iojp", K, D, D) for K in PF)
+            tr = dk(ntk.kernels(model, xs_tr, None, **kw))
+            te = [dk(ntk.kernels(model, xs_b, xs_tr, **kw)) for xs_b in blocks_of(xs_te, block) if xs_b]
+            empty = np.zeros((0,) + tr[0].shape[1:])
+            te = tuple(np.concatenate([t[i] for t in te]) if te else empty for i in range(2))
+            return {"train": tr, "test": te}
+        F_tr, F_te, F_fl = f_sign(ntk, model, xs_tr, xs_te, kind, D, pad_id, batch_size, max_memory_gb, progress,
+                                  block)
         phi_tr, phi_te = ntk.features(model, xs_tr, pad_id), ntk.features(model, xs_te, pad_id)
         out = {"train": (head_part(phi_tr, phi_tr, D, kind), F_tr),
                "test": (head_part(phi_tr, phi_te, D, kind).transpose(2, 3, 0, 1), F_te)}  # train side signed
@@ -300,27 +332,133 @@ def solve_all(K, y_tr, y_te, f0_tr, f0_te, kind, ridge, gamma=1.0, lam=0.5):
     return out
 
 
+# ---------------------------------------------------------------- solver settings chosen on the dev split
+# Malladi et al. sweep their solvers' flags and keep, per data seed, the run with the best dev accuracy
+# (tools/gather_result.py: the max of the dev metric over a seed's runs, ties to the first in output_dir order).
+# The flags are run.py's: --kernel_regularization (ridge * ||K||_2 on the diagonal), --adjust_for_init with
+# --f0_scaling s (fit y - f0/s, add f0/s back; their f0 term is off for s <= 0), --kernel_gamma and the asymmetric
+# solver's lambda. Their code does not hold the values they swept: these are the kit's, a small grid.
+GRID = {"ridge": (0.0, 1e-3, 1e-2, 1e-1), "f0_scaling": (0.0, 1.0, 10.0), "asym_gamma": (0.1, 1.0, 10.0),
+        "asym_lambda": (0.0, 0.5, 1.0)}
+# each solver's settings, in the order tried (a tie on val goes to the first); logistic and SVC take no f0 (their
+# LogisticKernelSolver ignores the logits, their SVCKernelSolver refuses them)
+SETTINGS = {"lstsq": ("ridge", "f0_scaling"), "logistic": ("ridge",), "svc": ("ridge",),
+            "asym": ("ridge", "asym_gamma", "f0_scaling", "asym_lambda")}
+SPLITS = ("train", "val", "test")
+FLIP = {"val": "val_flip", "test": "flip"}  # the asymmetric kernels' flipped side of each split (ntk.py's names)
+
+
+def grid_of(solver, grid):
+    keys = SETTINGS[solver]
+    return [dict(zip(keys, v)) for v in itertools.product(*(grid[k] for k in keys))]
+
+
+def trials(solver, K, y, f0, grid):
+    """(setting, {split: scores}) for every setting of one solver's grid, in grid order, on K {'train', 'val',
+    'test'[, 'val_flip', 'flip']}; nothing when the solver cannot fit this train set."""
+    ks, fits = {sp: K[sp] for sp in SPLITS}, {}
+    for st in grid_of(solver, grid):
+        if solver == "lstsq":
+            yield st, lstsq_scores(ks, y["train"], st["ridge"], f0, st["f0_scaling"])[0]
+        elif solver in ("logistic", "svc"):
+            sc = (logistic_scores if solver == "logistic" else svc_scores)(ks, y["train"], st["ridge"])
+            if sc is None:
+                return
+            yield st, sc
+        else:  # asym: lambda only mixes the two predictions, so one fit serves every lambda
+            fit = (st["ridge"], st["asym_gamma"], st["f0_scaling"])
+            if fit not in fits:
+                fits[fit] = asym_fit(K["train"], y["train"], *fit[:2], f0["train"], fit[2])
+            w = fits[fit]
+            views = {"train": train_views(K["train"])} | {sp: (K[sp], K[FLIP[sp]]) for sp in ("val", "test")}
+            yield st, {sp: asym_score(*v, w, st["asym_lambda"], f0[sp], st["f0_scaling"])[:, None]
+                       for sp, v in views.items()}
+
+
+def logistic_scores(K, y_tr, ridge):
+    """Their logistic solver on {'train': K_tr, split: K_split, ...}: one sample per (example, output) pair
+    (logistic_fit) -> {split: decision scores [N, O]}, or None when the train pairs have one target only."""
+    n_out = K["train"].shape[1]
+    t = pair_targets(y_tr, n_out)
+    if len(np.unique(t)) < 2:
+        return None
+    clf = logistic_fit(flat(K["train"]), t, ridge)
+    return {sp: clf.decision_function(flat(Ks)).reshape(len(Ks), n_out) for sp, Ks in K.items()}
+
+
+def applies(solver, kind, n_out):
+    """None, or why the solver does not apply to this kernel."""
+    if solver == "asym" and kind != "asym_signgd":
+        return "only for --kernel asym_signgd"
+    if solver == "asym" and n_out != 1:
+        return "needs a single-logit kernel (--binary_logit, two classes)"
+    return None
+
+
+def best(rows):
+    """The first row with the highest val accuracy (gather_result's choice; ties to the first tried) and how many
+    rows share that accuracy."""
+    top = max(r["val"] for r in rows)
+    return next(r for r in rows if r["val"] == top), sum(r["val"] == top for r in rows)
+
+
+def tune(K, y, f0, kind, grid=GRID):
+    """Every solver's settings chosen on the k-shot dev split, as Malladi et al.'s gather_result.py: each setting of
+    GRID fit to the train kernel and scored on val and test; per solver the best on val (ties: the first in grid
+    order), and over all solvers the best of those (ties: lstsq, logistic, svc, asym in that order). K: {'train',
+    'val', 'test'[, 'val_flip', 'flip']} [.., O, N, O]; y, f0: {split: labels / logits of D f at the start}.
+    -> {'grid', 'solvers': {solver: {'setting', 'train', 'val', 'test', 'ties', 'trials'} or {'skipped'}},
+        'chosen': {'solver', 'setting', 'train', 'val', 'test', 'ties'}}; class accuracy; ties: how many settings
+    share the chosen one's val accuracy (the choice among them is by order, not by the data)."""
+    n_out = K["train"].shape[1]
+    out, pool = {}, []
+    for solver in SETTINGS:
+        why = applies(solver, kind, n_out)
+        rows = [] if why else [st | {sp: accuracy(sc[sp], y[sp]) for sp in SPLITS}
+                               for st, sc in trials(solver, K, y, f0, grid)]
+        if not rows:
+            out[solver] = {"skipped": why or "one class in the train set"}
+            continue
+        top, ties = best(rows)
+        keys = SETTINGS[solver]
+        out[solver] = {"setting": {k: top[k] for k in keys}, **{sp: top[sp] for sp in SPLITS}, "ties": ties,
+                       "trials": [{k: r[k] for k in keys + ("val", "test")} for r in rows]}
+        pool += [r | {"solver": solver} for r in rows]
+    top, ties = best(pool)
+    chosen = {"solver": top["solver"], "setting": {k: top[k] for k in SETTINGS[top["solver"]]},
+              **{sp: top[sp] for sp in SPLITS}, "ties": ties}
+    return {"grid": {k: list(v) for k, v in grid.items()}, "solvers": out, "chosen": chosen}
+
+
 # ---------------------------------------------------------------- --solve
 def solve_saved(args):
-    """--solve: their solvers again on a saved kernels.npz (with this run's --ridge / --asym_gamma / --asym_lambda);
+    """--solve: their solvers again on a saved kernels.npz (with this run's --ridge / --asym_gamma / --asym_lambda),
+    and, where it holds the val kernels, their settings chosen on val again (unless --solver_settings fixed);
     prints them and writes solvers.json beside it."""
     path = Path(args.solve)
     path = path / "kernels.npz" if path.is_dir() else path
     try:
         z = dict(np.load(path, allow_pickle=False))
         kind = str(z["kind"])
-        K = {"train": z["P_train"] + z["F_train"], "test": z["P_test"] + z["F_test"]}
-        if "F_flip" in z:
-            K["flip"] = z["P_flip"] + z["F_flip"]
-        y_tr, y_te, f0_tr, f0_te = z["train_labels"], z["test_labels"], z["train_logits"], z["test_logits"]
+        names = [k[2:] for k in z if k.startswith("P_")]  # train, test, flip and val, val_flip where saved
+        K = {k: z[f"P_{k}"] + z[f"F_{k}"] for k in names}
+        y = {sp: z[f"{sp}_labels"] for sp in SPLITS if f"{sp}_labels" in z}
+        f0 = {sp: z[f"{sp}_logits"] for sp in y}
+        if not {"train", "test"} <= set(K) or "test" not in f0:
+            raise KeyError("P_train, P_test or test_logits")
     except (OSError, ValueError, KeyError) as e:
         die(f"cannot read {path} as an ntk.py kernels.npz ({type(e).__name__}: {e}); make it with ntk.py "
             f"(this kit's, which saves the kernel kind and test logits)")
     res = {"kernels": str(path), "kind": kind, "ridge": args.ridge, "asym_gamma": args.asym_gamma,
            "asym_lambda": args.asym_lambda,
-           "solvers": solve_all(K, y_tr, y_te, f0_tr, f0_te, kind, args.ridge, args.asym_gamma, args.asym_lambda)}
+           "solvers": solve_all(K, y["train"], y["test"], f0["train"], f0["test"], kind, args.ridge,
+                                args.asym_gamma, args.asym_lambda)}
+    if "val" in K and args.solver_settings != "fixed":
+        res["tuned"] = tune(K, y, f0, kind)
     rundir.save_json(path.parent / "solvers.json", res)
     print_solvers(res["solvers"])
+    if "tuned" in res:
+        print_tuned(res["tuned"])
     print(f"  wrote {path.parent / 'solvers.json'}")
     return res
 
@@ -332,3 +470,13 @@ def print_solvers(sol):
             print(f"  {name:<12}  skipped: {r['skipped']}")
         else:
             print(f"  {name:<12}{r['train']:>8.4f}{r['test']:>8.4f}")
+
+
+def print_tuned(tuned):
+    fmt = lambda st: ", ".join(f"{k} {v:g}" for k, v in st.items())
+    print(f"  settings chosen on val      {'val':>8}{'test':>8}  ties  setting")
+    for name, r in tuned["solvers"].items():
+        if "skipped" not in r:
+            print(f"  {name:<27}{r['val']:>8.4f}{r['test']:>8.4f}{r['ties']:>6}  {fmt(r['setting'])}")
+    c = tuned["chosen"]
+    print(f"  {'chosen: ' + c['solver']:<27}{c['val']:>8.4f}{c['test']:>8.4f}{c['ties']:>6}  {fmt(c['setting'])}")

@@ -22,12 +22,15 @@ and the same --init head contents; one process at a time writes it.
 ntk.py needs ft.py, lora.py, ntk_structured.py and kernel_view.py (Malladi et al.'s kernels and solvers, --kernel,
 --solve) and what they need: data.py, rundir.py, prompts.py, heads.py.
 Outputs in runs/<task>/ntk-<ft|lp_ft|lora|lp_lora|lora_ft|bitfit_ft>-seed<seed>/ (--init RUN_DIR: EH-FT's start):
-  kernels.npz       P_train, F_train [N,C,N,C]; P_test, F_test [M,C,N,C]; train_idx, test_idx (rows of
-                    the train / test split), train_labels, test_labels, train_logits (f at the start)
+  kernels.npz       P_train, F_train [N,C,N,C]; P_test, F_test [M,C,N,C] (M test examples, computed in blocks
+                    of --test_block); with --k_shot also P_val, F_val (--solver_settings dev); train_idx, test_idx
+                    (rows of the official files), *_labels, *_logits (f at the start)
   ntk_results.json  per kernel (P, F, P+F): Frobenius norm, numerical rank of the [N*C, N*C] train kernel
                     (singular values above --rank_rtol times the largest; also at 1e-3, 1e-4, 1e-6) and
                     its effective rank, singular values / largest; the FT ratio; kernel regression and
-                    the paper's pair-level logistic regression (raw kernel rows, as the authors' code)
+                    the paper's pair-level logistic regression (raw kernel rows, as the authors' code);
+                    Malladi et al.'s solvers at fixed settings (solvers) and, with --k_shot, at settings chosen
+                    on the k-shot val split (tuned)
   spectrum.png      normalised singular values of the three train kernels
 """
 
@@ -56,7 +59,7 @@ from rundir import die
 
 # flags that do not change the kernels or statistics (engines agree to rounding); --init and --data_dir are
 # recorded by their files' content instead (init_sha256, data_sha256)
-NOT_IN_RESULT = ("method", "batch_size", "max_memory_gb", "output_dir", "overwrite", "data_dir", "init")
+NOT_IN_RESULT = ("method", "batch_size", "max_memory_gb", "output_dir", "overwrite", "data_dir", "init", "test_block")
 
 
 def parse(argv=None):
@@ -398,7 +401,9 @@ def resolve(args):
 def run_record(args, method):
     """What determines the result: every flag but NOT_IN_RESULT, the content of the data files and of the head."""
     lora_only = () if args.lora else ("r", "alpha", "targets", "prompt_params")  # no LoRA: its flags change nothing
-    return {k: v for k, v in vars(args).items() if k not in NOT_IN_RESULT + lora_only} | {
+    # fixed settings recorded unset, as every run before --solver_settings was: those runs are reused
+    fixed = ("solver_settings",) if args.solver_settings == "fixed" else ()
+    return {k: v for k, v in vars(args).items() if k not in NOT_IN_RESULT + lora_only + fixed} | {
         "ntk_method": method, "data_sha256": data.data_fingerprint(args.task, args.data_dir),
         "init_sha256": heads.init_sha256(args.init), "ridge_on": kernel_view.RIDGE_ON}
 
@@ -437,6 +442,8 @@ def print_table(res):
               f"{fmt(lr['train']):>9}{fmt(lr['test']):>9}")
     if res.get("solvers"):
         kernel_view.print_solvers(res["solvers"])
+    if res.get("tuned"):
+        kernel_view.print_tuned(res["tuned"])
     fr = "-" if res["ft_ratio"] is None else f"{res['ft_ratio']:.4f}"
     print(f"  FT ratio {fr}   ||F||_F / ||P+F||_F {res['fro_ratio']:.4f}   "
           f"|V| {res['head_norm']:.4f}   rank: singular values > {res['config']['rank_rtol']:g} S_max; "
@@ -444,19 +451,55 @@ def print_table(res):
 
 
 def kernel_examples(args):
-    """-> (train, test, their rows in the official files' order): a seeded subset of --n train and --n_test test
-    examples, or with --k_shot the k-shot train set and (--n_test of) its test set."""
+    """-> {split: (examples, their rows in the official files' order)}: train and test, a seeded subset of --n train
+    and --n_test test examples, or with --k_shot the k-shot train set and (--n_test of) its test set, and its whole
+    val split when the solvers' settings are chosen on it (--solver_settings dev)."""
     if args.k_shot:  # the test subset by a fixed seed: the same examples for every K, data seed and method
         sp = data.k_shot_splits(args.task, args.data_dir, args.k_shot, args.data_seed)
-        tr, te = sp["train"], sp["test"]
-        keep = data.subset_indices(len(te), args.n_test, 0)
-        te = te.subset(keep)
+        keep = data.subset_indices(len(sp["test"]), args.n_test, 0)
+        te = sp["test"].subset(keep)
         te.meta["positions"] = keep  # in the k-shot test split: the rows of a k-shot run's test logits
-        return tr, te, tr.meta["rows"], [sp["test"].meta["rows"][i] for i in keep]
+        out = {"train": (sp["train"], sp["train"].meta["rows"]),
+               "test": (te, [sp["test"].meta["rows"][i] for i in keep])}
+        if args.solver_settings == "dev":
+            out["val"] = (sp["val"], sp["val"].meta["rows"])
+        return out
     sp = data.load_task(args.task, args.data_dir)
     tr_idx = data.subset_indices(len(sp["train"]), args.n, args.seed)
     te_idx = data.subset_indices(len(sp["test"]), args.n_test, args.seed)
-    return sp["train"].subset(tr_idx), sp["test"].subset(te_idx), tr_idx, te_idx
+    return {"train": (sp["train"].subset(tr_idx), tr_idx), "test": (sp["test"].subset(te_idx), te_idx)}
+
+
+def split_eval(K, n_val):
+    """view_kernels' eval rows (val first, then test) -> 'val', 'val_flip' and 'test', 'flip' (the test side's
+    names as before val existed); no val rows: K as it is."""
+    if not n_val:
+        return K
+    out = {"train": K["train"]}
+    for name, val_name in (("test", "val"), ("flip", "val_flip")):
+        if name in K:
+            out[val_name] = tuple(x[:n_val] for x in K[name])
+            out[name] = tuple(x[n_val:] for x in K[name])
+    return out
+
+
+def the_kernels(args, model, xs, pad, C):
+    """view_kernels on train x train and the val and test examples (one eval set, in blocks of --test_block) x
+    train -> ({'train', 'val', 'test'[, 'val_flip', 'flip']}: (P, F)), f0 {split: D f at the start}, seconds."""
+    t0 = time.time()
+    D = kernel_view.logit_map(C, args.binary_logit)
+    engines = sys.modules[__name__]  # this module: kernel_view cannot import it (it is imported here)
+    block = args.test_block or max(64, len(xs["train"]))  # about the train set: each pass recomputes its Jacobians
+    evals = xs.get("val", []) + xs["test"]
+    K = kernel_view.view_kernels(engines, model, xs["train"], evals, args.kernel, D, pad_id=pad,
+                                 method=args.method, batch_size=args.batch_size, max_memory_gb=args.max_memory_gb,
+                                 progress=True, block=block)
+    secs = time.time() - t0
+    if not all(np.isfinite(x).all() for pf in K.values() for x in pf):  # the solvers would fail with a traceback
+        die(f"the eNTK has NaN or infinite entries (--head_scale {args.head_scale}, model {args.model}); "
+            f"nothing was written")
+    f0 = {sp: logits_of(model, features(model, x, pad)) @ D.T for sp, x in xs.items()}
+    return split_eval(K, len(xs.get("val", []))), f0, secs
 
 
 def compute(args, head, method, record):
@@ -464,28 +507,22 @@ def compute(args, head, method, record):
     ntk_results.json (the record that the directory is complete)."""
     out = Path(args.output_dir)
     res_path = out / "ntk_results.json"
-    task = data.get_task(args.task)
-    C = len(task.labels)
-    tr, te, tr_idx, te_idx = kernel_examples(args)
+    C = len(data.get_task(args.task).labels)
+    ex = kernel_examples(args)
+    sp = {k: e for k, (e, _) in ex.items()}
+    tr, te = sp["train"], sp["test"]
+    y = {k: e.labels for k, e in sp.items()}
     model, tok = build(args, head, C)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     pt = args.task if args.prompt else None  # --prompt: the task's template, phi at the mask
-    xs_tr, xs_te = prompts.tokenize(tok, tr, args.max_len, pt), prompts.tokenize(tok, te, args.max_len, pt)
+    xs = {k: prompts.tokenize(tok, e, args.max_len, pt) for k, e in sp.items()}
     n_par = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
     print(f"{out}: eNTK ({method}, --method {args.method}) on {args.task}: {len(tr)} train x {len(tr)} train and "
-          f"{len(te)} test x train, C={C}, {n_par:,} backbone parameters in F, {data.device()}")
+          + (f"{len(sp['val'])} val and " if "val" in sp else "")
+          + f"{len(te)} test x train, C={C}, {n_par:,} backbone parameters in F, {data.device()}")
 
-    t0 = time.time()
-    D = kernel_view.logit_map(C, args.binary_logit)
-    engines = sys.modules[__name__]  # this module: kernel_view cannot import it (it is imported here)
-    K = kernel_view.view_kernels(engines, model, xs_tr, xs_te, args.kernel, D, pad_id=pad, method=args.method,
-                                 batch_size=args.batch_size, max_memory_gb=args.max_memory_gb, progress=True)
-    secs = time.time() - t0
+    K, f0, secs = the_kernels(args, model, xs, pad, C)
     (P_tr, F_tr), (P_te, F_te) = K["train"], K["test"]
-    if not all(np.isfinite(x).all() for pf in K.values() for x in pf):  # the solvers would fail with a traceback
-        die(f"the eNTK has NaN or infinite entries (--head_scale {args.head_scale}, model {args.model}); "
-            f"nothing was written")
-    f0_tr, f0_te = (logits_of(model, features(model, xs, pad)) @ D.T for xs in (xs_tr, xs_te))
     stats = {}
     for name, K_tr, K_te in (("P", P_tr, P_te), ("F", F_tr, F_te), ("P+F", P_tr + F_tr, P_te + F_te)):
         st = spectrum(K_tr, args.rank_rtol)
@@ -494,22 +531,25 @@ def compute(args, head, method, record):
         stats[name] = st
     total = {k: P + Fk for k, (P, Fk) in K.items()}  # the kernel over every trainable parameter
     res = {"config": vars(args) | record | {"device": str(data.device()), "C": C, "n_train": len(tr),
-                                            "n_test_used": len(te), "backbone_params": n_par},
+                                            "n_test_used": len(te), "backbone_params": n_par}
+           | ({"n_val_used": len(sp["val"])} if "val" in sp else {}),
            "seconds": round(secs, 2), "kernels": stats,
-           "ft_ratio": None if args.binary_logit else ft_ratio(F_tr, P_tr + F_tr, f0_tr, tr.labels),
+           "ft_ratio": None if args.binary_logit else ft_ratio(F_tr, P_tr + F_tr, f0["train"], tr.labels),
            "fro_ratio": stats["F"]["fro"] / max(stats["P+F"]["fro"], 1e-300),
            "head_norm": float(model.head.weight.detach().double().norm()),
            "test_positions": te.meta.get("positions"),
-           "solvers": kernel_view.solve_all(total, tr.labels, te.labels, f0_tr, f0_te, args.kernel, args.ridge,
-                                            args.asym_gamma, args.asym_lambda),
+           "solvers": kernel_view.solve_all(total, tr.labels, te.labels, f0["train"], f0["test"], args.kernel,
+                                            args.ridge, args.asym_gamma, args.asym_lambda),
            "notes": NOTES}
+    if "val" in sp:  # --solver_settings dev: every solver's settings chosen on val, as theirs
+        res["tuned"] = kernel_view.tune(total, y, f0, args.kernel)
     # the earlier record goes first (--overwrite): it must never describe the new kernels
     res_path.unlink(missing_ok=True)
-    flip = {"P_flip": K["flip"][0], "F_flip": K["flip"][1]} if "flip" in K else {}
-    rundir.save_npz(out / "kernels.npz", P_train=P_tr, F_train=F_tr, P_test=P_te, F_test=F_te, **flip,
-                    train_idx=np.asarray(tr_idx, np.int64), test_idx=np.asarray(te_idx, np.int64),
-                    train_labels=tr.labels, test_labels=te.labels, train_logits=f0_tr, test_logits=f0_te,
-                    kind=np.array(args.kernel), binary_logit=np.array(args.binary_logit))
+    arrays = {f"{pf}_{name}": K[name][i] for name in K for i, pf in enumerate("PF")}
+    arrays |= {f"{k}_{what}": v for k in sp for what, v in
+               (("idx", np.asarray(ex[k][1], np.int64)), ("labels", y[k]), ("logits", f0[k]))}
+    rundir.save_npz(out / "kernels.npz", **arrays, kind=np.array(args.kernel),
+                    binary_logit=np.array(args.binary_logit))
     plot_spectrum(out / "spectrum.png", stats, f"{args.kernel} kernel spectrum: {args.task} {method}, "
                                                f"N={len(tr)}, C={C}" + (", f1 - f0" if args.binary_logit else ""))
     rundir.save_json(res_path, res)
@@ -525,7 +565,10 @@ NOTES = {"rank": "singular values above --rank_rtol times the largest, on the [N
                   "(kernel_regression, pair_logreg and the solvers alike); predictions use the kernels as they are",
          "pair_logreg": "the paper's metric: accuracy over (example, class) pairs, not class accuracy; "
                         "*_class: argmax of its pair scores per example",
-         "solvers": "Malladi et al.'s solvers on the kernel over every trainable parameter (P + F): class accuracy"}
+         "solvers": "Malladi et al.'s solvers on the kernel over every trainable parameter (P + F): class accuracy",
+         "tuned": "--solver_settings dev: each solver's settings chosen on the k-shot val split from its grid (the "
+                  "first best on val, as their gather_result.py), 'chosen' the best of those; ties: settings "
+                  "sharing the chosen one's val accuracy; class accuracy"}
 
 
 @rundir.cli
