@@ -700,44 +700,108 @@ def kshot_accuracy(run, kernel):
     return float((lg[keep].argmax(1) == y[keep]).mean()) if keep.size and keep.max() < len(y) else None
 
 
-def kernel_study_row(task, K, m, kind, ks, runs, used):
-    """One (task, K, method, kernel) of the kernel view: the fine-tuned runs' accuracy and each solver's, over the
-    data seeds of its kernels ks; the runs read are appended to used."""
-    ft_acc, sol = [], {x: [] for x in SOLVERS}
-    for k in ks:
-        run = runs.get((task, K, m, k["res"]["config"].get("data_seed")))
-        if run is not None:
-            used.append(run)
-            ft_acc.append(kshot_accuracy(run, k["res"]))
-        for x in SOLVERS:
-            v = (k["res"].get("solvers") or {}).get(x) or {}
-            sol[x].append(v.get("test"))
-    n_test = ks[-1]["res"]["config"].get("n_test_used")
-    return ([task, K, NAMES.get(m, m), kind, f"{len(ks)} / {n_test}", mean_std(ft_acc, len(ks))]
-            + [mean_std(sol[x], len(ks)) for x in SOLVERS])
+def solver_test(res, x):
+    """A solver's test accuracy in an ntk_results.json: at the settings chosen on val (tuned) where the kernel has
+    them, lstsq_init then being lstsq's f0 axis (None); else at the fixed settings (solvers)."""
+    tuned = res.get("tuned")
+    v = ((tuned.get("solvers") or {}) if isinstance(tuned, dict) else (res.get("solvers") or {})).get(x) or {}
+    return v.get("test") if isinstance(v, dict) else None
 
 
-def kernel_study_table(s):  # Malladi et al.: fine-tuning beside the kernel of its start, on the same k-shot data
-    title = "Kernel view: k-shot fine-tuning against the kernel of its start (run_all.sh --kernel_study)"
-    if not s.kshot_kernels:
-        return missing(title, "no k-shot ntk.py runs (bash run_all.sh --kernel_study)")
+def kshot_groups(s):
+    """-> ([((task, K, method, kind), [kernels over data seeds])] in task order, {(task, K, method, data seed):
+    the fine-tuned run})."""
     runs = {(r["task"], r["config"]["k_shot"], r["method"], r["config"]["data_seed"]): r for r in s.kshot
             if not r["failed"]}
     groups = defaultdict(list)
     for k in s.kshot_kernels:
         c = k["res"]["config"]
         groups[(c["task"], c["k_shot"], k["method"], k["kind"])].append(k)
+    return sorted(groups.items(), key=lambda g: (list(data.TASKS).index(g[0][0]),) + g[0][1:]), runs
+
+
+def kernel_study_row(task, K, m, kind, ks, runs, used):
+    """One (task, K, method, kernel) of the kernel view: the fine-tuned runs' accuracy and each solver's, over the
+    data seeds of its kernels ks; the runs read are appended to used."""
+    ft_acc = []
+    for k in ks:
+        run = runs.get((task, K, m, k["res"]["config"].get("data_seed")))
+        if run is not None:
+            used.append(run)
+            ft_acc.append(kshot_accuracy(run, k["res"]))
+    n_test = ks[-1]["res"]["config"].get("n_test_used")
+    return ([task, K, NAMES.get(m, m), kind, f"{len(ks)} / {n_test}", mean_std(ft_acc, len(ks))]
+            + [mean_std([solver_test(k["res"], x) for k in ks], len(ks)) for x in SOLVERS])
+
+
+def kernel_study_table(s):  # Malladi et al.: fine-tuning beside the kernel of its start, on the same k-shot data
+    title = "Kernel view: k-shot fine-tuning against the kernel of its start (run_all.sh --kernel_study)"
+    if not s.kshot_kernels:
+        return missing(title, "no k-shot ntk.py runs (bash run_all.sh --kernel_study)")
+    groups, runs = kshot_groups(s)
     used = []
-    body = [kernel_study_row(*g, ks, runs, used)
-            for g, ks in sorted(groups.items(), key=lambda g: (list(data.TASKS).index(g[0][0]),) + g[0][1:])]
-    fed = fed_by(used, "results.json + logits.npz of each k-shot run, ntk_results.json (solvers, test_positions) "
-                       f"of {len(s.kshot_kernels)} kernels")
-    return (title, fed, ["task", "K", "method", "kernel", "seeds / test", "fine-tuned"] + list(SOLVERS), body,
+    body = [kernel_study_row(*g, ks, runs, used) for g, ks in groups]
+    fed = fed_by(used, "results.json + logits.npz of each k-shot run, ntk_results.json (tuned or solvers, "
+                       f"test_positions) of {len(s.kshot_kernels)} kernels")
+    return (title, fed, ["task", "K", "start", "kernel", "seeds / test", "fine-tuned"] + list(SOLVERS), body,
             "Test accuracy (%), mean ± std over data seeds, every column on the same test examples. fine-tuned: the "
             "model at its best val epoch; the solvers (ntk.py, Malladi et al.'s) on the kernel of the same start over "
-            "every trainable parameter: lstsq (ridge · ||K||_2), lstsq_init (fitted to y − f0, their "
-            "--adjust_for_init), logistic, svc, asym (asymmetric SignGD kernels only); – where a solver does not "
-            "apply.")
+            "every trainable parameter, each at its settings chosen on the k-shot val split (ridge, f0 scaling, the "
+            "asymmetric solver's gamma and lambda; lstsq_init is then lstsq's f0 axis: –), or for a kernel made "
+            "without them (ntk.py --solver_settings fixed, or before it) at the fixed --ridge: lstsq, lstsq_init "
+            "(fitted to y − f0, their --adjust_for_init), logistic, svc, asym (asymmetric SignGD kernels only); – "
+            "where a solver does not apply.")
+
+
+def reach(p):
+    """Fine-tuning against its kernel, judged by the 95% interval of FT − kernel (Malladi et al.'s question)."""
+    m, h, n = p
+    if m is None:
+        return "missing runs"
+    if h is None:
+        return "one seed: no interval"
+    if m - h > 0:
+        return "above 0: FT beyond the kernel"
+    return "below 0: kernel better (FT within its reach)" if m + h < 0 else "contains 0: within the kernel's reach"
+
+
+def reach_row(task, K, m, kind, ks, runs, used):
+    """One row of the verdict table: FT and the kernel at its dev-chosen solver and settings, paired by data seed
+    on the kernel's own test examples."""
+    ft_acc, kern, picks = {}, {}, defaultdict(int)
+    for k in ks:
+        seed, chosen = k["res"]["config"].get("data_seed"), (k["res"].get("tuned") or {}).get("chosen") or {}
+        run = runs.get((task, K, m, seed))
+        acc = None if run is None else kshot_accuracy(run, k["res"])
+        if acc is not None:
+            used.append(run)
+            ft_acc[seed] = acc
+        if num(chosen.get("test")):
+            kern[seed] = chosen["test"]
+            picks[chosen.get("solver")] += 1
+    n_test = ks[-1]["res"]["config"].get("n_test_used")
+    p = paired(ft_acc, kern)
+    return [task, K, NAMES.get(m, m), kind, f"{len(ks)} / {n_test}", mean_std(list(ft_acc.values()), len(ks)),
+            mean_std(list(kern.values()), len(ks)), ", ".join(f"{x} {c}" for x, c in picks.items()) or DASH,
+            fmt_pair(p), reach(p)]
+
+
+def kernel_reach_table(s):  # Malladi et al.'s question, like for like: is fine-tuning within its kernel's reach?
+    title = "Kernel view: fine-tuning minus the kernel of its start, paired by data seed (run_all.sh --kernel_study)"
+    if not s.kshot_kernels:
+        return missing(title, "no k-shot ntk.py runs (bash run_all.sh --kernel_study)")
+    groups, runs = kshot_groups(s)
+    used = []
+    body = [reach_row(*g, ks, runs, used) for g, ks in groups]
+    fed = fed_by(used, "results.json + logits.npz of each k-shot run, ntk_results.json (tuned.chosen, "
+                       f"test_positions) of {len(s.kshot_kernels)} kernels")
+    return (title, fed, ["task", "K", "start", "kernel", "seeds / test", "fine-tuned", "kernel (dev-chosen)",
+                         "solver chosen (seeds)", "FT − kernel, points", "verdict"], body,
+            "Test accuracy (%), mean ± std over data seeds, on the kernel's test examples for both. fine-tuned: the "
+            "model at its best val epoch; kernel: the solver and settings best on the k-shot val split over every "
+            "solver's grid (ntk.py --solver_settings dev; a kernel made without them: –). FT − kernel: mean "
+            "[95% t interval] over the data seeds both have. Verdict: an interval that contains 0: fine-tuning "
+            "within the kernel's reach; above 0: fine-tuning beyond the kernel; below 0: the kernel better.")
 
 
 # ---------------------------------------------------------------- the paper's claims
@@ -832,7 +896,7 @@ def claims_table(s):  # the paper's claims, each decided by its paired 95% inter
 # the paper's tables in its order (a table merged with a later one sits at the first), then the kit's own
 TABLES = [claims_table, feature_table, ntk_table, calibration_table, test_table, amazon_table, amazon_feature_table,
           norm_table, lp_cv_table, pubmed_table, scaling_table, ehft_table, lr_table, paired_table,
-          kernel_study_table]
+          kernel_reach_table, kernel_study_table]
 
 
 def not_used(s):

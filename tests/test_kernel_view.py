@@ -395,3 +395,53 @@ def test_dev_chosen_setting_is_the_best_on_val():
     c = got["chosen"]
     assert (c["solver"], c["val"], c["setting"]) == (overall[0], pytest.approx(overall[1]), overall[2][0])
     assert c["test"] == pytest.approx(overall[2][1]["test"])
+
+
+def test_report_verdict_on_hand_made_results(tmp_path):
+    """report.py's verdict table on hand-made k-shot runs and kernels: FT − kernel by data seed, with FT scored on the
+    kernel's own test examples only, and its 95% t interval (computed here with scipy) that lies above 0, below
+    0 or contains it; a kernel without dev-chosen settings counts as missing."""
+    from scipy import stats
+
+    import report
+
+    y = np.array([0, 1] * 5)  # 10 test examples; the kernels use the even positions only
+    keep = [0, 2, 4, 6, 8]
+    seeds = (13, 21, 42, 87, 100)
+    cases = {"sst2": (0.2, 0.4, 0.2, 0.4, 0.2), "mrpc": (-0.2, -0.4, -0.2, -0.4, -0.2),
+             "cola": (0.2, -0.2, 0.2, -0.2, 0.0)}  # FT − kernel by seed, by construction
+    s = report.Study(tmp_path)
+    for task, diffs in cases.items():
+        for seed, d in zip(seeds, diffs):
+            right = 4 if seed % 2 else 5  # FT right on 4 or 5 of the kept examples, wrong on every other one
+            lg = np.zeros((10, 2), np.float32)
+            lg[np.arange(10), 1 - y] = 1.0  # wrong everywhere ...
+            lg[keep[:right], :] = np.eye(2)[y[keep[:right]]]  # ... but on the first `right` kept examples
+            d_run = tmp_path / f"{task}-ft-{seed}"
+            d_run.mkdir()
+            np.savez(d_run / "logits.npz", test_logits=lg, test_labels=y)
+            s.kshot.append({"task": task, "method": "ft", "failed": False, "dir": str(d_run), "seed": seed,
+                            "config": {"k_shot": 16, "data_seed": seed}})
+            res = {"config": {"task": task, "k_shot": 16, "data_seed": seed, "n_test_used": 5},
+                   "test_positions": keep, "tuned": {"chosen": {"solver": "asym", "test": right / 5 - d}}}
+            s.kshot_kernels.append({"res": res, "method": "ft", "kind": "asym_signgd"})
+    # a sixth seed on sst2 whose kernel has no dev-chosen settings: left out of the pair
+    s.kshot_kernels.append({"res": {"config": {"task": "sst2", "k_shot": 16, "data_seed": 7, "n_test_used": 5},
+                                    "test_positions": keep, "solvers": {}}, "method": "ft", "kind": "asym_signgd"})
+    title, fed, header, body, note = report.kernel_reach_table(s)
+    rows = {r[0]: dict(zip(header, r)) for r in body}
+    verdicts = {"sst2": "above 0: FT beyond the kernel", "mrpc": "below 0: kernel better (FT within its reach)",
+                "cola": "contains 0: within the kernel's reach"}
+    for task, diffs in cases.items():
+        d = 100 * np.array(diffs)
+        half = stats.t.ppf(0.975, 4) * d.std(ddof=1) / np.sqrt(5)
+        r = rows[task]
+        assert r["verdict"] == verdicts[task]
+        assert r["FT − kernel, points"] == f"{d.mean():+.1f} [{d.mean() - half:+.1f}, {d.mean() + half:+.1f}] (n=5)"
+        ft = [100 * (4 if sd % 2 else 5) / 5 for sd in seeds]
+        assert r["fine-tuned"].startswith(f"{np.mean(ft):.1f} ± {np.std(ft, ddof=1):.1f}")
+        assert r["solver chosen (seeds)"] == "asym 5" and r["start"] == "FT" and r["K"] == 16
+    assert rows["sst2"]["seeds / test"] == "6 / 5"
+    one = report.Study(tmp_path)
+    one.kshot, one.kshot_kernels = s.kshot[:1], s.kshot_kernels[:1]
+    assert report.kernel_reach_table(one)[3][0][-1] == "one seed: no interval"
