@@ -25,9 +25,11 @@
 #          --force --print_jobs --report_only (only calibrate the runs under --out and report)
 #          --jobs N (jobs at once, each with its share of the cores; default 2 on a CPU study, 1 with --paper)
 #          --kernel_study [--k_shots "16 64" --data_seeds "13 21 42 87 100" --kernels "asym_signgd"
-#          --kernel_test N]: for each task (default "sst2 mrpc"), K and data seed, --methods (default "ft") fine-tuned
-#          on the k-shot data and the kernel solvers of ntk.py on the same data, one kernel per method and --kernels
-#          kind, on --kernel_test test examples (default 100; FT is compared on the same ones; --out runs_kernel)
+#          --kernel_test N]: for each task (default "sst2 mrpc"), K and data seed, --methods (default "ft lp_ft")
+#          fine-tuned on the k-shot data and the kernel of the same start (LP-FT's: the LP head fit on the same
+#          k-shot train set), one kernel per method and --kernels kind, its solvers' settings chosen on the k-shot
+#          val split; on --kernel_test test examples (default the whole k-shot test set: SST-2 872, MRPC 408; FT
+#          is compared on the same ones; --out runs_kernel)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
@@ -94,8 +96,8 @@ done
 if [ $kernel_study = 1 ]; then  # Malladi et al.'s protocol on the embedded model (docs/kernel_view.md)
   [ $paper = 0 ] || die "--kernel_study and --paper are two studies; run them one at a time"
   tasks=${tasks:-"sst2 mrpc"}  # MRPC: the pair task with the shortest inputs, shipped in data/ (docs/kernel_view.md)
-  methods=${methods:-"ft"}
-  kernel_test=${kernel_test:-100}  # sized for a 2-core CPU: the kernel's cost grows with its test examples
+  methods=${methods:-"ft lp_ft"}  # the fresh head's kernel and the LP head's, as Malladi et al.'s from_linearhead
+  # kernel_test: empty, every test example (the kernel's test side is computed in blocks: its cost is linear in them)
   epochs=${epochs:-10}
   out=${out:-runs_kernel}
   seeds=${seeds:-$data_seeds}  # the training seed is the data seed, as theirs
@@ -423,7 +425,9 @@ estimate_left() {  # -> seconds left, from the plan, the sizes and the start/end
       tr = (ks && kn[i] > 0) ? kn[i] * c : ((t in ntr) ? ntr[t] : 1000)
       if (kind[i] == "lp") return S + (tr + ev) * l + FIT * tr
       if (kind[i] == "ntk") {
-        tr = ks ? tr : kn[i]; m = n_test > 0 ? n_test : tr; if (t in nte && nte[t] < m) m = nte[t]
+        tr = ks ? tr : kn[i]; m = n_test > 0 ? n_test : (ks && t in nte) ? nte[t] : tr
+        if (t in nte && nte[t] < m) m = nte[t]
+        if (ks) m += tr                                 # the k-shot val split (as many as train) beside the test
         return S + 3 * c * (tr + m) * l + Q * tr * (tr + m) * l
       }
       steps = epochs * int((tr + 15) / 16); ep = epochs

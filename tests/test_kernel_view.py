@@ -265,22 +265,26 @@ def test_kernel_study_end_to_end(tmp_path, data_dir):
     (small / "dev.tsv").write_text("".join(dev[:41]))
     cmd = ["bash", str(root / "run_all.sh"), "--kernel_study", "--tasks", "sst2", "--k_shots", "2", "--data_seeds",
            "13 21", "--epochs", "1", "--kernel_test", "6", "--data_dir", str(tmp_path / "data"), "--out", str(out),
-           "--jobs", "1"]
+           "--jobs", "1", "--methods", "ft"]  # LP-FT's jobs: test_default_kernel_study_has_lp_heads_kernel...
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=900,
                        env=dict(os.environ, PYTHON=sys.executable))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     md = (out / "report.md").read_text()
-    row = next(line for line in md.splitlines() if line.startswith("| sst2 | 2 | FT | asym_signgd"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[4] == "2 / 6"
-    accs = []
+    reach, row = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
+                  if line.startswith("| sst2 | 2 | FT | asym_signgd")]  # the verdict table, then the solvers'
+    cells = row
+    assert cells[4] == reach[4] == "2 / 6" and reach[5] == cells[5]
+    accs, kern = [], []
     for s in (13, 21):
         k = json.loads((out / f"sst2/ntk-ft-asym_signgd-k2-data{s}-seed{s}/ntk_results.json").read_text())
         z = np.load(out / f"sst2/ft-k2-data{s}-seed{s}/logits.npz")
         keep = k["test_positions"]
         assert len(keep) == 6 and k["config"]["k_shot"] == 2
         accs.append(100 * float((z["test_logits"][keep].argmax(1) == z["test_labels"][keep]).mean()))
+        kern.append(100 * k["tuned"]["chosen"]["test"])
     assert cells[5].startswith(f"{np.mean(accs):.1f} ± {np.std(accs, ddof=1):.1f}")
+    assert reach[6].startswith(f"{np.mean(kern):.1f} ± {np.std(kern, ddof=1):.1f}")
+    assert reach[9].split(":")[0] in ("contains 0", "above 0", "below 0")
 
 
 # ---------------------------------------------------------------- issue 27: the kernel study like for like
@@ -395,6 +399,32 @@ def test_dev_chosen_setting_is_the_best_on_val():
     c = got["chosen"]
     assert (c["solver"], c["val"], c["setting"]) == (overall[0], pytest.approx(overall[1]), overall[2][0])
     assert c["test"] == pytest.approx(overall[2][1]["test"])
+
+
+def test_default_kernel_study_has_lp_heads_kernel_on_the_whole_test_set(tmp_path):
+    """run_all.sh --kernel_study --print_jobs: by default FT and LP-FT, each with its kernel at its start (LP-FT's:
+    the LP head fit on the same k-shot train set, fitted first in the same job), no --n_test (every test example)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run(["bash", str(root / "run_all.sh"), "--kernel_study", "--print_jobs", "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd=root, timeout=60)
+    assert p.returncode == 0, p.stderr
+    jobs = p.stdout.splitlines()
+    for t in ("sst2", "mrpc"):
+        for k in (16, 64):
+            for s in (13, 21, 42, 87, 100):
+                name = f"k{k}-data{s}-seed{s}"
+                head = f"{tmp_path}/{t}/lp-{name}/lp_head.pt"
+                kern = [j for j in jobs if f"--output_dir {tmp_path}/{t}/ntk-lp_ft-asym_signgd-{name} " in j + " "]
+                assert len(kern) == 1 and f"--init {head}" in kern[0]
+                lp_part, ntk_part = kern[0].split(" && ")
+                assert lp_part.split()[1] == "lp.py" and f"--k_shot {k} --data_seed {s}" in lp_part
+                assert f"--k_shot {k} --data_seed {s}" in ntk_part and "--n_test" not in ntk_part
+                assert any("ft.py" in j and f"{t}/lp_ft-{name} " in j + " " and f"--init {head}" in j for j in jobs)
+                assert any(f"{t}/ntk-ft-asym_signgd-{name} " in j + " " and "--init" not in j for j in jobs)
+    assert len(jobs) == 2 * 2 * 5 * 2 * 2  # tasks x K x seeds x (FT, LP-FT) x (fine-tuning, kernel)
 
 
 def test_report_verdict_on_hand_made_results(tmp_path):
