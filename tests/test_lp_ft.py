@@ -184,7 +184,7 @@ def test_ft_rte_lowers_loss_and_is_deterministic(tmp_path):
 
 
 def test_resume_after_interrupt_matches_uninterrupted(tmp_path, monkeypatch, capsys):
-    argv = ["--task", "cb", "--epochs", "2", "--lr", "1e-4", "--batch_size", "16", *FAST]
+    argv = ["--task", "cb", "--epochs", "2", "--lr", "1e-4", "--batch_size", "16", "--max_len", "64", *FAST]
     full = ft.main(argv + ["--output_dir", str(tmp_path / "full")])
     save = ft.save_checkpoint
 
@@ -221,8 +221,8 @@ def test_nan_loss_stops_with_clear_message(tmp_path, monkeypatch):
 
 def test_patience_stops_and_keeps_best_epoch(tmp_path):
     # lr 1e-12 (0 is refused): the val metric never improves after epoch 1, so --patience 1 stops after epoch 2
-    r = ft.main(["--task", "cb", "--epochs", "5", "--lr", "1e-12", "--patience", "1", "--output_dir", str(tmp_path),
-                 *FAST])
+    r = ft.main(["--task", "cb", "--epochs", "5", "--lr", "1e-12", "--patience", "1", "--max_len", "64",
+                 "--output_dir", str(tmp_path), *FAST])
     assert [h["epoch"] for h in r["history"]] == [0, 1, 2] and r["best_epoch"] == 1
     assert r["metrics"]["test"] == r["history"][1]["test"]
 
@@ -283,7 +283,8 @@ def test_fdr_both_ways_against_explicit_scatter_matrices(n, d):
 def test_checkpoint_of_an_older_kit_is_refused_in_one_line(tmp_path, monkeypatch):
     """A checkpoint whose start features cover only test (the kit before every split was measured) cannot resume:
     the other splits' pre-trained features are gone with the untrained model."""
-    argv = ["--task", "cb", "--epochs", "2", "--lr", "1e-4", "--batch_size", "16", *FAST, "--output_dir", str(tmp_path)]
+    argv = ["--task", "cb", "--epochs", "2", "--lr", "1e-4", "--batch_size", "16", "--max_len", "64", *FAST,
+            "--output_dir", str(tmp_path)]
     save = ft.save_checkpoint
 
     def crash(*a):

@@ -117,29 +117,29 @@ def test_print_jobs_puts_ehft_sources_first_and_chains_them(tmp_path):
 
 
 def test_lr_grid_end_to_end_two_jobs_at_once_then_a_second_run_does_no_work(tmp_path):
-    study = [*TINY, "--methods", "lp ft lp_ft", "--no_ntk", "--no_scale", "--lr_grid", "1e-5 1e-4", "--out",
+    study = [*TINY, "--methods", "lp lp_ft", "--no_ntk", "--no_scale", "--lr_grid", "1e-5 1e-4", "--out",
              str(tmp_path), "--jobs", "2"]  # the last --jobs wins
     log = run_all(*study)
-    assert "2 at a time" in log and log.count("  done: ") == 5 and log.count(" left (at ") == 5 and "[1/" in log
+    assert "2 at a time" in log and log.count("  done: ") == 3 and log.count(" left (at ") == 3 and "[1/" in log
     assert "already fit" not in log  # LP-FT reuses the LP job's head without starting lp.py again
     logs = sorted(p.name for p in (tmp_path / "logs").glob("*.log"))
-    assert logs[0] == "01-lp-cb-seed-1001.log" and len(logs) == 5  # LP first (its own phase), then the rest
+    assert logs[0] == "01-lp-cb-seed-1001.log" and len(logs) == 3  # LP first (its own phase), then the rest
     assert "estimated total" in (tmp_path / "logs" / logs[1]).read_text()  # ft.py's estimate after its first epoch
     threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, len(os.sched_getaffinity(0)) // 2))
-    assert json.loads((tmp_path / "cb/ft-lr1e-5-seed1001/results.json").read_text())["config"]["threads"] == threads
+    assert json.loads((tmp_path / "cb/lp_ft-lr1e-5-seed1001/results.json").read_text())["config"]["threads"] == threads
     dirs = sorted(p.name for p in (tmp_path / "cb").iterdir())
-    assert {"ft-lr1e-5-seed1001", "ft-lr1e-4-seed1001", "lp_ft-lr1e-5-seed1001", "lp_ft-lr1e-4-seed1001"} <= set(dirs)
+    assert {"lp_ft-lr1e-5-seed1001", "lp_ft-lr1e-4-seed1001"} <= set(dirs)
     lrs = {json.loads((tmp_path / "cb" / d / "results.json").read_text())["config"]["lr"] for d in dirs
-           if d.startswith("ft-")}
+           if d.startswith("lp_ft-")}
     assert lrs == {1e-5, 1e-4}
     md = (tmp_path / "report.md").read_text()
     grid = md.split("## Learning rates")[1].split("##")[0]
-    assert grid.count("| cb FT |") == 2 and grid.count("| cb LP-FT |") == 2 and grid.count("**chosen**") == 2
+    assert grid.count("| cb LP-FT |") == 2 and grid.count("**chosen**") == 1
     assert not (tmp_path / "logs/failed").exists()
     before = mtimes(tmp_path)
     log = run_all(*study) + "".join(f.read_text() for f in (tmp_path / "logs").glob("*.log"))  # --jobs 2: job logs
     assert mtimes(tmp_path) == before
-    assert log.count("already finished") == 4  # FT and LP-FT at both learning rates
+    assert log.count("already finished") == 2  # LP-FT at both learning rates
     assert "already fit" in log and "calibration.json is up to date" in log
 
 
