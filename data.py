@@ -662,8 +662,7 @@ def set_matmul_precision(precision):
 def autocast(dev, precision=None):
     """bf16 autocast with fp32 weights (precision "bf16", the default on CUDA) or plain fp32 ("fp32", the default on
     the CPU and the paper's)."""
-    precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
-    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=resolve_precision(precision, dev) == "bf16")
 
 
 @torch.inference_mode()

@@ -734,13 +734,18 @@ def kernel_study_row(task, K, m, kind, ks, runs, used):
             + [mean_std([solver_test(k["res"], x) for k in ks], len(ks)) for x in SOLVERS])
 
 
+def kshot_rows(s, row):
+    """The kernel tables' body: row(task, K, start, kernel, kernels, runs, used) per group -> (rows, runs used)."""
+    groups, runs = kshot_groups(s)
+    used = []
+    return [row(*g, ks, runs, used) for g, ks in groups], used
+
+
 def kernel_study_table(s):  # Malladi et al.: fine-tuning beside the kernel of its start, on the same k-shot data
     title = "Kernel view: k-shot fine-tuning against the kernel of its start (run_all.sh --kernel_study)"
     if not s.kshot_kernels:
         return missing(title, "no k-shot ntk.py runs (bash run_all.sh --kernel_study)")
-    groups, runs = kshot_groups(s)
-    used = []
-    body = [kernel_study_row(*g, ks, runs, used) for g, ks in groups]
+    body, used = kshot_rows(s, kernel_study_row)
     fed = fed_by(used, "results.json + logits.npz of each k-shot run, ntk_results.json (tuned or solvers, "
                        f"test_positions) of {len(s.kshot_kernels)} kernels")
     return (title, fed, ["task", "K", "start", "kernel", "seeds / test", "fine-tuned"] + list(SOLVERS), body,
@@ -790,9 +795,7 @@ def kernel_reach_table(s):  # Malladi et al.'s question, like for like: is fine-
     title = "Kernel view: fine-tuning minus the kernel of its start, paired by data seed (run_all.sh --kernel_study)"
     if not s.kshot_kernels:
         return missing(title, "no k-shot ntk.py runs (bash run_all.sh --kernel_study)")
-    groups, runs = kshot_groups(s)
-    used = []
-    body = [reach_row(*g, ks, runs, used) for g, ks in groups]
+    body, used = kshot_rows(s, reach_row)
     fed = fed_by(used, "results.json + logits.npz of each k-shot run, ntk_results.json (tuned.chosen, "
                        f"test_positions) of {len(s.kshot_kernels)} kernels")
     return (title, fed, ["task", "K", "start", "kernel", "seeds / test", "fine-tuned", "kernel (dev-chosen)",
