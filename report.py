@@ -722,7 +722,7 @@ def kshot_groups(s):
 
 def kernel_study_row(task, K, m, kind, ks, runs, used):
     """One (task, K, method, kernel) of the kernel view: the fine-tuned runs' accuracy and each solver's, over the
-    data seeds of its kernels ks; the runs read are appended to used."""
+    data seeds of its kernels ks; the runs read are appended to used. -> [row]"""
     ft_acc = []
     for k in ks:
         run = runs.get((task, K, m, k["res"]["config"].get("data_seed")))
@@ -730,15 +730,16 @@ def kernel_study_row(task, K, m, kind, ks, runs, used):
             used.append(run)
             ft_acc.append(kshot_accuracy(run, k["res"]))
     n_test = ks[-1]["res"]["config"].get("n_test_used")
-    return ([task, K, NAMES.get(m, m), kind, f"{len(ks)} / {n_test}", mean_std(ft_acc, len(ks))]
-            + [mean_std([solver_test(k["res"], x) for k in ks], len(ks)) for x in SOLVERS])
+    return [[task, K, NAMES.get(m, m), kind, f"{len(ks)} / {n_test}", mean_std(ft_acc, len(ks))]
+            + [mean_std([solver_test(k["res"], x) for k in ks], len(ks)) for x in SOLVERS]]
 
 
-def kshot_rows(s, row):
-    """The kernel tables' body: row(task, K, start, kernel, kernels, runs, used) per group -> (rows, runs used)."""
+def kshot_rows(s, rows_of):
+    """The kernel tables' body: rows_of(task, K, start, kernel, kernels, runs, used) -> [rows] per group ->
+    (rows, runs used)."""
     groups, runs = kshot_groups(s)
     used = []
-    return [row(*g, ks, runs, used) for g, ks in groups], used
+    return [r for g, ks in groups for r in rows_of(*g, ks, runs, used)], used
 
 
 def kernel_study_table(s):  # Malladi et al.: fine-tuning beside the kernel of its start, on the same k-shot data
@@ -770,41 +771,49 @@ def reach(p):
     return "below 0: kernel better (FT within its reach)" if m + h < 0 else "contains 0: within the kernel's reach"
 
 
-def reach_row(task, K, m, kind, ks, runs, used):
-    """One row of the verdict table: FT and the kernel at its dev-chosen solver and settings, paired by data seed
-    on the kernel's own test examples."""
-    ft_acc, kern, picks = {}, {}, defaultdict(int)
+def reach_rows(task, K, m, kind, ks, runs, used):
+    """The verdict table's rows of one (task, K, start, kernel), one per solver: FT and the solver at its settings
+    chosen on val, paired by data seed on the kernel's own test examples. One solver a row, as their
+    gather_result.py, which chooses a seed's run among one tag's (the solver fixed) and never across solvers."""
+    ft_acc = {}
     for k in ks:
-        seed, chosen = k["res"]["config"].get("data_seed"), (k["res"].get("tuned") or {}).get("chosen") or {}
+        seed = k["res"]["config"].get("data_seed")
         run = runs.get((task, K, m, seed))
         acc = None if run is None else kshot_accuracy(run, k["res"])
         if acc is not None:
             used.append(run)
             ft_acc[seed] = acc
-        if num(chosen.get("test")):
-            kern[seed] = chosen["test"]
-            picks[chosen.get("solver")] += 1
     n_test = ks[-1]["res"]["config"].get("n_test_used")
-    p = paired(ft_acc, kern)
-    return [task, K, NAMES.get(m, m), kind, f"{len(ks)} / {n_test}", mean_std(list(ft_acc.values()), len(ks)),
-            mean_std(list(kern.values()), len(ks)), ", ".join(f"{x} {c}" for x, c in picks.items()) or DASH,
-            fmt_pair(p), reach(p)]
+    head = [task, K, NAMES.get(m, m), kind, f"{len(ks)} / {n_test}", mean_std(list(ft_acc.values()), len(ks))]
+    rows = []
+    for x in SOLVERS:
+        kern = {}  # {data seed: the solver's test accuracy at its dev-chosen settings}
+        for k in ks:
+            t = (((k["res"].get("tuned") or {}).get("solvers") or {}).get(x) or {}).get("test")
+            if num(t):
+                kern[k["res"]["config"].get("data_seed")] = t
+        if kern:
+            p = paired(ft_acc, kern)
+            rows.append(head + [x, mean_std(list(kern.values()), len(ks)), fmt_pair(p), reach(p)])
+    return rows or [head + [DASH, DASH, DASH, "missing runs"]]  # no kernel with settings chosen on val
 
 
 def kernel_reach_table(s):  # Malladi et al.'s question, like for like: is fine-tuning within its kernel's reach?
     title = "Kernel view: fine-tuning minus the kernel of its start, paired by data seed (run_all.sh --kernel_study)"
     if not s.kshot_kernels:
         return missing(title, "no k-shot ntk.py runs (bash run_all.sh --kernel_study)")
-    body, used = kshot_rows(s, reach_row)
-    fed = fed_by(used, "results.json + logits.npz of each k-shot run, ntk_results.json (tuned.chosen, "
+    body, used = kshot_rows(s, reach_rows)
+    fed = fed_by(used, "results.json + logits.npz of each k-shot run, ntk_results.json (tuned.solvers, "
                        f"test_positions) of {len(s.kshot_kernels)} kernels")
-    return (title, fed, ["task", "K", "start", "kernel", "seeds / test", "fine-tuned", "kernel (dev-chosen)",
-                         "solver chosen (seeds)", "FT − kernel, points", "verdict"], body,
+    return (title, fed, ["task", "K", "start", "kernel", "seeds / test", "fine-tuned", "solver", "kernel",
+                         "FT − kernel, points", "verdict"], body,
             "Test accuracy (%), mean ± std over data seeds, on the kernel's test examples for both. fine-tuned: the "
-            "model at its best val epoch; kernel: the solver and settings best on the k-shot val split over every "
-            "solver's grid (ntk.py --solver_settings dev; a kernel made without them: –). FT − kernel: mean "
-            "[95% t interval] over the data seeds both have. Verdict: an interval that contains 0: fine-tuning "
-            "within the kernel's reach; above 0: fine-tuning beyond the kernel; below 0: the kernel better.")
+            "model at its best val epoch; kernel: one solver a row, at its settings best on the k-shot val split "
+            "(ntk.py --solver_settings dev: ridge, f0 scaling, the asymmetric solver's gamma and lambda; the solver "
+            "itself is not chosen, as Malladi et al.'s gather_result.py; a kernel made without them: missing). "
+            "FT − kernel: mean [95% t interval] over the data seeds both have. Verdict: an interval that contains "
+            "0: fine-tuning within the kernel's reach; above 0: fine-tuning beyond the kernel; below 0: the kernel "
+            "better.")
 
 
 # ---------------------------------------------------------------- the paper's claims

@@ -257,6 +257,8 @@ def test_kernel_study_end_to_end(tmp_path, data_dir):
     import sys
     from pathlib import Path
 
+    import report
+
     root = Path(__file__).resolve().parents[1]
     out, small = tmp_path / "ks", tmp_path / "data/glue/SST-2"  # SST-2 with its first 40 dev sentences as test:
     small.mkdir(parents=True)  # fine-tuning evaluates every test example, the kernel only --kernel_test of them
@@ -270,9 +272,12 @@ def test_kernel_study_end_to_end(tmp_path, data_dir):
                        env=dict(os.environ, PYTHON=sys.executable))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     md = (out / "report.md").read_text()
-    reach, row = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
-                  if line.startswith("| sst2 | 2 | FT | asym_signgd")]  # the verdict table, then the solvers'
-    cells = row
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
+            if line.startswith("| sst2 | 2 | FT | asym_signgd")]  # the verdict table (a row per solver), the solvers'
+    reach = {r[6]: r for r in rows if len(r) == 10}
+    (cells,) = [r for r in rows if len(r) == 6 + len(report.SOLVERS)]
+    assert set(reach) <= set(report.SOLVERS) and "asym" in reach
+    reach = reach["asym"]
     assert cells[4] == reach[4] == "2 / 6" and reach[5] == cells[5]
     accs, kern = [], []
     for s in (13, 21):
@@ -281,9 +286,9 @@ def test_kernel_study_end_to_end(tmp_path, data_dir):
         keep = k["test_positions"]
         assert len(keep) == 6 and k["config"]["k_shot"] == 2
         accs.append(100 * float((z["test_logits"][keep].argmax(1) == z["test_labels"][keep]).mean()))
-        kern.append(100 * k["tuned"]["chosen"]["test"])
+        kern.append(100 * k["tuned"]["solvers"]["asym"]["test"])
     assert cells[5].startswith(f"{np.mean(accs):.1f} ± {np.std(accs, ddof=1):.1f}")
-    assert reach[6].startswith(f"{np.mean(kern):.1f} ± {np.std(kern, ddof=1):.1f}")
+    assert reach[7].startswith(f"{np.mean(kern):.1f} ± {np.std(kern, ddof=1):.1f}")
     assert reach[9].split(":")[0] in ("contains 0", "above 0", "below 0")
 
 
@@ -453,25 +458,36 @@ def test_report_verdict_on_hand_made_results(tmp_path):
             s.kshot.append({"task": task, "method": "ft", "failed": False, "dir": str(d_run), "seed": seed,
                             "config": {"k_shot": 16, "data_seed": seed}})
             res = {"config": {"task": task, "k_shot": 16, "data_seed": seed, "n_test_used": 5},
-                   "test_positions": keep, "tuned": {"chosen": {"solver": "asym", "test": right / 5 - d}}}
+                   "test_positions": keep,  # asym by construction; lstsq 0.2 above it, the chosen one 1.0 (unused)
+                   "tuned": {"solvers": {"asym": {"test": right / 5 - d}, "lstsq": {"test": right / 5 - d + 0.2},
+                                         "svc": {"skipped": "one class"}},
+                             "chosen": {"solver": "logistic", "test": 1.0}}}
             s.kshot_kernels.append({"res": res, "method": "ft", "kind": "asym_signgd"})
     # a sixth seed on sst2 whose kernel has no dev-chosen settings: left out of the pair
     s.kshot_kernels.append({"res": {"config": {"task": "sst2", "k_shot": 16, "data_seed": 7, "n_test_used": 5},
                                     "test_positions": keep, "solvers": {}}, "method": "ft", "kind": "asym_signgd"})
     title, fed, header, body, note = report.kernel_reach_table(s)
-    rows = {r[0]: dict(zip(header, r)) for r in body}
+    rows = {(r[0], r[6]): dict(zip(header, r)) for r in body}  # (task, solver): one row per solver with results
+    assert sorted(rows) == sorted((t, x) for t in cases for x in ("asym", "lstsq"))
     verdicts = {"sst2": "above 0: FT beyond the kernel", "mrpc": "below 0: kernel better (FT within its reach)",
                 "cola": "contains 0: within the kernel's reach"}
     for task, diffs in cases.items():
         d = 100 * np.array(diffs)
         half = stats.t.ppf(0.975, 4) * d.std(ddof=1) / np.sqrt(5)
-        r = rows[task]
+        r = rows[task, "asym"]
         assert r["verdict"] == verdicts[task]
         assert r["FT − kernel, points"] == f"{d.mean():+.1f} [{d.mean() - half:+.1f}, {d.mean() + half:+.1f}] (n=5)"
         ft = [100 * (4 if sd % 2 else 5) / 5 for sd in seeds]
         assert r["fine-tuned"].startswith(f"{np.mean(ft):.1f} ± {np.std(ft, ddof=1):.1f}")
-        assert r["solver chosen (seeds)"] == "asym 5" and r["start"] == "FT" and r["K"] == 16
-    assert rows["sst2"]["seeds / test"] == "6 / 5"
+        assert r["start"] == "FT" and r["K"] == 16
+        d -= 20  # lstsq: 20 points above asym on every seed, the same interval moved
+        assert rows[task, "lstsq"]["FT − kernel, points"] == (f"{d.mean():+.1f} [{d.mean() - half:+.1f}, "
+                                                              f"{d.mean() + half:+.1f}] (n=5)")
+    assert rows["sst2", "lstsq"]["verdict"] == "contains 0: within the kernel's reach"  # +20/+40 by seed, less 20
+    assert rows["sst2", "asym"]["seeds / test"] == "6 / 5"
     one = report.Study(tmp_path)
     one.kshot, one.kshot_kernels = s.kshot[:1], s.kshot_kernels[:1]
-    assert report.kernel_reach_table(one)[3][0][-1] == "one seed: no interval"
+    assert [r[-1] for r in report.kernel_reach_table(one)[3]] == ["one seed: no interval"] * 2
+    none = report.Study(tmp_path)  # only the kernel without settings chosen on val
+    none.kshot, none.kshot_kernels = s.kshot[:1], s.kshot_kernels[-1:]
+    assert [r[-1] for r in report.kernel_reach_table(none)[3]] == ["missing runs"]
