@@ -57,6 +57,10 @@ def parse(argv=None):
       help="also time ft.py's (ft) or ft.py's and lora.py's (all, the default when given alone) steps under "
       "torch.compile (the epoch suite then compiles too, pads to multiples of 16 as ft.py --compile, and warms up "
       "each batch shape untimed)")
+    a("--compile_backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
+      help="torch.compile's backend for --compile (default inductor; aot_eager captures and recompiles the same "
+      "graphs without Inductor's code generation: gpu_check.sh --dry, where a CPU's C++ build of the kernels is "
+      "most of the rehearsal's time)")
     a("--profile", action="store_true", help="also profile a few of ft.py's steps: device time by kind of kernel "
       "(matrix multiplies, attention, optimizer, the rest), to show where a step's time goes")
     a("--hf_attn", choices=["default", "sdpa", "eager"], default="default",
@@ -297,7 +301,7 @@ def kit_trainer(name, cfg, args, dev, use_lora=False, compile=False):
     if use_lora:
         lora.inject_lora(model, ("query", "value"), r=8, alpha=8)
     model.to(dev).train()
-    fwd = torch.compile(model) if compile else model
+    fwd = torch.compile(model, backend=args.compile_backend) if compile else model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = ft.adamw(params, args.lr, dev)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -444,7 +448,7 @@ def kit_epoch(name, cfg, task_labels, encoded, labels, pad, args, dev, pad_to=No
     fresh_memory(dev)
     model = kit_model(name, cfg, len(task_labels), args.seed).to(dev).train()
     encoded = strip_types(encoded, model.encoder.config.type_vocab_size)
-    fwd = torch.compile(model) if args.compile else model
+    fwd = torch.compile(model, backend=args.compile_backend) if args.compile else model
     mult = pad_to or (16 if args.compile else 1)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = ft.adamw(params, args.lr, dev)
