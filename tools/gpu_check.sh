@@ -76,7 +76,8 @@ if [ $dry = 1 ]; then
               --compile_backend aot_eager)  # the CPU's Inductor build: 29 of the bench's 38 s
   ntk_args=(--model_config tiny --max_len 16)
   study_args=(--seeds 1001 --methods "lp_ft lp_lora" --max_train_samples 16 --max_eval_samples 16 --epochs 1
-              --ntk_n 4 --no_scale --jobs 2)  # every script once (lp, ft, lora, ntk), two at a time
+              --no_ntk --no_scale --jobs 2)  # lp, ft, lora once, two at a time; run_all's NTK jobs are the
+  # suite's tiny study's (tests/conftest.py), ntk.py's engines the ntk_250 and ntk_2000 parts'; they took 40 s here
 else  # bench.py and bench_ntk.py default to roberta-base's shape (random init) on CUDA
   shape=minilm n_small=250 n_large=2000 bench_args=() ntk_args=()
   study_args=(--seeds "1001 2002" --max_eval_samples 64 --epochs 2 --ntk_n 16 --jobs 6)
