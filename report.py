@@ -789,7 +789,7 @@ def reach_rows(task, K, m, kind, ks, runs, used):
     for x in SOLVERS:
         kern = {}  # {data seed: the solver's test accuracy at its dev-chosen settings}
         for k in ks:
-            t = (((k["res"].get("tuned") or {}).get("solvers") or {}).get(x) or {}).get("test")
+            t = solver_test(k["res"], x) if isinstance(k["res"].get("tuned"), dict) else None
             if num(t):
                 kern[k["res"]["config"].get("data_seed")] = t
         if kern:
